@@ -136,9 +136,7 @@ def slerp_tree(
     grams: dict[Hashable, Any] = {}
     for i, leaf in enumerate(init_leaves):
         key, axis = labels[i]
-        base = _f32(leaf, xp)
-        deltas = [_f32(leaves[i], xp) - base for leaves in policy_leaves]
-        gram = _gram(deltas, axis, xp)
+        gram = _gram(leaf, [leaves[i] for leaves in policy_leaves], axis, xp)
         grams[key] = gram if key not in grams else grams[key] + gram
     coefficients = {key: _slerp_coefficients(g, w, xp) for key, g in grams.items()}
 
@@ -205,14 +203,20 @@ def _slerp_pair(sq_norm_1, sq_norm_2, dot, lam, xp):
     return alpha, beta
 
 
-def _gram(deltas, axis, xp):
-    """Pairwise dot products of `deltas`: `[M, M]`, or `[L, M, M]` per slice along `axis`."""
-    reduce_axes = None if axis is None else tuple(a for a in range(deltas[0].ndim) if a != axis)
-    num = len(deltas)
+def _gram(base, thetas, axis, xp):
+    """Dot products of the task vectors `theta_m - base`: `[M, M]`, or `[L, M, M]` per slice."""
+    reduce_axes = None if axis is None else tuple(a for a in range(base.ndim) if a != axis)
+    # XLA:CPU fuses sibling reductions over the same inputs into one loop that runs ~2x
+    # slower than separate passes; a barrier between them keeps them apart.
+    separate = xp is jnp and jax.default_backend() == "cpu"
+    num = len(thetas)
     entries = [[None] * num for _ in range(num)]
     for a in range(num):
         for b in range(a, num):
-            entries[a][b] = entries[b][a] = xp.sum(deltas[a] * deltas[b], axis=reduce_axes)
+            da, db = _f32(thetas[a], xp) - _f32(base, xp), _f32(thetas[b], xp) - _f32(base, xp)
+            entries[a][b] = entries[b][a] = xp.sum(da * db, axis=reduce_axes)
+            if separate:
+                base, thetas, _ = jax.lax.optimization_barrier((base, thetas, entries[a][b]))
     return xp.stack([xp.stack(row, axis=-1) for row in entries], axis=-2)
 
 
