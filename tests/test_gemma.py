@@ -1,0 +1,235 @@
+"""Flax Gemma against transformers' Gemma, Gemma 2 and Gemma 3 on random tiny configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from warp_jax import merging, sharding
+from warp_jax.gemma import Gemma, GemmaConfig, block_groups, hf, init_cache
+
+B, T = 3, 11
+
+HF_CONFIGS = {
+    # MHA with head_dim != d / heads.
+    "gemma_mha": transformers.GemmaConfig(
+        vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, intermediate_size=96),
+    "gemma_mqa": transformers.GemmaConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, intermediate_size=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    # GQA, sliding window shorter than the sequence, both soft-caps active.
+    "gemma2_gqa": transformers.Gemma2Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, intermediate_size=96, sliding_window=4,
+        query_pre_attn_scalar=20, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # QK-norm, local/global RoPE bases, linear RoPE scaling on global layers, 5:1 pattern.
+    "gemma3": transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=96, sliding_window=3,
+        query_pre_attn_scalar=24, rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+
+
+def _hf_model(hf_config, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norm weights too
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def _inputs(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(B, T)).astype(np.int32)
+    mask = np.ones((B, T), bool)
+    mask[1, :4] = False  # left padding
+    mask[2, :1] = False
+    tokens[~mask] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return tokens, mask, positions
+
+
+def _hf_logits(model, tokens, mask, positions):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                    position_ids=torch.from_numpy(positions.astype(np.int64)))
+    return out.logits.float().numpy()
+
+
+def _max_rel_err(ours, ref, mask):
+    ours, ref = np.asarray(ours)[mask], np.asarray(ref)[mask]
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def case(request):
+    hf_config = HF_CONFIGS[request.param]
+    model = _hf_model(hf_config)
+    cfg = hf.config_from_hf(model.config)
+    state = model.state_dict()
+    params = hf.params_from_hf(state, cfg)
+    apply = jax.jit(Gemma(cfg).apply)
+    return request.param, model, cfg, state, params, apply
+
+
+def test_config_from_hf_reads_every_feature():
+    cfg2 = hf.config_from_hf(HF_CONFIGS["gemma2_gqa"])
+    assert cfg2.attention_types == ("local", "global", "local")
+    assert (cfg2.sliding_window, cfg2.attn_logit_softcap, cfg2.final_logit_softcap) == (4, 2, 3)
+    assert cfg2.query_pre_attn_scalar == 20 and cfg2.use_post_ffw_norm
+    cfg3 = hf.config_from_hf(HF_CONFIGS["gemma3"])
+    assert cfg3.attention_types == ("local",) * 5 + ("global", "local")
+    assert (cfg3.rope_base, cfg3.rope_local_base, cfg3.rope_scale_factor) == (1e6, 1e4, 8.0)
+    assert cfg3.use_qk_norm and cfg3.family == "gemma3"
+
+
+def test_logits_match_transformers(case):
+    name, model, cfg, _, params, apply = case
+    tokens, mask, positions = _inputs(cfg.vocab_size)
+    ref = _hf_logits(model, tokens, mask, positions)
+    ours, _ = apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                    jnp.asarray(mask))
+    assert ours.shape == (B, T, cfg.vocab_size)
+    assert _max_rel_err(ours, ref, mask) < 1e-4, name
+
+
+def test_default_positions_and_mask_are_a_plain_causal_forward(case):
+    _, model, cfg, _, params, apply = case
+    tokens, _, _ = _inputs(cfg.vocab_size, seed=1)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    ours, cache = apply({"params": params}, jnp.asarray(tokens))
+    assert cache is None
+    assert _max_rel_err(ours, ref, np.ones((B, T), bool)) < 1e-4
+
+
+def test_cached_decoding_matches_full_forward(case):
+    _, _, cfg, _, params, apply = case
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=2)
+    full, _ = apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                    jnp.asarray(mask))
+    prefill = 6
+    cache = init_cache(cfg, B, T + 2)
+    step, cache = apply({"params": params}, jnp.asarray(tokens[:, :prefill]),
+                        jnp.asarray(positions[:, :prefill]), jnp.asarray(mask[:, :prefill]),
+                        cache)
+    logits = [step]
+    for t in range(prefill, T):
+        step, cache = apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]),
+                            jnp.asarray(positions[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]),
+                            cache)
+        logits.append(step)
+    assert int(cache["index"]) == T
+    decoded = np.concatenate([np.asarray(x) for x in logits], axis=1)
+    np.testing.assert_allclose(decoded[mask], np.asarray(full)[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_params_round_trip_exactly(case):
+    _, _, cfg, state, params, _ = case
+    back = hf.params_to_hf(params, cfg)
+    assert sorted(back) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
+
+
+def test_save_hf_loads_in_transformers(case, tmp_path):
+    name, _, cfg, _, params, apply = case
+    hf.save_hf(params, cfg, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager").eval()
+    assert type(loaded).__name__ == hf._HF_ARCH[cfg.family]
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=3)
+    ref = _hf_logits(loaded, tokens, mask, positions)
+    ours, _ = apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                    jnp.asarray(mask))
+    assert _max_rel_err(ours, ref, mask) < 1e-4, name
+    reread = hf.params_from_hf(tmp_path, cfg)
+    jax.tree.map(np.testing.assert_array_equal, reread, params)
+
+
+def test_sharded_forward_equals_unsharded():
+    cfg = GemmaConfig.from_preset("tiny_gemma2")
+    model = Gemma(cfg)
+    tokens = jnp.asarray(_inputs(cfg.vocab_size)[0] % cfg.vocab_size)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    mesh = sharding.make_mesh(fsdp=2, model=4)
+    shardings = sharding.param_shardings(boxed, mesh)
+    init = jax.jit(lambda k: model.init(k, tokens)["params"], out_shardings=shardings)
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
+                          init(jax.random.key(0)), is_leaf=lambda x: hasattr(x, "unbox"))
+    q = params["layer_0"]["attn"]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model", None)
+    assert len({s.device for s in q.addressable_shards}) == 8
+    sharded = jax.jit(model.apply, in_shardings=(
+        {"params": shardings}, sharding.replicated(mesh)))({"params": params}, tokens)[0]
+    single = jax.tree.map(lambda x: np.asarray(x), params)
+    unsharded = jax.jit(model.apply)({"params": single}, tokens)[0]
+    np.testing.assert_allclose(sharded, unsharded, rtol=1e-5, atol=1e-5)
+
+
+def test_block_groups_give_one_angle_per_block(case):
+    _, _, _cfg, _, params, _ = case
+    groups = block_groups(params)
+    assert groups["input_embedding"] is None and groups["final_norm"]["scale"] is None
+    assert set(jax.tree.leaves(groups["layer_1"])) == {"layer_1"}
+    rng = np.random.default_rng(0)
+    runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
+            for _ in range(2)]
+    merged = merging.slerp_tree(params, runs, groups=groups)
+
+    def flat(t):
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(t["layer_0"])]).astype(float)
+
+    d1, d2 = flat(runs[0]) - flat(params), flat(runs[1]) - flat(params)
+    omega = np.arccos(d1 @ d2 / np.linalg.norm(d1) / np.linalg.norm(d2))
+    want = flat(params) + np.sin(omega / 2) / np.sin(omega) * (d1 + d2)
+    np.testing.assert_allclose(flat(merged), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_checkpoints_and_configs_name_the_problem(case):
+    _, _, cfg, state, _, _ = case
+    partial = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj"):
+        hf.params_from_hf(partial, cfg)
+    bad = dict(state)
+    bad["model.norm.weight"] = torch.zeros(cfg.embed_dim + 1)
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape"):
+        hf.params_from_hf(bad, cfg)
+    with pytest.raises(ValueError, match="no safetensors"):
+        hf.params_from_hf("/nonexistent/checkpoint", cfg)
+
+
+def test_unknown_architecture_and_bad_fields():
+    with pytest.raises(ValueError, match="unknown architecture: model_type 'llama'"):
+        hf.config_from_hf(transformers.LlamaConfig())
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        GemmaConfig.from_preset("tiny", num_kv_heads=3)
+    with pytest.raises(ValueError, match="embed_dim must be a positive int"):
+        GemmaConfig.from_preset("tiny", embed_dim=-4)
+    with pytest.raises(ValueError, match="unknown pattern 'zigzag'"):
+        GemmaConfig.from_preset("tiny", attention_pattern="zigzag")
+    with pytest.raises(ValueError, match="sliding_window"):
+        GemmaConfig.from_preset("tiny", attention_pattern="alternating")
+    with pytest.raises(ValueError, match="unknown Gemma preset"):
+        GemmaConfig.from_preset("gemma5")
+
+
+@pytest.mark.parametrize("name", ["gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b",
+                                  "gemma2_27b", "gemma3_1b", "gemma3_4b", "gemma3_12b",
+                                  "gemma3_27b"])
+def test_presets_have_the_published_sizes(name):
+    cfg = GemmaConfig.from_preset(name)
+    boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(boxed))
+    published = {"gemma_2b": 2.51e9, "gemma_7b": 8.54e9, "gemma2_2b": 2.61e9,
+                 "gemma2_9b": 9.24e9, "gemma2_27b": 27.2e9, "gemma3_1b": 1.0e9,
+                 "gemma3_4b": 3.88e9, "gemma3_12b": 11.77e9, "gemma3_27b": 27.0e9}[name]
+    assert abs(count / published - 1) < 0.03, (name, count)

@@ -1,0 +1,6 @@
+"""Gemma 1, 2 and 3 text decoders in Flax, with Hugging Face import/export."""
+
+from warp_jax.gemma.config import PRESETS, GemmaConfig
+from warp_jax.gemma.model import Gemma, block_groups, init_cache
+
+__all__ = ["PRESETS", "Gemma", "GemmaConfig", "block_groups", "init_cache"]

@@ -1,0 +1,328 @@
+"""Hugging Face import and export: configs, state dicts and safetensors directories.
+
+Tensor layouts (ours <- Hugging Face `nn.Linear` weights, which are `[out, in]`):
+`attn.q` `[D, N, H]` <- `q_proj` `[N*H, D]`; `attn.k`/`attn.v` `[D, K, H]` <- `[K*H, D]`;
+`attn.o` `[N, H, D]` <- `o_proj` `[D, N*H]`; `mlp.gate`/`mlp.up` `[D, F]` <- `[F, D]`;
+`mlp.down` `[F, D]` <- `[D, F]`. Norm scales and the embedding are stored as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from warp_jax.gemma.config import GemmaConfig
+
+_PREFIX = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?")
+_HF_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM"}
+_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
+    """A `GemmaConfig` from a transformers Gemma/Gemma2/Gemma3(Text) config (or its dict)."""
+    if isinstance(hf_config, Mapping):
+        import transformers
+
+        hf_config = transformers.AutoConfig.for_model(**hf_config)
+    if getattr(hf_config, "model_type", None) == "gemma3" and hasattr(hf_config, "text_config"):
+        hf_config = hf_config.text_config
+    model_type = getattr(hf_config, "model_type", None)
+    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"unknown architecture: model_type {model_type!r}; supported: gemma, gemma2, "
+            "gemma3_text (and gemma3's text model)"
+        )
+    c = hf_config
+    activation = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+    if activation not in ("gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"unsupported hidden activation {activation!r}: Gemma uses GeGLU (tanh)")
+    fields: dict[str, Any] = dict(
+        vocab_size=c.vocab_size, embed_dim=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim, mlp_dim=c.intermediate_size, family=family,
+        norm_eps=c.rms_norm_eps, pad_id=_first(c.pad_token_id, 0),
+        eos_id=_first(c.eos_token_id, 1), bos_id=_first(c.bos_token_id, 2),
+    )
+    rope = getattr(c, "rope_parameters", None) or {}
+    if family == "gemma":
+        fields["rope_base"] = _rope_theta(rope, c, "rope_parameters")
+    else:
+        fields.update(
+            attention_pattern=tuple("local" if t == "sliding_attention" else "global"
+                                    for t in c.layer_types),
+            sliding_window=c.sliding_window, query_pre_attn_scalar=c.query_pre_attn_scalar,
+            attn_logit_softcap=c.attn_logit_softcapping,
+            final_logit_softcap=c.final_logit_softcapping,
+            use_post_attn_norm=True, use_post_ffw_norm=True,
+        )
+        if "local" not in fields["attention_pattern"]:
+            fields["sliding_window"] = None
+        if family == "gemma2":
+            fields["rope_base"] = _rope_theta(rope, c, "rope_parameters")
+        else:
+            full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+            fields.update(use_qk_norm=True,
+                          rope_base=_rope_theta(full, c, "rope_parameters['full_attention']"),
+                          rope_local_base=_rope_theta(
+                              sliding, c, "rope_parameters['sliding_attention']"),
+                          rope_scale_factor=float(full.get("factor", 1.0)))
+    return GemmaConfig(**{**fields, **overrides})
+
+
+def config_to_hf(cfg: GemmaConfig) -> Any:
+    """The transformers config of `cfg` (GemmaConfig, Gemma2Config or Gemma3TextConfig)."""
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
+        pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id, bos_token_id=cfg.bos_id,
+        tie_word_embeddings=True, architectures=[_HF_ARCH[cfg.family]],
+        dtype=str(np.dtype(cfg.param_dtype)) if cfg.param_dtype != "bfloat16" else "bfloat16",
+    )
+    if cfg.family == "gemma":
+        if cfg.use_post_attn_norm or cfg.use_qk_norm or "local" in cfg.attention_types:
+            raise ValueError("a config with Gemma 2/3 features cannot be exported as family "
+                             "'gemma'; set family='gemma2' or 'gemma3'")
+        return transformers.GemmaConfig(
+            **common, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base})
+    layer_types = ["sliding_attention" if t == "local" else "full_attention"
+                   for t in cfg.attention_types]
+    gemma23 = dict(layer_types=layer_types, sliding_window=cfg.sliding_window or 4096,
+                   query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+                   attn_logit_softcapping=cfg.attn_logit_softcap,
+                   final_logit_softcapping=cfg.final_logit_softcap)
+    if cfg.family == "gemma2":
+        return transformers.Gemma2Config(
+            **common, **gemma23,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base})
+    full = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if cfg.rope_scale_factor != 1.0:
+        full = {"rope_type": "linear", "factor": cfg.rope_scale_factor,
+                "rope_theta": cfg.rope_base}
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_base or cfg.rope_base}
+    return transformers.Gemma3TextConfig(
+        **common, **gemma23,
+        rope_parameters={"full_attention": full, "sliding_attention": local})
+
+
+def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
+                   cfg: GemmaConfig) -> dict[str, Any]:
+    """Our params (numpy, `cfg.param_dtype`) from a HF state dict or safetensors directory.
+
+    A directory is read lazily, one tensor at a time, so host memory holds the output and one
+    tensor. Accepts `*ForCausalLM`, Gemma 3's multimodal text model and
+    `*ForSequenceClassification` checkpoints (the `score` head is read by `rewards`).
+    Raises `ValueError` naming the tensor for a missing tensor or a wrong shape.
+    """
+    expected = _hf_shapes(cfg)
+    dtype = np.dtype(cfg.param_dtype)
+    params: dict[str, Any] = {}
+    found: set[str] = set()
+    for hf_name, load in _tensors(state_dict_or_dir):
+        short = _PREFIX.sub("", hf_name)
+        if short not in expected:
+            if short.startswith("layers.") and _LAYER.match(short):
+                raise ValueError(f"unexpected tensor {hf_name!r} for a {cfg.family} config "
+                                 f"with {cfg.num_layers} layers")
+            continue
+        value = np.asarray(load())
+        if tuple(value.shape) != expected[short]:
+            raise ValueError(f"tensor {hf_name!r} has shape {tuple(value.shape)}, expected "
+                             f"{expected[short]} for this config")
+        ours, array = _to_ours(short, value, cfg)
+        _set(params, ours, array.astype(dtype))
+        found.add(short)
+    missing = sorted(set(expected) - found, key=_natural)
+    if missing:
+        raise ValueError(f"missing tensor(s) in the checkpoint: {['model.' + m for m in missing]}")
+    return params
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: GemmaConfig, *,
+                 include_lm_head: bool = True) -> dict[str, np.ndarray]:
+    """A `*ForCausalLM` state dict of numpy arrays (the inverse of `params_from_hf`).
+
+    `lm_head.weight` is the tied embedding, included as `model.state_dict()` has it.
+    """
+    out = {}
+    for short in _hf_shapes(cfg):
+        out["model." + short] = _from_ours(short, params, cfg)
+    if include_lm_head:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.PathLike) -> None:
+    """Writes `config.json` and safetensors (sharded past 5 GiB) that transformers loads."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = params_to_hf(params, cfg, include_lm_head=False)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in state.items():
+        if shards[-1] and size + value.nbytes > _MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = np.ascontiguousarray(value)
+        size += value.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / file, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, file)
+        total = sum(v.nbytes for v in state.values())
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config_to_hf(cfg).to_json_file(directory / "config.json")
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def _layer_map(cfg: GemmaConfig) -> dict[str, tuple[str, ...]]:
+    """HF names inside `layers.i.` -> our path inside `layer_i`."""
+    names = {
+        "input_layernorm.weight": ("pre_attention_norm", "scale"),
+        "self_attn.q_proj.weight": ("attn", "q"),
+        "self_attn.k_proj.weight": ("attn", "k"),
+        "self_attn.v_proj.weight": ("attn", "v"),
+        "self_attn.o_proj.weight": ("attn", "o"),
+        "mlp.gate_proj.weight": ("mlp", "gate"),
+        "mlp.up_proj.weight": ("mlp", "up"),
+        "mlp.down_proj.weight": ("mlp", "down"),
+    }
+    if cfg.family == "gemma":
+        names["post_attention_layernorm.weight"] = ("pre_ffw_norm", "scale")
+    else:
+        names |= {"post_attention_layernorm.weight": ("post_attention_norm", "scale"),
+                  "pre_feedforward_layernorm.weight": ("pre_ffw_norm", "scale"),
+                  "post_feedforward_layernorm.weight": ("post_ffw_norm", "scale")}
+    if cfg.use_qk_norm:
+        names |= {"self_attn.q_norm.weight": ("attn", "query_norm", "scale"),
+                  "self_attn.k_norm.weight": ("attn", "key_norm", "scale")}
+    return names
+
+
+def _hf_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_layer = {"q_proj": (n * h, d), "k_proj": (k * h, d), "v_proj": (k * h, d),
+                 "o_proj": (d, n * h), "gate_proj": (f, d), "up_proj": (f, d),
+                 "down_proj": (d, f), "q_norm": (h,), "k_norm": (h,)}
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_layers):
+        for name in _layer_map(cfg):
+            module = name.split(".")[-2]
+            shapes[f"layers.{i}.{name}"] = per_layer.get(module, (d,))
+    shapes["norm.weight"] = (d,)
+    return shapes
+
+
+def _our_path(short: str, cfg: GemmaConfig) -> tuple[str, ...]:
+    if short == "embed_tokens.weight":
+        return ("input_embedding",)
+    if short == "norm.weight":
+        return ("final_norm", "scale")
+    layer, rest = _LAYER.match(short).groups()
+    return (f"layer_{layer}", *_layer_map(cfg)[rest])
+
+
+def _to_ours(short: str, value: np.ndarray, cfg: GemmaConfig):
+    path = _our_path(short, cfg)
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    leaf = path[-1] if path[-1] != "scale" else None
+    if leaf == "q":
+        value = value.reshape(n, h, -1).transpose(2, 0, 1)
+    elif leaf in ("k", "v"):
+        value = value.reshape(k, h, -1).transpose(2, 0, 1)
+    elif leaf == "o":
+        value = value.reshape(-1, n, h).transpose(1, 2, 0)
+    elif leaf in ("gate", "up", "down"):
+        value = value.T
+    return path, value
+
+
+def _from_ours(short: str, params: Mapping[str, Any], cfg: GemmaConfig) -> np.ndarray:
+    path = _our_path(short, cfg)
+    node = params
+    for key in path:
+        if key not in node:
+            raise ValueError(f"params has no {'/'.join(path)} (needed for {short!r})")
+        node = node[key]
+    value = np.asarray(node)
+    leaf = path[-1]
+    if leaf in ("q", "k", "v"):
+        value = value.transpose(1, 2, 0).reshape(-1, value.shape[0])
+    elif leaf == "o":
+        value = value.transpose(2, 0, 1).reshape(value.shape[2], -1)
+    elif leaf in ("gate", "up", "down"):
+        value = value.T
+    return np.ascontiguousarray(value)
+
+
+def _tensors(source) -> Iterator[tuple[str, Any]]:
+    """(name, loader) pairs from a mapping or, lazily, from a safetensors directory/file."""
+    if isinstance(source, Mapping):
+        for name, value in source.items():
+            yield name, lambda value=value: _to_numpy(value)
+        return
+    path = pathlib.Path(source)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not all(f.exists() for f in files):
+        raise ValueError(f"no safetensors files at {str(path)!r}")
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                yield name, lambda f=f, name=name: f.get_tensor(name)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if type(value).__module__.startswith("torch"):
+        import ml_dtypes
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _first(value, default):
+    if value is None:
+        return default
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _rope_theta(rope: Mapping[str, Any], hf_config: Any, where: str) -> float:
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        raise ValueError(f"unsupported RoPE type {kind!r} in {where}: Gemma uses default/linear")
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError(f"no rope_theta in {where}")
+    return float(theta)
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,217 @@
+"""Flax Gemma decoder (Gemma 1, 2 and 3 text) with a KV cache and logical axis names.
+
+Einsum letters: B batch, T query time, S key time (cache slots), D model width, V vocabulary,
+N query heads, K key/value heads, G query heads per K (N = K * G), H head width, F MLP width.
+
+Attention works in cache *slots*: without a cache the slots of a sequence are 0..T-1; with
+one, the T new tokens fill slots `index .. index+T-1`. A query attends to earlier valid slots
+(and, in local layers, to the last `sliding_window` slots, itself included). Positions (RoPE)
+are separate, so left-padded rows use positions counted from their first real token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from warp_jax.gemma.config import GemmaConfig
+
+Cache = dict[str, Any]
+_MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax, not NaN
+
+
+def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    cache: Cache = {
+        "index": jnp.zeros((), jnp.int32),  # the next slot to write
+        "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
+    }
+    for i in range(cfg.num_layers):
+        cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return cache
+
+
+def block_groups(params: Any) -> Any:
+    """Labels each parameter with its transformer block (`"layer_i"`) or None (outside blocks).
+
+    The `groups` argument of `merging.slerp_tree` for the paper's per-block SLERP: every tensor
+    of one block shares one angle; the embedding and the final norm get one each.
+    """
+    return {
+        name: jax.tree.map(lambda _, name=name: name, sub) if name.startswith("layer_")
+        else jax.tree.map(lambda _: None, sub)
+        for name, sub in params.items()
+    }
+
+
+def _param(module, name, init, shape, axes, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, in float32."""
+
+    eps: float
+    param_dtype: Any
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.zeros_init(), (x.shape[-1],),
+                       (self.axis_name,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (normed * (1.0 + scale)).astype(x.dtype)
+
+
+def apply_rope(x_BTNH, positions_BT, base: float, scale_factor: float = 1.0):
+    """Rotary embedding on the two halves of each head (the Hugging Face layout)."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
+    sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def _softcap(x, cap):
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+    cfg: GemmaConfig
+    attention_type: str
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, slots_T, key_mask_BS, cache):
+        cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
+        dt = jnp.dtype(cfg.dtype)
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nn.initializers.normal(d**-0.5)
+        q_w = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), pd)
+        k_w = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        v_w = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        o_w = _param(self, "o", nn.initializers.normal((n * h) ** -0.5), (n, h, d),
+                     ("heads", "head_dim", "embed"), pd)
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, q_w.astype(dt))
+        key = jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt))
+        value = jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt))
+        if cfg.use_qk_norm:
+            q = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q)
+            key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
+        local = self.attention_type == "local"
+        base = (cfg.rope_local_base or cfg.rope_base) if local else cfg.rope_base
+        q = apply_rope(q, positions_BT, base, 1.0 if local else cfg.rope_scale_factor)
+        key = apply_rope(key, positions_BT, base, 1.0 if local else cfg.rope_scale_factor)
+
+        new_cache = None
+        if cache is not None:
+            start = (0, slots_T[0], 0, 0)
+            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
+            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
+                                                 start)
+            new_cache = {"k": key, "v": value}
+        slots_S = jnp.arange(key.shape[1])
+        allowed_TS = slots_S[None, :] <= slots_T[:, None]
+        if local:
+            allowed_TS &= slots_T[:, None] - slots_S[None, :] < cfg.sliding_window
+        mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
+
+        b, t = x_BTD.shape[:2]
+        q_BTKGH = (q * cfg.query_scale).reshape(b, t, k, n // k, h)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, key.astype(dt)).astype(jnp.float32)
+        logits = _softcap(logits, cfg.attn_logit_softcap)
+        logits = jnp.where(mask_BTS[:, None, None], logits, _MASKED)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(dt)).reshape(b, t, n, h)
+        return jnp.einsum("BTNH,NHD->BTD", out, o_w.astype(dt)), new_cache
+
+
+class MLP(nn.Module):
+    cfg: GemmaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
+        d, f = cfg.embed_dim, cfg.mlp_dim
+        gate = _param(self, "gate", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
+        hidden = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x_BTD, gate.astype(dt)), approximate=True)
+        hidden = hidden * jnp.einsum("BTD,DF->BTF", x_BTD, up.astype(dt))
+        return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
+
+
+class Block(nn.Module):
+    cfg: GemmaConfig
+    attention_type: str
+
+    @nn.compact
+    def __call__(self, x, positions, slots, key_mask, cache):
+        cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
+        h = RMSNorm(cfg.norm_eps, pd, name="pre_attention_norm")(x)
+        h, cache = Attention(cfg, self.attention_type, name="attn")(h, positions, slots,
+                                                                    key_mask, cache)
+        if cfg.use_post_attn_norm:
+            h = RMSNorm(cfg.norm_eps, pd, name="post_attention_norm")(h)
+        x = x + h
+        h = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pd, name="pre_ffw_norm")(x))
+        if cfg.use_post_ffw_norm:
+            h = RMSNorm(cfg.norm_eps, pd, name="post_ffw_norm")(h)
+        return x + h, cache
+
+
+class Gemma(nn.Module):
+    """The Gemma decoder: `apply(tokens, positions, attention_mask, cache) -> (logits, cache)`.
+
+    Args (of `__call__`):
+      tokens: int `[B, T]`.
+      positions: int `[B, T]` RoPE positions; None: `0..T-1` after the cache's filled slots.
+      attention_mask: bool `[B, T]`, False for padding tokens (which no query attends to);
+        None: every token is real.
+      cache: None, or a dict from `init_cache` (returned updated, the tokens written at
+        slots `index..index+T-1`).
+
+    Returns:
+      float32 logits `[B, T, V]` and the updated cache (None without one).
+    """
+
+    cfg: GemmaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, attention_mask=None, cache=None):
+        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
+        b, t = tokens.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        slots = start + jnp.arange(t, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(slots, (b, t))
+        token_mask = (jnp.ones((b, t), bool) if attention_mask is None
+                      else attention_mask.astype(bool))
+        if cache is None:
+            key_mask = token_mask
+        else:
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], token_mask, (0, start))
+
+        embedding = _param(self, "input_embedding", nn.initializers.normal(1.0),
+                           (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
+        x = embedding.astype(dt)[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
+        new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
+        for i, attention_type in enumerate(cfg.attention_types):
+            layer_cache = None if cache is None else cache[f"layer_{i}"]
+            x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}")(
+                x, positions, slots, key_mask, layer_cache)
+            if cache is not None:
+                new_cache[f"layer_{i}"] = layer_cache
+        x = RMSNorm(cfg.norm_eps, pd, name="final_norm")(x)
+        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(dt)).astype(jnp.float32)
+        return _softcap(logits, cfg.final_logit_softcap), new_cache
