@@ -202,7 +202,7 @@ class Gemma(nn.Module):
         else:
             key_mask = jax.lax.dynamic_update_slice(cache["mask"], token_mask, (0, start))
 
-        embedding = _param(self, "input_embedding", nn.initializers.normal(1.0),
+        embedding = _param(self, "input_embedding", nn.initializers.normal(cfg.embed_dim**-0.5),
                            (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
         x = embedding.astype(dt)[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
         new_cache = None if cache is None else {"index": start + t, "mask": key_mask}

@@ -1,0 +1,135 @@
+"""The sampler against full forward passes of the same model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from warp_jax import sampling, sharding
+from warp_jax.gemma import Gemma, GemmaConfig
+
+B, P, N = 4, 7, 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = GemmaConfig.from_preset("tiny_gemma2", vocab_size=48)
+    params = Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, size=(B, P)).astype(np.int32)
+    mask = np.ones((B, P), bool)
+    mask[1, :3] = False
+    mask[3, :6] = False
+    tokens[~mask] = 0
+    return cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jax.jit(Gemma(cfg).apply)
+
+
+def _full_logits(setup, out):
+    cfg, params, tokens, mask, apply = setup
+    seq = jnp.concatenate([tokens, out.tokens], axis=1)
+    seq_mask = jnp.concatenate([mask, out.mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
+    logits, _ = apply({"params": params}, seq, positions, seq_mask)
+    return np.asarray(logits[:, P - 1:-1])  # the logits that predicted each sampled token
+
+
+def test_logprobs_equal_a_full_forward(setup):
+    cfg, params, tokens, mask, _ = setup
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(1), N, temperature=0.9)
+    assert out.tokens.shape == out.logprobs.shape == out.mask.shape == (B, N)
+    logits = _full_logits(setup, out) / 0.9
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    want = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4, rtol=1e-4)
+    assert np.asarray(out.mask).all()
+
+
+def test_greedy_takes_the_argmax(setup):
+    cfg, params, tokens, mask, _ = setup
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0)
+    logits = _full_logits(setup, out)
+    np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
+    want = np.max(np.asarray(jax.nn.log_softmax(logits, axis=-1)), axis=-1)
+    np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.7)])
+def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p):
+    cfg, params, tokens, mask, _ = setup
+    for seed in range(3):
+        out = sampling.sample(params, cfg, tokens, mask, jax.random.key(seed), N,
+                              temperature=1.0, top_k=top_k, top_p=top_p)
+        logits = _full_logits(setup, out)
+        order = np.argsort(-logits, axis=-1)
+        rank = np.argmax(order == np.asarray(out.tokens)[..., None], axis=-1)
+        if top_k is not None:
+            assert rank.max() < top_k
+        if top_p is not None:
+            probs = np.take_along_axis(np.asarray(jax.nn.softmax(logits, -1)), order, -1)
+            mass_before = np.take_along_axis(np.cumsum(probs, -1) - probs, rank[..., None],
+                                             -1)[..., 0]
+            assert mass_before.max() < top_p + 1e-6
+        assert np.all(np.asarray(out.logprobs) <= 1e-6)
+
+
+def test_keys_determine_the_tokens(setup):
+    cfg, params, tokens, mask, _ = setup
+    a = sampling.sample(params, cfg, tokens, mask, jax.random.key(5), N)
+    b = sampling.sample(params, cfg, tokens, mask, jax.random.key(5), N)
+    c = sampling.sample(params, cfg, tokens, mask, jax.random.key(6), N)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_eos_masks_the_rest_of_the_row(setup):
+    cfg, params, tokens, mask, _ = setup
+    greedy = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0)
+    eos = int(greedy.tokens[0, 2])
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0,
+                          eos_id=eos)
+    toks, lp, m = (np.asarray(x) for x in out)
+    for row in range(B):
+        hits = np.flatnonzero(np.asarray(greedy.tokens[row]) == eos)
+        stop = hits[0] if hits.size else N - 1
+        assert m[row, :stop + 1].all() and not m[row, stop + 1:].any()
+        assert np.all(toks[row, stop + 1:] == cfg.pad_id) and np.all(lp[row, stop + 1:] == 0)
+        np.testing.assert_array_equal(toks[row, :stop + 1], greedy.tokens[row, :stop + 1])
+    assert m[0].sum() <= 3  # row 0 emits eos by its third token
+
+
+def test_second_call_does_not_recompile(setup):
+    cfg, params, tokens, mask, _ = setup
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N)
+    before = sampling._sample._cache_size()
+    other = jax.tree.map(lambda x: x * 1.01, params)
+    sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N)
+    assert sampling._sample._cache_size() == before
+
+
+def test_sharded_equals_unsharded(setup):
+    cfg, params, tokens, mask, _ = setup
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+    boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    shardings = sharding.param_shardings(boxed["params"], mesh)
+    sharded_params = jax.device_put(params, shardings)
+    batch = sharding.logical_sharding(("batch", None), tokens.shape, mesh)
+    out = sampling.sample(sharded_params, cfg, jax.device_put(tokens, batch),
+                          jax.device_put(mask, batch), jax.random.key(3), N)
+    ref = sampling.sample(params, cfg, tokens, mask, jax.random.key(3), N)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_bad_arguments(setup):
+    cfg, params, tokens, mask, _ = setup
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling.sample(params, cfg, tokens, mask, key, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.sample(params, cfg, tokens, mask, key, N, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.sample(params, cfg, tokens, mask, key, N, top_k=0)
+    with pytest.raises(ValueError, match=r"\[B, P\]"):
+        sampling.sample(params, cfg, tokens, mask[:, :3], key, N)

@@ -1,0 +1,147 @@
+"""Batched, jit-compiled sampling from Gemma with a KV cache (one compile per shape).
+
+Prompts are left-padded `[B, P]` with a mask; the prompt is prefilled in one pass, then a
+`lax.while_loop` decodes one token per step from the cache until `max_new_tokens` or until
+every row has emitted `eos_id`.
+
+Log-probabilities are those of the distribution each token was drawn from: `log_softmax` of
+`logits / temperature`, restricted and renormalised to the tokens that top-k and top-p keep
+(so they equal a full forward pass's `log_softmax(logits / temperature)` when neither is set).
+Greedy decoding (`temperature=0`) returns the untempered `log_softmax(logits)` of the argmax.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from warp_jax.gemma import Gemma, GemmaConfig, init_cache
+
+_NEG_INF = -jnp.inf
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32 sampled tokens (pad_id after EOS)
+    logprobs: jax.Array  # [B, N] float32 log-probabilities of the sampled tokens (0 after EOS)
+    mask: jax.Array  # [B, N] bool: True up to and including the EOS token
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: jax.Array  # [] int32: how many tokens have been sampled
+    logits: jax.Array  # [B, V] float32: next-token logits
+    positions: jax.Array  # [B] int32: RoPE position of the next token
+    done: jax.Array  # [B] bool: the row has emitted EOS
+    cache: dict[str, Any]  # KV cache of P + N slots
+    tokens: jax.Array  # [B, N] int32
+    logprobs: jax.Array  # [B, N] float32
+    mask: jax.Array  # [B, N] bool
+
+
+def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+           rng: jax.Array, max_new_tokens: int, temperature: float = 0.9,
+           top_k: int | None = None, top_p: float | None = None,
+           eos_id: int | None = None) -> SampleOutput:
+    """Samples `max_new_tokens` continuations of left-padded prompts.
+
+    Args:
+      params: the Gemma params (any sharding: the computation follows it).
+      cfg: the model config.
+      prompt_tokens: int `[B, P]`, left-padded.
+      prompt_mask: bool `[B, P]`, False on padding.
+      rng: a `jax.random` key; the same key gives the same tokens.
+      max_new_tokens: N.
+      temperature: > 0 to sample from `softmax(logits / temperature)`; 0 for greedy.
+      top_k: keep the k most likely tokens (None: all).
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
+      eos_id: a row stops after emitting it (None: never stops early).
+
+    Returns:
+      `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
+    """
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
+                         f"{prompt_mask.shape} must both be [B, P]")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [1, {cfg.vocab_size}] or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    greedy = temperature == 0
+    return _sample(params, jnp.asarray(prompt_tokens, jnp.int32),
+                   jnp.asarray(prompt_mask, bool), rng,
+                   jnp.float32(1.0 if greedy else temperature),
+                   jnp.float32(1.0 if top_p is None else top_p),
+                   jnp.int32(-1 if eos_id is None else eos_id),
+                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                   use_top_p=top_p is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p"))
+def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id, *, cfg,
+            max_new_tokens, greedy, top_k, use_top_p):
+    model = Gemma(cfg)
+    batch, prompt_len = prompt_tokens.shape
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32), logits=logits[:, -1],
+        positions=jnp.sum(prompt_mask, axis=1).astype(jnp.int32),
+        done=jnp.zeros((batch,), bool), cache=cache,
+        tokens=jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        mask=jnp.zeros((batch, max_new_tokens), bool),
+    )
+
+    def cond(s: _LoopState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+        if greedy:
+            logp = jax.nn.log_softmax(s.logits, axis=-1)
+            token = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
+        else:
+            logp = jax.nn.log_softmax(
+                _filter(s.logits / temperature, top_k, top_p if use_top_p else None), axis=-1)
+            token = jax.random.categorical(jax.random.fold_in(rng, s.step), logp, axis=-1)
+            token = token.astype(jnp.int32)
+        live = ~s.done
+        token = jnp.where(live, token, cfg.pad_id)
+        token_logp = jnp.where(live, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0],
+                               0.0)
+        logits, cache = model.apply({"params": params}, token[:, None], s.positions[:, None],
+                                    live[:, None], s.cache)
+        return _LoopState(
+            step=s.step + 1, logits=logits[:, 0], positions=s.positions + 1,
+            done=s.done | (token == eos_id), cache=cache,
+            tokens=s.tokens.at[:, s.step].set(token),
+            logprobs=s.logprobs.at[:, s.step].set(token_logp),
+            mask=s.mask.at[:, s.step].set(live),
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(s.tokens, s.logprobs, s.mask)
+
+
+def _filter(logits_BV, top_k, top_p):
+    """Sets the logits of tokens outside the top-k / top-p set to -inf."""
+    if top_k is not None:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV >= kth, logits_BV, _NEG_INF)
+    if top_p is not None:
+        sorted_desc = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV >= threshold, logits_BV, _NEG_INF)
+    return logits_BV
