@@ -27,6 +27,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m experiments.benchmarks.merging
+	$(PY) -m experiments.benchmarks.sampling
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

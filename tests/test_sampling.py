@@ -27,7 +27,7 @@ def setup():
 
 
 def _full_logits(setup, out):
-    cfg, params, tokens, mask, apply = setup
+    _cfg, params, tokens, mask, apply = setup
     seq = jnp.concatenate([tokens, out.tokens], axis=1)
     seq_mask = jnp.concatenate([mask, out.mask], axis=1)
     positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)

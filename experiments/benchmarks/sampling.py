@@ -1,0 +1,134 @@
+"""Sampler throughput: `warp_jax.sampling.sample` vs `transformers`' `generate`, same weights.
+
+    python -m experiments.benchmarks.sampling [--repeats 5] [--sizes tiny,100m]
+
+Both sample with temperature 0.9 from the full distribution (no top-k/top-p) and always
+produce `max_new_tokens` tokens (HF: `min_new_tokens = max_new_tokens`). Each repeat times one
+call of each, back to back; the ratio is the median of these paired ratios. Utilisation
+compares the achieved FLOP/s (2 FLOPs per weight per token, prefill and decode) with a
+measured float32 matmul, and the decode's weight traffic (every weight read once per step)
+with a measured numpy copy.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from warp_jax import sampling
+from warp_jax.gemma import Gemma, GemmaConfig, hf
+
+SIZES = {
+    "tiny": (dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=1,
+                  head_dim=64, mlp_dim=1024), 32),
+    "100m": (dict(vocab_size=32_000, embed_dim=768, num_layers=8, num_heads=12,
+                  num_kv_heads=12, head_dim=64, mlp_dim=3072), 8),
+}
+PROMPT, NEW, TEMPERATURE = 16, 48, 0.9
+
+
+def _matmul_flops() -> float:
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(10):
+        out = f(a)
+    out.block_until_ready()
+    return 10 * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def _copy_bandwidth() -> float:
+    x = np.ones(64 * 2**20, np.float32)
+    y = np.empty_like(x)
+    np.copyto(y, x)
+    start = time.perf_counter()
+    for _ in range(10):
+        np.copyto(y, x)
+    return 10 * 2 * x.nbytes / (time.perf_counter() - start)
+
+
+def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
+    cfg = GemmaConfig(**fields)
+    model = Gemma(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    torch_model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg)).eval()
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                                 hf.params_to_hf(params, cfg).items()})
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, size=(batch, PROMPT)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[::2, : PROMPT // 4] = False  # left padding on every other row
+    tokens[~mask] = cfg.pad_id
+    jtokens, jmask = jnp.asarray(tokens), jnp.asarray(mask)
+
+    def ours(seed):
+        out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), NEW,
+                              temperature=TEMPERATURE)
+        return jax.block_until_ready(out)
+
+    def theirs():
+        with torch.no_grad():
+            return torch_model.generate(
+                input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=True,
+                temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=NEW,
+                min_new_tokens=NEW, pad_token_id=cfg.pad_id)
+
+    start = time.perf_counter()
+    ours(0)
+    compile_s = time.perf_counter() - start
+    theirs()
+    pairs = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        ours(r + 1)
+        t_ours = time.perf_counter() - start
+        start = time.perf_counter()
+        out = theirs()
+        t_hf = time.perf_counter() - start
+        assert out.shape == (batch, PROMPT + NEW)
+        pairs.append((t_ours, t_hf))
+    t_ours = statistics.median(p[0] for p in pairs)
+    t_hf = statistics.median(p[1] for p in pairs)
+    ratio = statistics.median(p[1] / p[0] for p in pairs)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    flops = 2 * n_params * batch * (PROMPT + NEW)
+    weight_bytes = 4 * n_params * NEW
+    return dict(name=name, params=n_params, batch=batch, ours=batch * NEW / t_ours,
+                hf=batch * NEW / t_hf, ratio=ratio, compile=compile_s,
+                flops=flops / t_ours / peak_flops, bw=weight_bytes / t_ours / bandwidth)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    peak, bandwidth = _matmul_flops(), _copy_bandwidth()
+    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
+          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, {args.repeats} pairs")
+    rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth)
+            for name in args.sizes.split(",")]
+    print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
+          "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['ours']:.0f} | "
+              f"{r['hf']:.0f} | {r['ratio']:.1f}x | {r['compile']:.1f} | {r['flops']:.0%} | "
+              f"{r['bw']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
