@@ -1,5 +1,6 @@
 """Flax Gemma against transformers' Gemma, Gemma 2 and Gemma 3 on random tiny configs."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,8 +164,7 @@ def test_sharded_forward_equals_unsharded():
     mesh = sharding.make_mesh(fsdp=2, model=4)
     shardings = sharding.param_shardings(boxed, mesh)
     init = jax.jit(lambda k: model.init(k, tokens)["params"], out_shardings=shardings)
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
-                          init(jax.random.key(0)), is_leaf=lambda x: hasattr(x, "unbox"))
+    params = nn.unbox(init(jax.random.key(0)))
     q = params["layer_0"]["attn"]["q"]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model", None)
     assert len({s.device for s in q.addressable_shards}) == 8

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's ```python examples run as written (```py blocks need real checkpoints)."""
 
 import pathlib
 import re

@@ -1,5 +1,6 @@
 """The sampler against full forward passes of the same model."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,7 @@ B, P, N = 4, 7, 8
 def setup():
     cfg = GemmaConfig.from_preset("tiny_gemma2", vocab_size=48)
     params = Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = nn.unbox(params)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(B, P)).astype(np.int32)
     mask = np.ones((B, P), bool)

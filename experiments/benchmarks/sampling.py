@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,8 +58,7 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
     cfg = GemmaConfig(**fields)
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = nn.unbox(params)
     torch_model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg)).eval()
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in
                                  hf.params_to_hf(params, cfg).items()})
