@@ -123,7 +123,8 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
 
     A directory is read lazily, one tensor at a time, so host memory holds the output and one
     tensor. Accepts `*ForCausalLM`, Gemma 3's multimodal text model and
-    `*ForSequenceClassification` checkpoints (the `score` head is read by `rewards`).
+    `*ForSequenceClassification` checkpoints with `num_labels=1`, whose head becomes
+    `params["score"]` `[D]` (the params of `rewards.RewardModel`).
     Raises `ValueError` naming the tensor for a missing tensor or a wrong shape.
     """
     expected = _hf_shapes(cfg)
@@ -132,6 +133,13 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
     found: set[str] = set()
     for hf_name, load in _tensors(state_dict_or_dir):
         short = _PREFIX.sub("", hf_name)
+        if hf_name == "score.weight":
+            value = np.asarray(load())
+            if value.shape != (1, cfg.embed_dim):
+                raise ValueError(f"tensor 'score.weight' has shape {tuple(value.shape)}, expected "
+                                 f"{(1, cfg.embed_dim)}: a reward model has num_labels=1")
+            params["score"] = value[0].astype(dtype)
+            continue
         if short not in expected:
             if short.startswith("layers.") and _LAYER.match(short):
                 raise ValueError(f"unexpected tensor {hf_name!r} for a {cfg.family} config "
@@ -152,14 +160,17 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
 
 def params_to_hf(params: Mapping[str, Any], cfg: GemmaConfig, *,
                  include_lm_head: bool = True) -> dict[str, np.ndarray]:
-    """A `*ForCausalLM` state dict of numpy arrays (the inverse of `params_from_hf`).
+    """A state dict of numpy arrays (the inverse of `params_from_hf`).
 
-    `lm_head.weight` is the tied embedding, included as `model.state_dict()` has it.
+    For a causal LM, `lm_head.weight` is the tied embedding, included as `model.state_dict()`
+    has it; reward-model params (with `score`) give a `*ForSequenceClassification` dict.
     """
     out = {}
     for short in _hf_shapes(cfg):
         out["model." + short] = _from_ours(short, params, cfg)
-    if include_lm_head:
+    if "score" in params:
+        out["score.weight"] = np.asarray(params["score"])[None]
+    elif include_lm_head:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 

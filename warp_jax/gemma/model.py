@@ -189,29 +189,40 @@ class Gemma(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None):
-        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
-        b, t = tokens.shape
-        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-        slots = start + jnp.arange(t, dtype=jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(slots, (b, t))
-        token_mask = (jnp.ones((b, t), bool) if attention_mask is None
-                      else attention_mask.astype(bool))
-        if cache is None:
-            key_mask = token_mask
-        else:
-            key_mask = jax.lax.dynamic_update_slice(cache["mask"], token_mask, (0, start))
+        x, embedding, cache = decode(self, tokens, positions, attention_mask, cache)
+        logits = jnp.einsum("BTD,VD->BTV", x, embedding).astype(jnp.float32)
+        return _softcap(logits, self.cfg.final_logit_softcap), cache
 
-        embedding = _param(self, "input_embedding", nn.initializers.normal(cfg.embed_dim**-0.5),
-                           (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
-        x = embedding.astype(dt)[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
-        new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
-        for i, attention_type in enumerate(cfg.attention_types):
-            layer_cache = None if cache is None else cache[f"layer_{i}"]
-            x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}")(
-                x, positions, slots, key_mask, layer_cache)
-            if cache is not None:
-                new_cache[f"layer_{i}"] = layer_cache
-        x = RMSNorm(cfg.norm_eps, pd, name="final_norm")(x)
-        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(dt)).astype(jnp.float32)
-        return _softcap(logits, cfg.final_logit_softcap), new_cache
+
+def decode(module: nn.Module, tokens, positions, attention_mask, cache):
+    """The decoder body, declaring Gemma's params on `module` (shared with the reward model).
+
+    Returns the final-normed hidden states `[B, T, D]`, the embedding in the compute dtype
+    and the updated cache.
+    """
+    cfg = module.cfg
+    pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+    slots = start + jnp.arange(t, dtype=jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(slots, (b, t))
+    token_mask = (jnp.ones((b, t), bool) if attention_mask is None
+                  else attention_mask.astype(bool))
+    if cache is None:
+        key_mask = token_mask
+    else:
+        key_mask = jax.lax.dynamic_update_slice(cache["mask"], token_mask, (0, start))
+
+    embedding = _param(module, "input_embedding", nn.initializers.normal(cfg.embed_dim**-0.5),
+                       (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd).astype(dt)
+    x = embedding[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
+    new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
+    for i, attention_type in enumerate(cfg.attention_types):
+        layer_cache = None if cache is None else cache[f"layer_{i}"]
+        x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}", parent=module)(
+            x, positions, slots, key_mask, layer_cache)
+        if cache is not None:
+            new_cache[f"layer_{i}"] = layer_cache
+    x = RMSNorm(cfg.norm_eps, pd, name="final_norm", parent=module)(x)
+    return x, embedding, new_cache

@@ -1,0 +1,60 @@
+"""The reward model against transformers' sequence-classification Gemmas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from warp_jax import rewards
+from warp_jax.gemma import hf
+
+
+@pytest.mark.parametrize("name", ["GemmaForSequenceClassification",
+                                  "Gemma2ForSequenceClassification"])
+def test_scores_match_transformers_with_padding(name):
+    gemma2 = name.startswith("Gemma2")
+    config_cls = transformers.Gemma2Config if gemma2 else transformers.GemmaConfig
+    extra = dict(sliding_window=3, query_pre_attn_scalar=16,
+                 attn_logit_softcapping=3.0) if gemma2 else {}
+    hf_config = config_cls(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           intermediate_size=64, num_labels=1, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, name)._from_config(hf_config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.eval()
+    cfg = hf.config_from_hf(model.config)
+    params = hf.params_from_hf(model.state_dict(), cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 64, size=(4, 9)).astype(np.int64)
+    mask = np.ones_like(tokens, bool)
+    mask[1, :3] = mask[3, :7] = False
+    tokens[~mask] = 0
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(tokens),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                    position_ids=torch.from_numpy(np.maximum(np.cumsum(mask, 1) - 1, 0))
+                    ).logits[:, 0].numpy()
+    ours = jax.jit(rewards.RewardModel(cfg).apply)({"params": params}, jnp.asarray(tokens),
+                                                   jnp.asarray(mask))
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    back = hf.params_to_hf(params, cfg)
+    state = model.state_dict()
+    assert sorted(back) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_a_multi_label_head_is_rejected():
+    cfg = hf.config_from_hf(transformers.GemmaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, intermediate_size=32))
+    model = transformers.GemmaForSequenceClassification(transformers.GemmaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, intermediate_size=32, num_labels=2))
+    with pytest.raises(ValueError, match="num_labels=1"):
+        hf.params_from_hf(model.state_dict(), cfg)
