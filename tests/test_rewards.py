@@ -58,3 +58,27 @@ def test_a_multi_label_head_is_rejected():
         num_key_value_heads=1, head_dim=8, intermediate_size=32, num_labels=2))
     with pytest.raises(ValueError, match="num_labels=1"):
         hf.params_from_hf(model.state_dict(), cfg)
+
+
+def test_bradley_terry_loss_and_gradient_match_the_formula():
+    rc, rr = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 2.5])
+    loss, grads = jax.value_and_grad(rewards.bradley_terry_loss, argnums=(0, 1))(
+        jnp.asarray(rc), jnp.asarray(rr))
+    sig = 1 / (1 + np.exp(-(rc - rr)))
+    np.testing.assert_allclose(loss, np.mean(-np.log(sig)), rtol=1e-6)
+    np.testing.assert_allclose(grads[0], -(1 - sig) / 3, rtol=1e-5)
+    np.testing.assert_allclose(grads[1], (1 - sig) / 3, rtol=1e-5)
+
+
+def test_malformed_jsonl_lines_are_reported_with_their_line_number(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n'
+                    '{"prompt": "a", "chosen": "b"}\n'
+                    'not json\n'
+                    '{"prompt": "x", "chosen": "y", "rejected": "z"}\n')
+    with pytest.raises(ValueError, match=r"prefs\.jsonl:3: malformed.*\['rejected'\]"):
+        rewards.read_preferences(path)
+    with pytest.warns(UserWarning) as caught:
+        pairs = rewards.read_preferences(path, on_error="skip")
+    assert [str(w.message).split("prefs.jsonl:")[1][:2] for w in caught] == ["3:", "4:"]
+    assert pairs == [rewards.Preference("a", "b", "c"), rewards.Preference("x", "y", "z")]

@@ -1,6 +1,11 @@
-"""Reward models: a Gemma backbone with a scalar head on each row's last real token."""
+"""Reward models: a Gemma backbone with a scalar head, Bradley–Terry loss, preference data."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -33,3 +38,47 @@ class RewardModel(nn.Module):
         last_B = t - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
         last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), score.astype(jnp.float32))
+
+
+def bradley_terry_loss(score_chosen_B: jax.Array, score_rejected_B: jax.Array) -> jax.Array:
+    """`mean(-log sigmoid(r_chosen - r_rejected))`: the preference likelihood's negative log."""
+    margin = score_chosen_B.astype(jnp.float32) - score_rejected_B.astype(jnp.float32)
+    return -jnp.mean(jax.nn.log_sigmoid(margin))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def read_preferences(path: str | os.PathLike, on_error: str = "raise") -> list[Preference]:
+    """Preference pairs from jsonl lines `{"prompt", "chosen", "rejected"}` (strings).
+
+    A malformed line raises `ValueError` naming its line number (`on_error="raise"`), or is
+    skipped with a warning naming it (`on_error="skip"`); blank lines are ignored.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in ("prompt", "chosen", "rejected")
+                           if not isinstance(record.get(k), str)]
+                if missing:
+                    raise ValueError(f"missing or non-string field(s) {missing}")
+            except ValueError as e:
+                message = f"{path}:{number}: malformed preference pair: {e}"
+                if on_error == "raise":
+                    raise ValueError(message) from None
+                warnings.warn(message + " (skipped)", stacklevel=2)
+                continue
+            pairs.append(Preference(record["prompt"], record["chosen"], record["rejected"]))
+    return pairs
