@@ -54,6 +54,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
         eos_id=_first(c.eos_token_id, 1), bos_id=_first(c.bos_token_id, 2),
     )
     rope = getattr(c, "rope_parameters", None) or {}
+    if family != "gemma3" and rope.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported RoPE type {rope['rope_type']!r} for {model_type}: "
+                         "only Gemma 3's global layers use (linear) scaling")
     if family == "gemma":
         fields["rope_base"] = _rope_theta(rope, c, "rope_parameters")
     else:
