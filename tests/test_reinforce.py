@@ -1,13 +1,16 @@
 """REINFORCE maths against brute-force enumeration and the formulas, in float64 numpy."""
 
+import dataclasses
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from warp_jax import reinforce
+from warp_jax import merging, reinforce, sharding
+from warp_jax.gemma import Gemma, GemmaConfig
 
 V, BETA = 3, 0.1
 SEQS = np.array(list(itertools.product(range(V), repeat=2)))  # every completion of length 2
@@ -108,3 +111,153 @@ def test_token_logprobs_respect_the_mask():
     want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(tokens)[..., None],
                               -1)[..., 0] * np.asarray(mask)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+GOOD = 5  # the toy reward: the fraction of completion tokens equal to this one
+
+
+def _toy_reward(prompt_tokens, prompt_mask, completion, completion_mask):
+    hits = jnp.sum((completion == GOOD) & completion_mask, axis=1)
+    return hits / jnp.maximum(jnp.sum(completion_mask, axis=1), 1)
+
+
+class _HostReward:
+    host = True
+
+    def __call__(self, prompt_tokens, prompt_mask, completion, completion_mask):
+        assert isinstance(completion, np.ndarray)
+        hits = np.sum((completion == GOOD) & completion_mask, axis=1)
+        return hits / np.maximum(np.sum(completion_mask, axis=1), 1)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    cfg = GemmaConfig.from_preset("tiny", vocab_size=16, num_layers=1)
+    params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, 16, size=(4, 3)).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    mask[1, 0] = False
+    return cfg, params, (jnp.asarray(prompts), jnp.asarray(mask))
+
+
+RL = reinforce.RLConfig(beta=0.1, mu=0.05, num_samples=2, max_new_tokens=4,
+                        learning_rate=3e-3, warmup_steps=5, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def step_fns(policy):
+    cfg, _, _ = policy
+    return {anchor: reinforce.make_train_step(cfg, dataclasses.replace(RL, anchor=anchor),
+                                              _toy_reward) for anchor in ("ema", "sft")}
+
+
+def _copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def test_training_raises_the_reward_with_bounded_kl(policy, step_fns):
+    _cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    state = init(params)
+    history = []
+    for i in range(300):
+        state, metrics = step(state, prompts, jax.random.key(i))
+        history.append(jax.device_get(metrics))
+    first = np.mean([m["reward"] for m in history[:20]])
+    last = np.mean([m["reward"] for m in history[-20:]])
+    assert last > first + 0.3, (first, last)
+    # The KL-regularised optimum has KL <= (max r - min r) / beta.
+    assert max(m["kl_anchor"] for m in history[-50:]) < 1.0 / RL.beta
+    assert sum(m["nonfinite"] for m in history) == 0 and int(state.step) == 300
+
+
+def test_ema_update_uses_mu_and_the_sft_anchor_never_moves(policy, step_fns):
+    _cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    state = init(params)
+    state, _ = step(state, prompts, jax.random.key(0))
+    before = _copy(state)
+    state, _ = step(state, prompts, jax.random.key(1))
+    want = merging.ema_update(before.ema_params, _copy(state.params), RL.mu)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 _copy(state.ema_params), want)
+    step, init = step_fns["sft"]
+    state = init(params)
+    for i in range(3):
+        state, _ = step(state, prompts, jax.random.key(i))
+    jax.tree.map(np.testing.assert_array_equal, _copy(state.ema_params), _copy(params))
+    assert not np.allclose(state.params["final_norm"]["scale"], params["final_norm"]["scale"])
+
+
+def test_a_nan_reward_skips_the_update(policy):
+    cfg, params, prompts = policy
+    step, init = reinforce.make_train_step(
+        cfg, RL, lambda *batch: jnp.full(batch[0].shape[:1], jnp.nan))
+    state = init(params)
+    before = _copy(state)
+    state, metrics = step(state, prompts, jax.random.key(0))
+    assert int(metrics["nonfinite"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, _copy(state), before)
+
+
+def test_second_call_does_not_recompile_and_host_rewards_match(policy, step_fns):
+    cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    state = init(params)
+    state, _ = step(state, prompts, jax.random.key(0), params)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+    step(state, prompts, jax.random.key(1), params)
+    assert not compiles
+    host_step, host_init = reinforce.make_train_step(cfg, RL, _HostReward())
+    host_state = host_init(params)
+    fused_state = init(params)
+    for i in range(2):
+        host_state, host_metrics = host_step(host_state, prompts, jax.random.key(i), params)
+        fused_state, fused_metrics = step(fused_state, prompts, jax.random.key(i), params)
+    for name in ("reward", "kl_anchor", "kl_init", "grad_norm"):
+        np.testing.assert_allclose(host_metrics[name], fused_metrics[name], rtol=1e-5,
+                                   atol=1e-6)
+
+
+def _close(a, b, tol=1e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol),
+                 _copy(a), _copy(b))
+
+
+def test_sharded_step_equals_single_device(policy, step_fns):
+    cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    mesh = sharding.make_mesh(fsdp=2, model=4)
+    sharded_step, sharded_init = reinforce.make_train_step(cfg, RL, _toy_reward, mesh=mesh)
+    ref, state = init(params), sharded_init(params)
+    q = state.params["layer_0"]["attn"]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model", None)
+    for i in range(3):
+        ref, ref_metrics = step(ref, prompts, jax.random.key(i))
+        state, metrics = sharded_step(state, prompts, jax.random.key(i))
+    _close(state, ref)
+    _close(metrics, ref_metrics)
+    assert state.opt_state[0][0].mu["layer_0"]["attn"]["q"].sharding.spec == q.sharding.spec
+
+
+def test_stacked_runs_on_the_run_axis_equal_separate_runs(policy, step_fns):
+    cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    mesh = sharding.make_mesh(run=2, data=4)
+    stacked_step, stacked_init = reinforce.make_train_step(cfg, RL, _toy_reward, mesh=mesh,
+                                                           num_runs=2)
+    runs_prompts = tuple(jnp.stack([x, x[::-1]]) for x in prompts)  # per-run prompt order
+    state = stacked_init(jax.tree.map(lambda x: jnp.stack([x, x]), params))
+    assert state.params["final_norm"]["scale"].sharding.spec[0] == "run"
+    keys = jax.random.split(jax.random.key(7), 2)
+    for _ in range(2):
+        state, metrics = stacked_step(state, runs_prompts, keys)
+    for m in range(2):
+        ref = init(params)
+        for _ in range(2):
+            ref, ref_metrics = step(ref, tuple(x[m] for x in runs_prompts), keys[m])
+        _close(jax.tree.map(lambda x, m=m: x[m], state), ref)
+        _close(jax.tree.map(lambda x, m=m: x[m], metrics), ref_metrics)

@@ -12,10 +12,22 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from warp_jax import merging, sampling, sharding
+from warp_jax.gemma import Gemma, GemmaConfig
 
 BASELINES = ("rloo", "mean", "none")
+ANCHORS = ("ema", "sft", "none")
 
 
 def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -83,3 +95,222 @@ def reinforce_loss(logp_BT: jax.Array, mask_BT: jax.Array, advantage_B: jax.Arra
     """
     advantage = jax.lax.stop_gradient(advantage_B.astype(jnp.float32))
     return -jnp.mean(advantage * sequence_logprob(logp_BT, mask_BT))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Hyper-parameters of one REINFORCE run (closed over by the train step, never in state).
+
+    Defaults follow the paper (beta 0.1, mu 0.01, Adam, lr 1e-6 after 100 warm-up steps,
+    temperature 0.9) and our choices where it is silent (K = 2 samples, RLOO).
+    """
+
+    beta: float = 0.1  # KL coefficient in r_beta
+    mu: float = 0.01  # EMA rate of the anchor
+    anchor: str = "ema"  # "ema" (WARP), "sft" (fixed init) or "none" (no KL in the reward)
+    num_samples: int = 2  # K completions per prompt
+    baseline: str = "rloo"  # "rloo", "mean" or "none"
+    max_new_tokens: int = 32  # completion length
+    temperature: float = 0.9  # sampling temperature; log-probs are of this distribution
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None  # completions stop after it
+    learning_rate: float = 1e-6  # Adam's rate after warm-up (constant after it)
+    warmup_steps: int = 100  # linear warm-up from 0
+    grad_clip: float | None = None  # global-norm clipping (None: off)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+
+    def __post_init__(self):
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"RLConfig.anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"RLConfig.baseline must be one of {BASELINES}, "
+                             f"got {self.baseline!r}")
+        if self.baseline == "rloo" and self.num_samples < 2:
+            raise ValueError("RLConfig.num_samples must be >= 2 for the RLOO baseline, got "
+                             f"{self.num_samples}")
+        if self.num_samples < 1 or self.max_new_tokens < 1 or self.warmup_steps < 0:
+            raise ValueError("RLConfig.num_samples and max_new_tokens must be positive and "
+                             "warmup_steps non-negative")
+        if not 0 <= self.mu <= 1:
+            raise ValueError(f"RLConfig.mu must be in [0, 1], got {self.mu}")
+        if self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0:
+            raise ValueError("RLConfig.beta must be >= 0, learning_rate and temperature > 0")
+
+
+class RLState(NamedTuple):
+    step: jax.Array  # [] int32: optimizer steps taken
+    params: Any  # the policy
+    ema_params: Any  # the KL anchor: the policy's EMA ("ema") or the fixed init ("sft", "none")
+    opt_state: Any
+
+
+def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
+    """Adam with a linear warm-up to `learning_rate`, after optional global-norm clipping."""
+    schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps)
+                if rl.warmup_steps else rl.learning_rate)
+    clip = [optax.clip_by_global_norm(rl.grad_clip)] if rl.grad_clip else []
+    return optax.chain(*clip, optax.adam(schedule, b1=rl.adam_b1, b2=rl.adam_b2))
+
+
+def init_state(params: Any, rl: RLConfig) -> RLState:
+    """A run's start (Algorithm 1, line 4): policy = anchor = `params`, fresh Adam state."""
+    return RLState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
+                   make_optimizer(rl).init(params))
+
+
+def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mask,
+                        completion, completion_mask, temperature: float = 1.0):
+    """Token log-probs `[B, N]` of completions under `softmax(logits / temperature)` and the
+    entropy `[B, N]` of that distribution, from one forward pass over prompt + completion."""
+    seq = jnp.concatenate([prompt_tokens, completion], axis=1)
+    seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
+    logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask)
+    logits = logits[:, prompt_tokens.shape[1] - 1:-1] / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return token_logprobs(logits, completion, completion_mask), entropy
+
+
+def _rollout(state: RLState, prompts, rng, *, cfg: GemmaConfig, rl: RLConfig):
+    tokens, mask = (jnp.repeat(x, rl.num_samples, axis=0) for x in prompts)
+    out = sampling.sample(state.params, cfg, tokens, mask, jax.random.fold_in(rng, state.step),
+                          rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+                          top_p=rl.top_p, eos_id=rl.eos_id)
+    return tokens, mask, out.tokens, out.mask
+
+
+def _update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig, rl: RLConfig):
+    tokens, mask, completion, cmask = batch
+    score = lambda p: completion_logprobs(cfg, p, tokens, mask, completion, cmask,  # noqa: E731
+                                          rl.temperature)
+    logp_anchor, _ = score(jax.lax.stop_gradient(state.ema_params))
+    beta = 0.0 if rl.anchor == "none" else rl.beta
+
+    def loss_fn(params):
+        logp, entropy = score(params)
+        r_beta = kl_regularized_reward(reward, logp, logp_anchor, cmask, beta)
+        loss = reinforce_loss(logp, cmask, advantages(r_beta, rl.baseline, rl.num_samples))
+        return loss, (logp, r_beta, entropy)
+
+    (loss, (logp, r_beta, entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = make_optimizer(rl).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = merging.ema_update(state.ema_params, params, rl.mu) if rl.anchor == "ema" \
+        else state.ema_params
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = RLState(state.step + 1, params, ema, opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    tokens_per_row = jnp.maximum(jnp.sum(cmask, axis=1), 1)
+    metrics = {
+        "reward": jnp.mean(reward), "r_beta": jnp.mean(r_beta), "loss": loss,
+        "kl_anchor": jnp.mean(sequence_logprob(logp - logp_anchor, cmask)),
+        "entropy": jnp.mean(jnp.sum(jnp.where(cmask, entropy, 0.0), axis=1) / tokens_per_row),
+        "completion_length": jnp.mean(jnp.sum(cmask, axis=1).astype(jnp.float32)),
+        "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32),
+    }
+    if init_params is not None:
+        logp_init, _ = score(init_params)
+        metrics["kl_init"] = jnp.mean(sequence_logprob(logp - logp_init, cmask))
+    return new, metrics
+
+
+def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
+                    mesh: Mesh | None = None, num_runs: int | None = None):
+    """Builds `train_step(state, prompts, rng, init_params=None) -> (state, metrics)`.
+
+    One step: sample K completions per prompt, score them with `reward_fn`, compute the
+    anchor's log-probs and `r_beta`, take an Adam step on the REINFORCE loss, then update
+    the EMA anchor. A non-finite loss or gradient leaves the state unchanged and sets
+    `metrics["nonfinite"]`. `init_params` (optional) adds `metrics["kl_init"]`.
+
+    Args:
+      cfg, rl: the model and the run's hyper-parameters.
+      reward_fn: a jittable `(prompt_tokens, prompt_mask, completion_tokens,
+        completion_mask) -> [B]`, or a host reward (`rewards.TextReward`, any callable with
+        `host = True`), called between two jitted halves of the step.
+      mesh: None for plain `jax.jit`; else one jit with explicit in/out shardings over the
+        mesh (params by their logical axes, prompts over `data`/`fsdp`) and donated state.
+      num_runs: None for one run; M to train M stacked runs (every state leaf, prompt and key
+        with a leading `[M]` axis, sharded over the mesh's `run` axis) in one program.
+
+    Returns:
+      The step, and `init(params) -> state` that builds the (stacked) state already sharded.
+    """
+    host = getattr(reward_fn, "host", False)
+    rollout = functools.partial(_rollout, cfg=cfg, rl=rl)
+    update = functools.partial(_update, cfg=cfg, rl=rl)
+
+    def fused(state, prompts, rng, init_params):
+        batch = rollout(state, prompts, rng)
+        return update(state, batch, reward_fn(*batch), init_params)
+
+    if num_runs:
+        fused_v = jax.vmap(fused, in_axes=(0, 0, 0, None))
+        rollout_v = jax.vmap(rollout)
+        update_v = jax.vmap(update, in_axes=(0, 0, 0, None))
+    else:
+        fused_v, rollout_v, update_v = fused, rollout, update
+
+    shard = _Shardings(cfg, rl, mesh, num_runs)
+    compiled: dict[tuple[str, bool], Any] = {}
+
+    def jitted(name, fn, with_init):
+        key = (name, with_init)
+        if key not in compiled:
+            init_sh = shard.params if with_init else None
+            if name == "fused":
+                kw = dict(in_shardings=(shard.state, shard.prompts, shard.keys, init_sh),
+                          out_shardings=(shard.state, shard.metrics))
+            elif name == "rollout":
+                kw = dict(in_shardings=(shard.state, shard.prompts, shard.keys),
+                          out_shardings=shard.batch)
+            else:
+                kw = dict(in_shardings=(shard.state, shard.batch, shard.rewards, init_sh),
+                          out_shardings=(shard.state, shard.metrics))
+            kw = kw if mesh is not None else {}
+            donate = (0,) if name != "rollout" else ()
+            compiled[key] = jax.jit(fn, donate_argnums=donate, **kw)
+        return compiled[key]
+
+    def train_step(state, prompts, rng, init_params=None):
+        with_init = init_params is not None
+        if not host:
+            return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params)
+        batch = jitted("rollout", rollout_v, False)(state, prompts, rng)
+        reward = np.asarray(reward_fn(*(np.asarray(x) for x in batch)), np.float32)
+        return jitted("update", update_v, with_init)(state, batch, reward, init_params)
+
+    def init(params):
+        fn = jax.vmap(init_state, in_axes=(0, None)) if num_runs else init_state
+        kw = {} if mesh is None else dict(out_shardings=shard.state)
+        return jax.jit(fn, static_argnums=1, **kw)(params, rl)
+
+    return train_step, init
+
+
+class _Shardings:
+    """The shardings of the train step's inputs and outputs on a mesh (None without one)."""
+
+    def __init__(self, cfg, rl, mesh, num_runs):
+        if mesh is None:
+            self.state = self.params = self.prompts = self.keys = self.batch = None
+            self.rewards = self.metrics = None
+            return
+        boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0),
+                               jnp.zeros((1, 1), jnp.int32))["params"]
+        abstract = jax.eval_shape(lambda p: init_state(p, rl), boxed)
+        prefix = [("run", num_runs)] if num_runs else []
+        run = ("run",) if num_runs else ()
+        self.state = sharding.param_shardings(abstract, mesh, prefix)
+        self.params = sharding.param_shardings(boxed, mesh)
+        rows = sharding.batch_sharding(mesh, 2, stacked=bool(num_runs))
+        self.prompts = (rows, rows)
+        self.batch = (rows, rows, rows, rows)
+        self.keys = sharding.NamedSharding(mesh, sharding.PartitionSpec(*run))
+        self.rewards = sharding.batch_sharding(mesh, 1, stacked=bool(num_runs))
+        self.metrics = sharding.NamedSharding(mesh, sharding.PartitionSpec(*run))

@@ -1,4 +1,9 @@
-"""Reward models: a Gemma backbone with a scalar head, Bradley–Terry loss, preference data."""
+"""Rewards: the reward-function protocol, a Gemma reward model, Bradley–Terry, preference data.
+
+A reward function is either jittable, `(prompt_tokens, prompt_mask, completion_tokens,
+completion_mask) -> [B]` (e.g. `model_reward`), or a host callable with `host = True` (e.g.
+`TextReward` on decoded text), which the train step calls outside jit.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,17 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.model import decode
+from warp_jax.gemma.tokenizer import Tokenizer
 
 
 class RewardModel(nn.Module):
@@ -82,3 +91,40 @@ def read_preferences(path: str | os.PathLike, on_error: str = "raise") -> list[P
                 continue
             pairs.append(Preference(record["prompt"], record["chosen"], record["rejected"]))
     return pairs
+
+
+class TextReward:
+    """A host reward on decoded text, for `reinforce.make_train_step` (called outside jit).
+
+    `fn(prompts: list[str], completions: list[str]) -> [B]` scores a batch; prompt and
+    completion tokens are decoded with `tokenizer` (the policy's), so `fn` may use its own.
+    """
+
+    host = True
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Any], tokenizer: Tokenizer):
+        self.fn, self.tokenizer = fn, tokenizer
+
+    def __call__(self, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+        prompts = self.tokenizer.decode_batch(prompt_tokens, prompt_mask)
+        completions = self.tokenizer.decode_batch(completion_tokens, completion_mask)
+        scores = np.asarray(self.fn(prompts, completions), np.float32)
+        if scores.shape != (len(prompts),):
+            raise ValueError(f"the text reward returned shape {scores.shape}, expected "
+                             f"({len(prompts)},): one score per completion")
+        return scores
+
+
+def model_reward(cfg: GemmaConfig, params: Any) -> Callable:
+    """A jittable reward: the `RewardModel` score of prompt + completion.
+
+    The reward model must share the policy's tokenizer; otherwise wrap it in a `TextReward`.
+    """
+    model = RewardModel(cfg)
+
+    def reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+        tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+        return model.apply({"params": params}, tokens, mask)
+
+    return reward

@@ -62,16 +62,35 @@ def logical_sharding(logical: Sequence[str | None], shape: Sequence[int],
     return NamedSharding(mesh, spec_for(logical, shape, mesh))
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
-    """Shardings for params whose leaves are `nn.Partitioned` boxes (from `jax.eval_shape`
-    of `init`), in the structure of the unboxed params."""
+def param_shardings(boxed_tree: Any, mesh: Mesh,
+                    prefix: Sequence[tuple[str, int]] = ()) -> Any:
+    """Shardings for a tree whose leaves are `nn.Partitioned` boxes (e.g. `jax.eval_shape` of
+    `init`, or of a train state built on boxed params), in the structure of the unboxed tree.
+
+    `prefix` gives `(logical name, size)` of leading axes stacked in front of every leaf
+    (`[("run", M)]` for the M stacked runs of `reinforce`); unboxed leaves are split only
+    along those.
+    """
+    names = tuple(name for name, _ in prefix)
+    sizes = tuple(size for _, size in prefix)
 
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
-            return logical_sharding(leaf.names, leaf.value.shape, mesh)
-        return NamedSharding(mesh, PartitionSpec())
+            shape = (*sizes, *leaf.value.shape)
+            return logical_sharding((*names, *leaf.names), shape, mesh)
+        shape = (*sizes, *getattr(leaf, "shape", ()))
+        return logical_sharding(names + (None,) * (len(shape) - len(names)), shape, mesh)
 
-    return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, stacked: bool = False) -> NamedSharding:
+    """Arrays `[B, ...]` (or `[M, B, ...]` when `stacked`) split over `data` and `fsdp` (and
+    `run`); B must be a multiple of the product of those mesh axes."""
+    axes = tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
+    batch = axes if len(axes) > 1 else (axes[0] if axes else None)
+    lead = ("run",) if stacked else ()
+    return NamedSharding(mesh, PartitionSpec(*lead, batch, *(None,) * (ndim - 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
