@@ -28,6 +28,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PY) -m experiments.benchmarks.merging
 	$(PY) -m experiments.benchmarks.sampling
+	$(PY) -m experiments.benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

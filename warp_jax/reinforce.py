@@ -35,8 +35,12 @@ def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Arr
 
     `logits_BTV[:, t]` must be the logits that predicted `tokens_BT[:, t]`.
     """
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, tokens_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logits = logits_BTV.astype(jnp.float32)
+    # A one-hot contraction rather than a gather: its gradient is elementwise, where a
+    # gather's is a scatter-add, slow on CPU.
+    one_hot = jax.nn.one_hot(tokens_BT, logits.shape[-1], dtype=jnp.float32)
+    picked = jnp.einsum("BTV,BTV->BT", logits, one_hot)
+    picked = picked - jax.nn.logsumexp(logits, axis=-1)
     return jnp.where(mask_BT, picked, 0.0)
 
 
@@ -182,11 +186,17 @@ def _rollout(state: RLState, prompts, rng, *, cfg: GemmaConfig, rl: RLConfig):
     return tokens, mask, out.tokens, out.mask
 
 
-def _update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig, rl: RLConfig):
+def _score(state: RLState, batch, *, cfg: GemmaConfig, rl: RLConfig):
+    """The anchor's token log-probs of the sampled completions."""
+    return completion_logprobs(cfg, jax.lax.stop_gradient(state.ema_params), *batch,
+                               rl.temperature)[0]
+
+
+def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: GemmaConfig,
+            rl: RLConfig):
     tokens, mask, completion, cmask = batch
     score = lambda p: completion_logprobs(cfg, p, tokens, mask, completion, cmask,  # noqa: E731
                                           rl.temperature)
-    logp_anchor, _ = score(jax.lax.stop_gradient(state.ema_params))
     beta = 0.0 if rl.anchor == "none" else rl.beta
 
     def loss_fn(params):
@@ -243,7 +253,10 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     """
     host = getattr(reward_fn, "host", False)
     rollout = functools.partial(_rollout, cfg=cfg, rl=rl)
-    update = functools.partial(_update, cfg=cfg, rl=rl)
+
+    def update(state, batch, reward, init_params):
+        logp_anchor = _score(state, batch, cfg=cfg, rl=rl)
+        return _update(state, batch, reward, logp_anchor, init_params, cfg=cfg, rl=rl)
 
     def fused(state, prompts, rng, init_params):
         batch = rollout(state, prompts, rng)

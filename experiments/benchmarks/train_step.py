@@ -1,0 +1,155 @@
+"""REINFORCE train-step throughput, and the policy-gradient update against PyTorch.
+
+    python -m experiments.benchmarks.train_step [--repeats 5] [--sizes tiny,100m]
+
+Part 1, the whole WARP step split into its phases (each jitted on its own here, so they can
+be timed; the reward is a constant): sampling K completions, scoring (the EMA anchor's
+forward pass), and the update (policy forward + backward + Adam + EMA). Part 2, the
+policy-gradient update alone on fixed sequences (forward, backward and Adam) in JAX and in
+PyTorch on transformers' `GemmaForCausalLM` with the same weights and batch, timed back to
+back; the ratio is the median of the paired ratios. Model FLOP utilisation counts 2 FLOPs
+per weight per token forward and 4 backward, against a measured float32 matmul.
+"""
+
+import argparse
+import functools
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+
+from experiments.benchmarks.sampling import _matmul_flops
+from warp_jax import reinforce
+from warp_jax.gemma import Gemma, GemmaConfig, hf
+
+SIZES = {
+    "tiny": (dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=1,
+                  head_dim=64, mlp_dim=1024), 8),
+    "100m": (dict(vocab_size=32_000, embed_dim=768, num_layers=8, num_heads=12,
+                  num_kv_heads=12, head_dim=64, mlp_dim=3072), 8),
+}
+PROMPT, NEW = 64, 64  # 128 tokens per sequence
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start, out
+
+
+def _bench(name, fields, batch, repeats, peak):
+    cfg = GemmaConfig(**fields)
+    rl = reinforce.RLConfig(num_samples=2, max_new_tokens=NEW, learning_rate=1e-6)
+    params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch // 2, PROMPT)), jnp.int32)
+    prompt_mask = jnp.ones_like(prompts, bool)
+    state = jax.jit(lambda p: reinforce.init_state(p, rl))(params)
+
+    sample = jax.jit(lambda s, k: reinforce._rollout(s, (prompts, prompt_mask), k, cfg=cfg, rl=rl))
+    score = jax.jit(lambda s, b: reinforce._score(s, b, cfg=cfg, rl=rl))
+    update = jax.jit(lambda s, b, r, a: reinforce._update(s, b, r, a, None, cfg=cfg, rl=rl),
+                     donate_argnums=0)
+    reward = jnp.zeros((batch,), jnp.float32)
+    batch_data = sample(state, jax.random.key(0))
+    state, _ = update(state, batch_data, reward, score(state, batch_data))
+    phases = {"sampling": [], "scoring": [], "update": []}
+    for r in range(repeats):
+        t, batch_data = _timed(sample, state, jax.random.key(r + 1))
+        phases["sampling"].append(t)
+        t, logp_anchor = _timed(score, state, batch_data)
+        phases["scoring"].append(t)
+        t, (state, _) = _timed(update, state, batch_data, reward, logp_anchor)
+        phases["update"].append(t)
+    phase = {k: statistics.median(v) for k, v in phases.items()}
+    step_s = sum(phase.values())
+    tokens = batch * (PROMPT + NEW)
+    # Sampling: prefill + decode (one forward); scoring: the anchor's forward; update: the
+    # policy's forward and backward.
+    step_flops = 2 * n_params * tokens * (1 + 1 + 1 + 2)
+
+    # Part 2: the policy-gradient update alone, JAX vs PyTorch.
+    opt = optax.adam(1e-6)
+    tokens_np = rng.integers(3, cfg.vocab_size, (batch, PROMPT + NEW)).astype(np.int64)
+    adv_np = rng.normal(size=batch).astype(np.float32)
+
+    def pg_loss(p, seq, adv):
+        logp, _ = reinforce.completion_logprobs(cfg, p, seq[:, :PROMPT],
+                                                jnp.ones((batch, PROMPT), bool), seq[:, PROMPT:],
+                                                jnp.ones((batch, NEW), bool))
+        return reinforce.reinforce_loss(logp, jnp.ones((batch, NEW), bool), adv)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # in place, like torch's Adam
+    def pg_step(p, o, seq, adv):
+        grads = jax.grad(pg_loss)(p, seq, adv)
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    jparams = jax.tree.map(jnp.array, params)
+    jopt = opt.init(jparams)
+    seq, adv = jnp.asarray(tokens_np, jnp.int32), jnp.asarray(adv_np)
+    jparams, jopt = pg_step(jparams, jopt, seq, adv)
+
+    model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg))
+    model.load_state_dict({k: torch.tensor(v) for k, v in hf.params_to_hf(params, cfg).items()})
+    model.train()
+    torch_opt = torch.optim.Adam(model.parameters(), lr=1e-6)
+    t_seq, t_adv = torch.from_numpy(tokens_np), torch.from_numpy(adv_np)
+
+    def torch_step():
+        logits = model(input_ids=t_seq).logits[:, PROMPT - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, t_seq[:, PROMPT:, None])[..., 0]
+        loss = -(t_adv * logp.sum(-1)).mean()
+        loss.backward()
+        torch_opt.step()
+        torch_opt.zero_grad(set_to_none=True)
+
+    torch_step()
+    pairs = []
+    for _ in range(repeats):
+        t_jax, (jparams, jopt) = _timed(pg_step, jparams, jopt, seq, adv)
+        start = time.perf_counter()
+        torch_step()
+        pairs.append((t_jax, time.perf_counter() - start))
+    t_jax = statistics.median(p[0] for p in pairs)
+    t_torch = statistics.median(p[1] for p in pairs)
+    pg_flops = 6 * n_params * tokens
+    return dict(name=name, params=n_params, batch=batch, step_tok=tokens / step_s,
+                mfu=step_flops / step_s / peak, **phase, jax_tok=tokens / t_jax,
+                torch_tok=tokens / t_torch, ratio=statistics.median(b / a for a, b in pairs),
+                pg_mfu=pg_flops / t_jax / peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    peak = _matmul_flops()
+    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} GFLOP/s; "
+          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}")
+    rows = [_bench(n, *SIZES[n], args.repeats, peak) for n in args.sizes.split(",")]
+    print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['step_tok']:.0f} | "
+              f"{r['mfu']:.0%} | {r['sampling']:.3f} | {r['scoring']:.3f} | {r['update']:.3f} |")
+    print("\n| config | PG update, warp_jax tok/s | PyTorch tok/s | ratio (median) | MFU |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['jax_tok']:.0f} | {r['torch_tok']:.0f} | {r['ratio']:.2f}x | "
+              f"{r['pg_mfu']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
