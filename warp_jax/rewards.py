@@ -12,13 +12,16 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
+from warp_jax import sharding
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.model import decode
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -128,3 +131,64 @@ def model_reward(cfg: GemmaConfig, params: Any) -> Callable:
         return model.apply({"params": params}, tokens, mask)
 
     return reward
+
+
+class RMState(NamedTuple):
+    step: jax.Array  # [] int32
+    params: Any  # RewardModel params
+    opt_state: Any
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: list[Preference], max_len: int):
+    """Left-padded `(chosen_tokens, chosen_mask, rejected_tokens, rejected_mask)`, `[B, T]`:
+    each response follows its prompt, and over-long texts keep their last `max_len` tokens."""
+    chosen = tokenizer.encode_batch([f"{p.prompt} {p.chosen}" for p in pairs], max_len)
+    rejected = tokenizer.encode_batch([f"{p.prompt} {p.rejected}" for p in pairs], max_len)
+    return (*chosen, *rejected)
+
+
+def _bt_loss_and_accuracy(params, batch, cfg):
+    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = batch
+    model = RewardModel(cfg)
+    both = model.apply({"params": params}, jnp.concatenate([chosen_tokens, rejected_tokens]),
+                       jnp.concatenate([chosen_mask, rejected_mask]))
+    chosen, rejected = jnp.split(both, 2)
+    return bradley_terry_loss(chosen, rejected), jnp.mean((chosen > rejected).astype(jnp.float32))
+
+
+def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransformation,
+                           mesh: Mesh | None = None):
+    """Bradley–Terry training of a `RewardModel`, jitted (sharded like the policy on `mesh`).
+
+    Returns `(train_step, evaluate, init)`: `train_step(state, batch) -> (state, metrics)`,
+    `evaluate(params, batch) -> metrics` (loss, accuracy) and `init(params) -> state`, where
+    `batch` is `encode_pairs`' four arrays.
+    """
+
+    def step(state: RMState, batch):
+        (loss, accuracy), grads = jax.value_and_grad(_bt_loss_and_accuracy, has_aux=True)(
+            state.params, batch, cfg)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = RMState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        return new, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+    def evaluate(params, batch):
+        loss, accuracy = _bt_loss_and_accuracy(params, batch, cfg)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def init(params):
+        return RMState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    if mesh is None:
+        return (jax.jit(step, donate_argnums=0), jax.jit(evaluate), jax.jit(init))
+    boxed = jax.eval_shape(RewardModel(cfg).init, jax.random.key(0),
+                           jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))["params"]
+    state_sh = sharding.param_shardings(jax.eval_shape(init, boxed), mesh)
+    params_sh = sharding.param_shardings(boxed, mesh)
+    rows = sharding.batch_sharding(mesh, 2)
+    batch_sh = (rows,) * 4
+    out = sharding.replicated(mesh)
+    return (jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, out),
+                    donate_argnums=0),
+            jax.jit(evaluate, in_shardings=(params_sh, batch_sh), out_shardings=out),
+            jax.jit(init, out_shardings=state_sh))

@@ -1,0 +1,138 @@
+"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss.
+
+    python -m experiments.train_reward_model --data prefs.jsonl --workdir /tmp/rm \
+        [--tokenizer tokenizer.model | --tokenizer-vocab 512] [--init HF_DIR | --preset tiny]
+
+`prefs.jsonl` holds one `{"prompt", "chosen", "rejected"}` object per line. A held-out split
+(`--eval-fraction`) reports loss and accuracy as training goes; checkpoints go to
+`WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from warp_jax import rewards
+from warp_jax.checkpoint import Checkpoints
+from warp_jax.gemma import GemmaConfig, hf
+from warp_jax.gemma.tokenizer import Tokenizer
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="jsonl of {prompt, chosen, rejected}")
+    p.add_argument("--workdir", required=True, help="checkpoints and the tokenizer go here")
+    p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model")
+    p.add_argument("--tokenizer-vocab", type=int, default=512,
+                   help="without --tokenizer: train one of this size on the data")
+    p.add_argument("--init", help="a Hugging Face Gemma directory (CausalLM or "
+                                  "SequenceClassification) to start from")
+    p.add_argument("--preset", default="tiny", help="without --init: a random GemmaConfig preset")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=64, help="tokens per prompt + response")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="what to do with a malformed jsonl line")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _check(args) -> None:
+    if not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    for name in ("steps", "batch_size", "max_len", "eval_every", "tokenizer_vocab"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
+def run(args) -> dict[str, float]:
+    """Trains and returns the final held-out metrics."""
+    _check(args)
+    pairs = rewards.read_preferences(args.data, on_error=args.on_error)
+    if len(pairs) < 2:
+        raise ValueError(f"{args.data}: need at least 2 preference pairs, found {len(pairs)}")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(pairs))
+    n_eval = max(1, int(len(pairs) * args.eval_fraction))
+    held_out, train = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(workdir / "checkpoints")
+    if args.tokenizer:
+        tokenizer = Tokenizer(args.tokenizer)
+    elif (workdir / "tokenizer.model").exists():  # resuming: the tokenizer trained before
+        tokenizer = Tokenizer(workdir / "tokenizer.model")
+    else:
+        texts = [t for p in train for t in (f"{p.prompt} {p.chosen}", f"{p.prompt} {p.rejected}")]
+        tokenizer = Tokenizer.train(texts, args.tokenizer_vocab)
+        tokenizer.save(workdir / "tokenizer.model")
+    if args.init:
+        from transformers import AutoConfig
+
+        cfg = hf.config_from_hf(AutoConfig.from_pretrained(args.init))
+        params = hf.params_from_hf(args.init, cfg)
+        params.setdefault("score", np.zeros((cfg.embed_dim,), np.dtype(cfg.param_dtype)))
+    else:
+        cfg = GemmaConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size)
+        params = nn.unbox(rewards.RewardModel(cfg).init(
+            jax.random.key(args.seed), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool))[
+            "params"])
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                         f"{cfg.vocab_size}")
+
+    optimizer = optax.adam(args.learning_rate)
+    step_fn, evaluate, init = rewards.make_reward_train_step(cfg, optimizer)
+    state = init(params)
+    start = checkpoints.latest_step("reward_model")
+    if start is not None:
+        state = checkpoints.restore("reward_model", state)
+        print(f"resumed from step {start}")
+    eval_batch = rewards.encode_pairs(tokenizer, held_out, args.max_len)
+    metrics = {}
+    bar = tqdm(range(int(state.step), args.steps), desc="reward model", unit="step")
+    for step in bar:
+        idx = rng.choice(len(train), size=min(args.batch_size, len(train)), replace=False)
+        batch = rewards.encode_pairs(tokenizer, [train[i] for i in idx], args.max_len)
+        state, train_metrics = step_fn(state, batch)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            metrics = {k: float(v) for k, v in evaluate(state.params, eval_batch).items()}
+            bar.set_postfix(train_loss=f"{float(train_metrics['loss']):.3f}",
+                            held_out_acc=f"{metrics['accuracy']:.3f}")
+            checkpoints.save("reward_model", step + 1, state)
+    if not metrics:
+        metrics = {k: float(v) for k, v in evaluate(state.params, eval_batch).items()}
+    checkpoints.wait()
+    checkpoints.close()
+    print(f"held-out ({len(held_out)} pairs): accuracy {metrics['accuracy']:.3f}, "
+          f"Bradley-Terry loss {metrics['loss']:.4f}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
