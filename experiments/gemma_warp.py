@@ -1,28 +1,41 @@
-"""The main job: `python -m experiments.gemma_warp` (WARP on Gemma; default: the CPU demo).
+"""The main job: WARP on Gemma, end to end (default: the self-contained CPU demo).
 
-The end-to-end WARP loop (issue 7) is not built yet: until it is, this entry point prints
-the experiment it will run and exits without training anything.
+    python -m experiments.gemma_warp [--config=experiments/configs/gemma_warp.py:cpu_demo] \
+        [--workdir=workdir/cpu_demo] [--config.warp.steps=200 ...]
+
+Writes pareto_front.json/.png, summary.md, metrics.jsonl, TensorBoard events and the final
+policy (Hugging Face safetensors) to the workdir; rerunning with the same workdir resumes.
 """
 
-import argparse
+import pathlib
+import sys
 
-PLAN = """WARP CPU demo (Ramé et al. 2024, Algorithm 1), as it will run:
-  1. train a SentencePiece tokenizer and a tiny Gemma SFT policy on a built-in text task
-  2. train a reward model on oracle-labelled preference pairs
-  3. baselines: REINFORCE with the SFT anchor and with the EMA anchor (beta 0.1, mu 0.01)
-  4. WARP: I = 2 iterations x M = 2 runs; SLERP the runs, LITI with eta = 0.3
-  5. the KL-reward Pareto front over eta in (0, 0.1, 0.3, 0.5, 0.8, 1)
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-Not implemented yet: the WARP loop and its experiment (issue 7). Nothing was trained.
-The merge functions are ready to use: see README.md, "Merging policies"."""
+from warp_jax import warp
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
+    "experiment config file, optionally with :variant", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", default="workdir/cpu_demo", help="output directory")
-    parser.parse_args()
-    print(PLAN)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        result = warp.run(_CONFIG.value, _WORKDIR.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    workdir = pathlib.Path(_WORKDIR.value)
+    print(f"final front (eta, proxy reward, KL): "
+          f"{[(eta, round(r, 3), round(kl, 2)) for eta, r, kl in result.front]}")
+    print(f"outputs in {workdir}: pareto_front.json, pareto_front.png, summary.md, "
+          "metrics.jsonl, tensorboard/, final_policy/")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -318,12 +318,12 @@ class _Shardings:
                                jnp.zeros((1, 1), jnp.int32))["params"]
         abstract = jax.eval_shape(lambda p: init_state(p, rl), boxed)
         prefix = [("run", num_runs)] if num_runs else []
-        run = ("run",) if num_runs else ()
+        run = sharding.run_axis(mesh, num_runs)
         self.state = sharding.param_shardings(abstract, mesh, prefix)
         self.params = sharding.param_shardings(boxed, mesh)
-        rows = sharding.batch_sharding(mesh, 2, stacked=bool(num_runs))
+        rows = sharding.batch_sharding(mesh, 2, num_runs)
         self.prompts = (rows, rows)
         self.batch = (rows, rows, rows, rows)
         self.keys = sharding.NamedSharding(mesh, sharding.PartitionSpec(*run))
-        self.rewards = sharding.batch_sharding(mesh, 1, stacked=bool(num_runs))
+        self.rewards = sharding.batch_sharding(mesh, 1, num_runs)
         self.metrics = sharding.NamedSharding(mesh, sharding.PartitionSpec(*run))

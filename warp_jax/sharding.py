@@ -84,13 +84,22 @@ def param_shardings(boxed_tree: Any, mesh: Mesh,
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, stacked: bool = False) -> NamedSharding:
-    """Arrays `[B, ...]` (or `[M, B, ...]` when `stacked`) split over `data` and `fsdp` (and
-    `run`); B must be a multiple of the product of those mesh axes."""
+def run_axis(mesh: Mesh, num_runs: int | None) -> tuple[str | None, ...]:
+    """The spec entry of a leading axis of `num_runs` stacked runs: `("run",)` when the mesh's
+    run axis splits it, `(None,)` when it does not, `()` without stacked runs."""
+    if not num_runs:
+        return ()
+    size = mesh.shape["run"]
+    return ("run",) if size > 1 and num_runs % size == 0 else (None,)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, num_runs: int | None = None) -> NamedSharding:
+    """Arrays `[B, ...]` (or `[M, B, ...]` for `num_runs` stacked runs) split over `data` and
+    `fsdp` (and `run`); B must be a multiple of the product of those mesh axes."""
     axes = tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
     batch = axes if len(axes) > 1 else (axes[0] if axes else None)
-    lead = ("run",) if stacked else ()
-    return NamedSharding(mesh, PartitionSpec(*lead, batch, *(None,) * (ndim - 1)))
+    return NamedSharding(mesh, PartitionSpec(*run_axis(mesh, num_runs), batch,
+                                             *(None,) * (ndim - 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

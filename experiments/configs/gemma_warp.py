@@ -1,0 +1,97 @@
+"""WARP on Gemma.
+
+    python -m experiments.gemma_warp --config=experiments/configs/gemma_warp.py:VARIANT
+
+
+Variants: `cpu_demo` (default; self-contained, about 5 minutes on 2 CPU cores), `test` (the
+seconds-long version the tests run), `gemma_2b` and `gemma_7b_paper` (the paper's
+hyper-parameters; they need `--config.model.hf_dir`, `--config.model.tokenizer`,
+`--config.task.prompts` and `--config.reward.hf_dir`).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0  # every key and data order derives from it
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # GemmaConfig preset of the built-in task's policy
+    c.model.overrides = ml_collections.ConfigDict({"num_layers": 2, "embed_dim": 64,
+                                                   "mlp_dim": 128})  # preset field overrides
+    c.model.hf_dir = ""  # a local Hugging Face Gemma checkpoint: the SFT policy
+    c.model.tokenizer = ""  # its SentencePiece tokenizer.model
+    c.model.dtype = "float32"  # compute and parameter dtype
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "reviews"  # "reviews" (built-in) or "prompts" (c.task.prompts)
+    c.task.prompts = ""  # a text or jsonl file of prompts, for task "prompts"
+    c.task.corpus_size = 4000  # built-in reviews the tokenizer and SFT policy learn from
+    c.task.vocab_size = 160  # SentencePiece vocabulary of the built-in task
+    c.task.num_prompts = 512  # built-in training prompts
+    c.task.eval_prompts = 64  # held-out prompts for evaluation
+    c.task.prompt_len = 8  # prompts are left-padded/truncated to this many tokens
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 400  # built-in task: SFT pre-training steps
+    c.sft.batch_size = 64
+    c.sft.learning_rate = 3e-3
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.hf_dir = ""  # a *ForSequenceClassification checkpoint (num_labels=1)
+    c.reward.oracle = "vader"  # "vader": the built-in task's oracle labels and scores; "" none
+    c.reward.pairs = 2048  # built-in: SFT completion pairs the oracle labels
+    c.reward.steps = 300  # built-in: Bradley-Terry steps
+    c.reward.batch_size = 64
+    c.reward.learning_rate = 3e-3
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.beta = 0.1  # KL coefficient (paper: 0.1)
+    c.rl.mu = 0.01  # EMA rate (paper: 0.01)
+    c.rl.num_samples = 2  # K completions per prompt (RLOO)
+    c.rl.baseline = "rloo"
+    c.rl.batch_size = 16  # prompts per step
+    c.rl.max_new_tokens = 12
+    c.rl.temperature = 0.9  # paper: 0.9
+    c.rl.learning_rate = 3e-4
+    c.rl.warmup_steps = 10
+    c.rl.grad_clip = 1.0  # global-norm clipping; 0 disables it
+
+    c.warp = ml_collections.ConfigDict()
+    c.warp.iterations = 2  # I
+    c.warp.runs = 2  # M
+    c.warp.steps = 100  # T, per run and iteration
+    c.warp.eta = 0.3  # LITI towards the iteration's init gives the next init (paper: 0.3)
+    c.warp.eta_grid = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)  # the final front
+    c.warp.granularity = "layer"  # SLERP angle per transformer block, or "tensor"
+    c.warp.baselines = ("reinforce_sft", "reinforce_ema", "lerp")  # compared methods
+    c.warp.export_eta = 1.0  # the point of the final front saved in HF format
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 25  # RL steps between evaluations (and checkpoints)
+    c.eval.samples = 4  # completions per held-out prompt
+
+    if variant == "cpu_demo":
+        pass
+    elif variant == "test":
+        c.task.corpus_size, c.task.num_prompts, c.task.eval_prompts = 600, 64, 8
+        c.sft.steps, c.reward.pairs, c.reward.steps = 60, 128, 40
+        c.rl.batch_size, c.rl.max_new_tokens = 8, 6
+        c.warp.steps, c.eval.every, c.eval.samples = 6, 3, 2
+        c.warp.eta_grid = (0.0, 0.5, 1.0)
+    elif variant in ("gemma_2b", "gemma_7b_paper"):
+        c.task.name = "prompts"
+        c.model.dtype = "bfloat16"
+        c.task.prompt_len = 256
+        c.reward.oracle = ""
+        c.rl.update(dict(batch_size=128 // c.rl.num_samples, max_new_tokens=320,
+                         learning_rate=1e-6, warmup_steps=100, grad_clip=0.0))
+        c.warp.steps = 9000 if variant == "gemma_7b_paper" else 2000
+        c.warp.iterations = 5 if variant == "gemma_7b_paper" else 2
+        c.eval.every, c.eval.samples = 100, 1
+    else:
+        raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b or "
+                         "gemma_7b_paper")
+    return c

@@ -1,0 +1,106 @@
+"""Evaluation: rewards and Monte-Carlo KL to the SFT policy, task-vector geometry, fronts."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from warp_jax import merging, reinforce, sampling
+from warp_jax.gemma import GemmaConfig
+
+
+def _mean_se(values) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature",
+                                             "num_samples", "eos_id"))
+def _sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens, temperature,
+                   num_samples, eos_id):
+    tokens, mask = (jnp.repeat(x, num_samples, axis=0) for x in (tokens, mask))
+    out = sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens,
+                          temperature=temperature, eos_id=eos_id)
+    logp_sft, _ = reinforce.completion_logprobs(cfg, sft_params, tokens, mask, out.tokens,
+                                                out.mask, temperature)
+    kl = reinforce.sequence_logprob(out.logprobs - logp_sft, out.mask)
+    return tokens, mask, out.tokens, out.mask, kl
+
+
+def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
+                    prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
+                    rewards: Mapping[str, Callable], *, max_new_tokens: int,
+                    temperature: float = 0.9, num_samples: int = 1,
+                    eos_id: int | None = None) -> dict[str, Any]:
+    """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
+    with its standard error, over `num_samples` completions of each held-out prompt.
+
+    The KL is sequence level: the mean over samples `y ~ pi` of `sum_t log pi(y_t) -
+    log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
+    host rewards (`host = True`) on the decoded arrays.
+    """
+    tokens, mask, completion, cmask, kl = _sample_and_kl(
+        params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
+        max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
+        eos_id=eos_id)
+    result: dict[str, Any] = {}
+    result["kl"], result["kl_se"] = _mean_se(np.asarray(kl))
+    host_batch = None
+    for name, fn in rewards.items():
+        if getattr(fn, "host", False):
+            host_batch = host_batch or tuple(np.asarray(x) for x in (tokens, mask, completion,
+                                                                     cmask))
+            values = fn(*host_batch)
+        else:
+            values = np.asarray(fn(tokens, mask, completion, cmask))
+        result[name], result[f"{name}_se"] = _mean_se(values)
+    result["completions"] = (np.asarray(completion), np.asarray(cmask))
+    return result
+
+
+def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[str, dict]:
+    """Per group (transformer block): the cosine between the first two runs' task vectors
+    and the ratio of their norms, and the same for the full weights (the paper's Fig. 11)."""
+    if len(policies) < 2:
+        raise ValueError("task-vector statistics need at least two runs")
+    deltas = [merging.task_vector(p, init) for p in policies[:2]]
+    labels = jax.tree.leaves(groups, is_leaf=lambda x: x is None)
+    keyed = [label if label is not None else jax.tree_util.keystr(path)
+             for (path, _), label in zip(jax.tree_util.tree_flatten_with_path(init)[0], labels,
+                                         strict=True)]
+
+    def gram(a_tree, b_tree):
+        sums: dict[str, np.ndarray] = {}
+        for key, a, b in zip(keyed, jax.tree.leaves(a_tree), jax.tree.leaves(b_tree),
+                             strict=True):
+            a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+            sums[key] = sums.get(key, 0) + np.array([a64 @ b64, a64 @ a64, b64 @ b64])
+        return sums
+
+    out = {}
+    tv, full = gram(*deltas), gram(policies[0], policies[1])
+    for key in tv:
+        (dot, aa, bb), (fdot, faa, fbb) = tv[key], full[key]
+        out[key] = {
+            "task_cosine": float(dot / np.sqrt(aa * bb)) if aa * bb > 0 else float("nan"),
+            "task_norm_ratio": float(np.sqrt(aa / bb)) if bb > 0 else float("nan"),
+            "weight_cosine": float(fdot / np.sqrt(faa * fbb)) if faa * fbb > 0 else float("nan"),
+            "weight_norm_ratio": float(np.sqrt(faa / fbb)) if fbb > 0 else float("nan"),
+        }
+    return out
+
+
+def reward_at_kl(front: Sequence[tuple[float, float]], kl: float) -> float | None:
+    """The front's reward at `kl`, interpolating linearly between its points sorted by KL;
+    None outside the front's KL range."""
+    points = sorted(front)
+    if not points or not points[0][0] <= kl <= points[-1][0]:
+        return None
+    xs, ys = zip(*points, strict=True)
+    return float(np.interp(kl, xs, ys))

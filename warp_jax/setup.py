@@ -1,0 +1,223 @@
+"""What a WARP experiment starts from: tokenizer, SFT policy, rewards and prompts.
+
+For the built-in review task everything is made here, deterministically from the seed and
+checkpointed (a SentencePiece tokenizer, a tiny Gemma pre-trained on the reviews, a reward
+model trained on SFT completions labelled by the VADER oracle); otherwise it is loaded from
+local checkpoints named by the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from warp_jax import data, rewards, sampling, sft
+from warp_jax.checkpoint import Checkpoints
+from warp_jax.gemma import Gemma, GemmaConfig, hf
+from warp_jax.gemma.tokenizer import Tokenizer
+
+BASELINES = ("reinforce_sft", "reinforce_ema", "lerp")
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: GemmaConfig
+    tokenizer: Tokenizer
+    sft_params: Any
+    boxed_params: Any  # jax.eval_shape of the init: logical axis names for sharding
+    rewards: dict[str, Callable]  # "proxy_reward" (jittable) and optionally "oracle_reward"
+    train_prompts: data.PromptBatches
+    eval_prompts: tuple[np.ndarray, np.ndarray]
+    eval_texts: list[str]
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+    raise ValueError(f"config.{field} = {value!r}: {valid}")
+
+
+def validate_config(c) -> None:
+    """Raises `ValueError` naming the first bad field, before anything is written."""
+    if c.task.name not in ("reviews", "prompts"):
+        _fail("task.name", c.task.name, "use 'reviews' (built-in) or 'prompts'")
+    if c.task.name == "prompts":
+        for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
+            section, key = field.split(".")
+            if not c[section][key] or not os.path.exists(c[section][key]):
+                _fail(field, c[section][key], "this variant needs an existing local path")
+    positive = {"warp.iterations": c.warp.iterations, "warp.runs": c.warp.runs,
+                "warp.steps": c.warp.steps, "eval.every": c.eval.every,
+                "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
+                "rl.max_new_tokens": c.rl.max_new_tokens, "rl.num_samples": c.rl.num_samples,
+                "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len}
+    for field, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            _fail(field, value, "must be a positive int")
+    if c.eval.samples < 2:
+        _fail("eval.samples", c.eval.samples, "needs >= 2 for standard errors")
+    if not 0 <= c.warp.eta <= 1:
+        _fail("warp.eta", c.warp.eta, "must be in [0, 1]")
+    if not c.warp.eta_grid or any(not 0 <= e <= 1 for e in c.warp.eta_grid):
+        _fail("warp.eta_grid", c.warp.eta_grid, "needs values in [0, 1]")
+    if not 0 <= c.warp.export_eta <= 1:
+        _fail("warp.export_eta", c.warp.export_eta, "must be in [0, 1]")
+    if c.warp.granularity not in ("layer", "tensor"):
+        _fail("warp.granularity", c.warp.granularity, "use 'layer' or 'tensor'")
+    unknown = [b for b in c.warp.baselines if b not in BASELINES]
+    if unknown:
+        _fail("warp.baselines", tuple(c.warp.baselines), f"unknown {unknown}; use {BASELINES}")
+    if c.reward.oracle not in ("vader", ""):
+        _fail("reward.oracle", c.reward.oracle, "use 'vader' or ''")
+    if c.rl.beta < 0 or not 0 <= c.rl.mu <= 1 or c.rl.learning_rate <= 0:
+        _fail("rl", (c.rl.beta, c.rl.mu, c.rl.learning_rate),
+              "needs beta >= 0, mu in [0, 1] and learning_rate > 0")
+    if c.rl.temperature <= 0:
+        _fail("rl.temperature", c.rl.temperature, "must be positive")
+    if c.rl.baseline == "rloo" and c.rl.num_samples < 2:
+        _fail("rl.num_samples", c.rl.num_samples, "the RLOO baseline needs >= 2")
+    if c.model.dtype not in ("float32", "bfloat16"):
+        _fail("model.dtype", c.model.dtype, "use 'float32' or 'bfloat16'")
+    if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:
+        _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
+                                                 f"({c.task.num_prompts})")
+
+
+def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:
+    """The built-in task's oracle: VADER's compound sentiment of each completion, in [-1, 1]."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return rewards.TextReward(
+        lambda prompts, completions: [analyzer.polarity_scores(c)["compound"]
+                                      for c in completions], tokenizer)
+
+
+def prepare(c, workdir: pathlib.Path) -> Setup:
+    ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
+    try:
+        return _reviews(c, workdir, ckpt) if c.task.name == "reviews" else _local(c)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def _boxed(cfg: GemmaConfig):
+    return jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+        "params"]
+
+
+def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
+    corpus = data.review_corpus(c.task.corpus_size, c.seed)
+    path = workdir / "tokenizer.model"
+    if path.exists():
+        tokenizer = Tokenizer(path)
+    else:
+        tokenizer = Tokenizer.train(corpus, c.task.vocab_size)
+        tokenizer.save(path)
+    cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
+                                  dtype=c.model.dtype, param_dtype=c.model.dtype,
+                                  **dict(c.model.overrides))
+    boxed = _boxed(cfg)
+    init = nn.unbox(Gemma(cfg).init(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))[
+        "params"])
+    if ckpt.latest_step("sft") is not None:
+        sft_params = ckpt.restore("sft", init)
+    else:
+        sft_params, _ = sft.train_lm(cfg, init, tokenizer, corpus, steps=c.sft.steps,
+                                     batch_size=c.sft.batch_size, max_len=32,
+                                     learning_rate=c.sft.learning_rate, seed=c.seed)
+        ckpt.save("sft", 0, sft_params)
+
+    train_texts = data.review_prompts(c.task.num_prompts, c.seed + 1)
+    eval_texts = data.review_prompts(c.task.eval_prompts, c.seed + 2)
+    oracle = vader_oracle(tokenizer) if c.reward.oracle == "vader" else None
+    rm_like = {**sft_params, "score": jnp.zeros((cfg.embed_dim,), cfg.param_dtype)}
+    if ckpt.latest_step("reward_model") is not None:
+        rm_params = ckpt.restore("reward_model", rm_like)
+    else:
+        if oracle is None:
+            raise ValueError("config.reward.oracle = '': the built-in task trains its reward "
+                             "model on oracle labels; set it to 'vader'")
+        rm_params = _train_reward_model(c, cfg, tokenizer, sft_params, rm_like, train_texts,
+                                        oracle)
+        ckpt.save("reward_model", 0, rm_params)
+    scorers = {"proxy_reward": rewards.model_reward(cfg, rm_params)}
+    if oracle is not None:
+        scorers["oracle_reward"] = oracle
+    return Setup(cfg, tokenizer, sft_params, boxed, scorers,
+                 data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
+                 tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts)
+
+
+def _train_reward_model(c, cfg, tokenizer, sft_params, rm_params, prompts, oracle):
+    """Bradley–Terry on pairs of SFT completions of the training prompts, ranked by the
+    oracle (ties dropped): the proxy reward the RL runs optimise."""
+    tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
+    reps = -(-c.reward.pairs // len(prompts))
+    tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
+    out = sampling.sample(sft_params, cfg, tokens, mask, jax.random.key(c.seed + 3),
+                          c.rl.max_new_tokens, temperature=1.0, eos_id=tokenizer.eos_id)
+    completion, cmask = np.asarray(out.tokens), np.asarray(out.mask)
+    scores = np.asarray(oracle(tokens, mask, completion, cmask)).reshape(-1, 2)
+    seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
+                                                          completion.shape[1])
+    seq_mask = np.concatenate([mask, cmask], 1).reshape(seq.shape)
+    keep = np.flatnonzero(scores[:, 0] != scores[:, 1])[:c.reward.pairs]
+    first = scores[keep, 0] > scores[keep, 1]
+    chosen = np.where(first[:, None], seq[keep, 0], seq[keep, 1])
+    rejected = np.where(first[:, None], seq[keep, 1], seq[keep, 0])
+    chosen_mask = np.where(first[:, None], seq_mask[keep, 0], seq_mask[keep, 1])
+    rejected_mask = np.where(first[:, None], seq_mask[keep, 1], seq_mask[keep, 0])
+    step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(c.reward.learning_rate))
+    state = init(rm_params)
+    rng = np.random.default_rng(c.seed + 4)
+    n = len(keep)
+    held_out = np.arange(n) < max(1, n // 10)
+    train_rows = np.flatnonzero(~held_out)
+    for _ in tqdm(range(c.reward.steps), desc="reward model", unit="step"):
+        rows = rng.choice(train_rows, size=min(c.reward.batch_size, len(train_rows)),
+                          replace=False)
+        state, _ = step(state, (chosen[rows], chosen_mask[rows], rejected[rows],
+                                rejected_mask[rows]))
+    rows = np.flatnonzero(held_out)
+    metrics = evaluate(state.params, (chosen[rows], chosen_mask[rows], rejected[rows],
+                                      rejected_mask[rows]))
+    print(f"reward model: {len(train_rows)} oracle-labelled pairs, held-out accuracy "
+          f"{float(metrics['accuracy']):.3f} on {len(rows)}")
+    return state.params
+
+
+def _local(c) -> Setup:
+    from transformers import AutoConfig
+
+    tokenizer = Tokenizer(c.model.tokenizer)
+    cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.model.hf_dir)).replace(
+        dtype=c.model.dtype, param_dtype=c.model.dtype)
+    sft_params = hf.params_from_hf(c.model.hf_dir, cfg)
+    rm_cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.reward.hf_dir)).replace(
+        dtype=c.model.dtype, param_dtype=c.model.dtype)
+    if rm_cfg.vocab_size != cfg.vocab_size:
+        raise ValueError("config.reward.hf_dir: the reward model's vocabulary differs from the "
+                         "policy's; wrap it in a rewards.TextReward with its own tokenizer")
+    rm_params = hf.params_from_hf(c.reward.hf_dir, rm_cfg)
+    if "score" not in rm_params:
+        raise ValueError(f"config.reward.hf_dir = {c.reward.hf_dir!r}: no 'score.weight'; "
+                         "expected a *ForSequenceClassification checkpoint")
+    prompts = data.read_prompts(c.task.prompts)
+    if len(prompts) <= c.task.eval_prompts:
+        raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
+                         f"task.eval_prompts = {c.task.eval_prompts} are held out")
+    train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
+    return Setup(cfg, tokenizer, sft_params, _boxed(cfg),
+                 {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)},
+                 data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
+                 tokenizer.encode_batch(held_out, c.task.prompt_len), held_out)

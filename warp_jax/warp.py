@@ -1,0 +1,226 @@
+"""The WARP loop (Algorithm 1): iterations x M parallel runs x T steps, SLERP, LITI, resume.
+
+Every stage is checkpointed under `workdir/checkpoints/<stage>` (runs every `eval.every`
+steps, merges once), and the evaluation records of each stage under
+`workdir/records/<stage>.json`, so `run` resumes after a kill at any moment and produces the
+same `pareto_front.json` as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from warp_jax import evaluation, merging, reinforce, sharding
+from warp_jax.checkpoint import Checkpoints
+from warp_jax.gemma import block_groups
+from warp_jax.report import write_outputs
+from warp_jax.setup import Setup, prepare, validate_config
+
+
+@dataclasses.dataclass
+class WarpResult:
+    inits: list[Any]  # theta_init of every iteration (the SFT policy first)
+    merged: list[Any]  # theta_slerp of every iteration
+    front: list[tuple[float, float, float]]  # (eta, proxy reward, KL) of the final front
+    records: list[dict]  # every evaluated point (pareto_front.json)
+
+
+class _Logger:
+    """Training metrics to `metrics.jsonl` and TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def log(self, stage: str, run: int, step: int, metrics: dict[str, float]) -> None:
+        self._jsonl.write(json.dumps({"stage": stage, "run": run, "step": step, **metrics})
+                          + "\n")
+        for name, value in metrics.items():
+            self._tb.add_scalar(f"{stage}/run{run}/{name}", value, step)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+class _Runner:
+    def __init__(self, config, workdir: pathlib.Path, setup: Setup):
+        self.config, self.workdir, self.setup = config, workdir, setup
+        self.ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
+        self.logger = _Logger(workdir)
+        (workdir / "records").mkdir(exist_ok=True)
+        n = len(jax.devices())
+        runs = config.warp.runs if n % config.warp.runs == 0 else 1
+        data = int(np.gcd(n // runs, config.rl.batch_size))
+        self.mesh = sharding.make_mesh(run=runs, data=data, fsdp=n // runs // data)
+        self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
+        self.sft = self.put(setup.sft_params)
+        self.groups = (block_groups(setup.sft_params) if config.warp.granularity == "layer"
+                       else None)
+        self._steps: dict[tuple[str, int], Any] = {}
+
+    def put(self, params):
+        return jax.device_put(params, self.param_sharding)
+
+    def rl_config(self, anchor: str) -> reinforce.RLConfig:
+        r = self.config.rl
+        return reinforce.RLConfig(
+            beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+            eos_id=self.setup.tokenizer.eos_id, learning_rate=r.learning_rate,
+            warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None)
+
+    def step_fn(self, anchor: str, num_runs: int):
+        key = (anchor, num_runs)
+        if key not in self._steps:
+            self._steps[key] = reinforce.make_train_step(
+                self.setup.cfg, self.rl_config(anchor), self.setup.rewards["proxy_reward"],
+                mesh=self.mesh, num_runs=num_runs)
+        return self._steps[key]
+
+    def evaluate(self, params, stage_index: int, point: int) -> dict[str, Any]:
+        c = self.config
+        result = evaluation.evaluate_policy(
+            params, self.sft, self.setup.cfg, self.setup.eval_prompts,
+            jax.random.fold_in(jax.random.key(c.seed + 1), stage_index * 100_003 + point),
+            self.setup.rewards, max_new_tokens=c.rl.max_new_tokens,
+            temperature=c.rl.temperature, num_samples=c.eval.samples,
+            eos_id=self.setup.tokenizer.eos_id)
+        result.pop("completions")
+        return {k: round(v, 6) for k, v in result.items()}
+
+    def _records(self, stage: str) -> pathlib.Path:
+        return self.workdir / "records" / f"{stage}.json"
+
+    def load_records(self, stage: str, upto: int | None = None) -> list[dict] | None:
+        path = self._records(stage)
+        if not path.exists():
+            return None
+        records = json.loads(path.read_text())
+        return [r for r in records if upto is None or r.get("step", 0) <= upto]
+
+    def save_records(self, stage: str, records: list[dict]) -> None:
+        path = self._records(stage)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, path)
+
+    def train(self, stage: str, stage_index: int, init, anchor: str, seeds: list[int],
+              steps: int, method: str, iteration: int) -> list[Any]:
+        """Trains len(seeds) stacked runs from `init`; returns their final policies."""
+        from tqdm import tqdm
+
+        num_runs = len(seeds)
+        step_fn, init_fn = self.step_fn(anchor, num_runs)
+        state = init_fn(jax.tree.map(lambda x: jnp.stack([x] * num_runs), init))
+        start = self.ckpt.latest_step(stage) or 0
+        records = []
+        if start:
+            state = self.ckpt.restore(stage, state)
+            records = self.load_records(stage, upto=start) or []
+        batches = self.setup.train_prompts
+        every = self.config.eval.every
+        for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps):
+            prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(s, t) for s in seeds),
+                                                       strict=True))
+            keys = jnp.stack([jax.random.fold_in(jax.random.key(s), t) for s in seeds])
+            state, metrics = step_fn(state, prompts, keys)
+            metrics = jax.device_get(metrics)
+            for m in range(num_runs):
+                self.logger.log(stage, m, t + 1, {k: float(v[m]) for k, v in metrics.items()})
+            if (t + 1) % every == 0 or t + 1 == steps:
+                for m in range(num_runs):
+                    point = self.evaluate(self.unstack(state.params, m), stage_index,
+                                          (t + 1) * num_runs + m)
+                    records.append({"method": method, "iteration": iteration, "run": m,
+                                    "step": t + 1, "eta": None, **point})
+                self.save_records(stage, records)
+                self.ckpt.save(stage, t + 1, state)
+        self.ckpt.wait()
+        return [self.unstack(state.params, m) for m in range(num_runs)]
+
+    def unstack(self, stacked, m: int):
+        return self.put(jax.tree.map(lambda x: x[m], stacked))
+
+    def front(self, stage: str, stage_index: int, merged, method: str, iteration: int,
+              etas) -> list[dict]:
+        records = self.load_records(stage)
+        if records is None:
+            records = []
+            for j, eta in enumerate(etas):
+                point = self.evaluate(merging.liti_tree(self.sft, merged, eta), stage_index, j)
+                records.append({"method": method, "iteration": iteration, "run": None,
+                                "step": None, "eta": eta, **point})
+            self.save_records(stage, records)
+        return records
+
+
+def run(config, workdir: str | os.PathLike) -> WarpResult:
+    """Runs WARP and its baselines as `config` says (see experiments/configs/gemma_warp.py),
+    writing checkpoints, metrics and records to `workdir`; resumes what a previous run there
+    left. Returns the per-iteration inits, the merged policies, the final front and every
+    evaluated record."""
+    validate_config(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = prepare(config, workdir)
+    runner = _Runner(config, workdir, setup)
+    c = config
+    records: list[dict] = []
+    index = iter(range(10_000))
+
+    for name in c.warp.baselines:
+        if name in ("reinforce_sft", "reinforce_ema"):
+            anchor = name.split("_")[1]
+            runner.train(f"baseline_{name}", next(index), runner.sft, anchor, [c.seed + 7],
+                         c.warp.iterations * c.warp.steps, name, 0)
+            records += runner.load_records(f"baseline_{name}")
+
+    inits, merged_all = [runner.sft], []
+    init = runner.sft
+    for i in range(1, c.warp.iterations + 1):
+        stage = f"iter{i}"
+        seeds = [c.seed * 1000 + 100 * i + m for m in range(c.warp.runs)]
+        stage_index = next(index)
+        like = {"policies": jax.tree.map(lambda x: jnp.stack([x] * c.warp.runs), init)}
+        if runner.ckpt.latest_step(f"{stage}_policies") is not None:
+            saved = runner.ckpt.restore(f"{stage}_policies", like)["policies"]
+            policies = [runner.unstack(saved, m) for m in range(c.warp.runs)]
+        else:
+            policies = runner.train(stage, stage_index, init, "ema", seeds, c.warp.steps,
+                                    "warp_run", i)
+            runner.ckpt.save(f"{stage}_policies", 0,
+                             {"policies": jax.tree.map(lambda *x: jnp.stack(x), *policies)})
+            runner.ckpt.wait()
+        records += runner.load_records(stage)
+        merged = merging.slerp_tree(init, policies, groups=runner.groups)
+        merged_all.append(merged)
+        records += runner.front(f"{stage}_front", next(index), merged, "warp", i,
+                                c.warp.eta_grid)
+        if "lerp" in c.warp.baselines and i == 1:
+            records += runner.front(f"{stage}_lerp_front", next(index),
+                                    merging.lerp_tree(init, policies), "lerp", i,
+                                    c.warp.eta_grid)
+        geometry = evaluation.task_vector_stats(init, policies, block_groups(init)) \
+            if len(policies) > 1 else {}
+        (workdir / "records" / f"{stage}_geometry.json").write_text(json.dumps(geometry,
+                                                                               indent=1))
+        init = merging.liti_tree(init, merged, c.warp.eta)
+        inits.append(init)
+
+    runner.ckpt.close()
+    runner.logger.close()
+    final = [r for r in records if r["method"] == "warp" and r["iteration"] == c.warp.iterations]
+    write_outputs(workdir, config, setup, records, runner, merged_all[-1])
+    return WarpResult(inits, merged_all,
+                      [(r["eta"], r["proxy_reward"], r["kl"]) for r in final], records)
