@@ -35,7 +35,8 @@ class Setup:
     tokenizer: Tokenizer
     sft_params: Any
     boxed_params: Any  # jax.eval_shape of the init: logical axis names for sharding
-    rewards: dict[str, Callable]  # "proxy_reward" (jittable) and optionally "oracle_reward"
+    reward_model: tuple[GemmaConfig, Any]  # the proxy reward: a RewardModel's config, params
+    oracle: Callable | None  # a host reward scoring what the proxy approximates, if any
     train_prompts: data.PromptBatches
     eval_prompts: tuple[np.ndarray, np.ndarray]
     eval_texts: list[str]
@@ -150,10 +151,7 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
         rm_params = _train_reward_model(c, cfg, tokenizer, sft_params, rm_like, train_texts,
                                         oracle)
         ckpt.save("reward_model", 0, rm_params)
-    scorers = {"proxy_reward": rewards.model_reward(cfg, rm_params)}
-    if oracle is not None:
-        scorers["oracle_reward"] = oracle
-    return Setup(cfg, tokenizer, sft_params, boxed, scorers,
+    return Setup(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
                  data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
                  tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts)
 
@@ -217,7 +215,6 @@ def _local(c) -> Setup:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")
     train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
-    return Setup(cfg, tokenizer, sft_params, _boxed(cfg),
-                 {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)},
+    return Setup(cfg, tokenizer, sft_params, _boxed(cfg), (rm_cfg, rm_params), None,
                  data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
                  tokenizer.encode_batch(held_out, c.task.prompt_len), held_out)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warp_jax import evaluation, merging, reinforce, sharding
+from warp_jax import evaluation, merging, reinforce, rewards, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups
 from warp_jax.report import write_outputs
@@ -65,6 +65,14 @@ class _Runner:
         self.mesh = sharding.make_mesh(run=runs, data=data, fsdp=n // runs // data)
         self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
         self.sft = self.put(setup.sft_params)
+        rm_cfg, rm_params = setup.reward_model
+        rm_boxed = jax.eval_shape(rewards.RewardModel(rm_cfg).init, jax.random.key(0),
+                                  jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
+        rm_params = jax.device_put(rm_params, sharding.param_shardings(rm_boxed["params"],
+                                                                       self.mesh))
+        self.rewards = {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)}
+        if setup.oracle is not None:
+            self.rewards["oracle_reward"] = setup.oracle
         self.groups = (block_groups(setup.sft_params) if config.warp.granularity == "layer"
                        else None)
         self._steps: dict[tuple[str, int], Any] = {}
@@ -84,16 +92,17 @@ class _Runner:
         key = (anchor, num_runs)
         if key not in self._steps:
             self._steps[key] = reinforce.make_train_step(
-                self.setup.cfg, self.rl_config(anchor), self.setup.rewards["proxy_reward"],
+                self.setup.cfg, self.rl_config(anchor), self.rewards["proxy_reward"],
                 mesh=self.mesh, num_runs=num_runs)
         return self._steps[key]
 
-    def evaluate(self, params, stage_index: int, point: int) -> dict[str, Any]:
+    def evaluate(self, params) -> dict[str, Any]:
+        """Every point is evaluated with the same key (common random numbers), so differences
+        between points are not sampling noise of the held-out completions' draws."""
         c = self.config
         result = evaluation.evaluate_policy(
-            params, self.sft, self.setup.cfg, self.setup.eval_prompts,
-            jax.random.fold_in(jax.random.key(c.seed + 1), stage_index * 100_003 + point),
-            self.setup.rewards, max_new_tokens=c.rl.max_new_tokens,
+            params, self.sft, self.setup.cfg, self.setup.eval_prompts, jax.random.key(c.seed + 1),
+            self.rewards, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, num_samples=c.eval.samples,
             eos_id=self.setup.tokenizer.eos_id)
         result.pop("completions")
@@ -115,7 +124,7 @@ class _Runner:
         tmp.write_text(json.dumps(records, indent=1))
         os.replace(tmp, path)
 
-    def train(self, stage: str, stage_index: int, init, anchor: str, seeds: list[int],
+    def train(self, stage: str, init, anchor: str, seeds: list[int],
               steps: int, method: str, iteration: int) -> list[Any]:
         """Trains len(seeds) stacked runs from `init`; returns their final policies."""
         from tqdm import tqdm
@@ -140,8 +149,7 @@ class _Runner:
                 self.logger.log(stage, m, t + 1, {k: float(v[m]) for k, v in metrics.items()})
             if (t + 1) % every == 0 or t + 1 == steps:
                 for m in range(num_runs):
-                    point = self.evaluate(self.unstack(state.params, m), stage_index,
-                                          (t + 1) * num_runs + m)
+                    point = self.evaluate(self.unstack(state.params, m))
                     records.append({"method": method, "iteration": iteration, "run": m,
                                     "step": t + 1, "eta": None, **point})
                 self.save_records(stage, records)
@@ -152,13 +160,13 @@ class _Runner:
     def unstack(self, stacked, m: int):
         return self.put(jax.tree.map(lambda x: x[m], stacked))
 
-    def front(self, stage: str, stage_index: int, merged, method: str, iteration: int,
+    def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
         records = self.load_records(stage)
         if records is None:
             records = []
-            for j, eta in enumerate(etas):
-                point = self.evaluate(merging.liti_tree(self.sft, merged, eta), stage_index, j)
+            for eta in etas:
+                point = self.evaluate(merging.liti_tree(self.sft, merged, eta))
                 records.append({"method": method, "iteration": iteration, "run": None,
                                 "step": None, "eta": eta, **point})
             self.save_records(stage, records)
@@ -177,12 +185,11 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
     runner = _Runner(config, workdir, setup)
     c = config
     records: list[dict] = []
-    index = iter(range(10_000))
 
     for name in c.warp.baselines:
         if name in ("reinforce_sft", "reinforce_ema"):
             anchor = name.split("_")[1]
-            runner.train(f"baseline_{name}", next(index), runner.sft, anchor, [c.seed + 7],
+            runner.train(f"baseline_{name}", runner.sft, anchor, [c.seed + 7],
                          c.warp.iterations * c.warp.steps, name, 0)
             records += runner.load_records(f"baseline_{name}")
 
@@ -191,13 +198,12 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
     for i in range(1, c.warp.iterations + 1):
         stage = f"iter{i}"
         seeds = [c.seed * 1000 + 100 * i + m for m in range(c.warp.runs)]
-        stage_index = next(index)
         like = {"policies": jax.tree.map(lambda x: jnp.stack([x] * c.warp.runs), init)}
         if runner.ckpt.latest_step(f"{stage}_policies") is not None:
             saved = runner.ckpt.restore(f"{stage}_policies", like)["policies"]
             policies = [runner.unstack(saved, m) for m in range(c.warp.runs)]
         else:
-            policies = runner.train(stage, stage_index, init, "ema", seeds, c.warp.steps,
+            policies = runner.train(stage, init, "ema", seeds, c.warp.steps,
                                     "warp_run", i)
             runner.ckpt.save(f"{stage}_policies", 0,
                              {"policies": jax.tree.map(lambda *x: jnp.stack(x), *policies)})
@@ -205,11 +211,11 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
         records += runner.load_records(stage)
         merged = merging.slerp_tree(init, policies, groups=runner.groups)
         merged_all.append(merged)
-        records += runner.front(f"{stage}_front", next(index), merged, "warp", i,
+        records += runner.front(f"{stage}_front", merged, "warp", i,
                                 c.warp.eta_grid)
         if "lerp" in c.warp.baselines and i == 1:
-            records += runner.front(f"{stage}_lerp_front", next(index),
-                                    merging.lerp_tree(init, policies), "lerp", i,
+            records += runner.front(f"{stage}_lerp_front", merging.lerp_tree(init, policies),
+                                    "lerp", i,
                                     c.warp.eta_grid)
         geometry = evaluation.task_vector_stats(init, policies, block_groups(init)) \
             if len(policies) > 1 else {}

@@ -1,0 +1,105 @@
+"""The WARP loop end to end: outputs, merges, kill-and-resume, bad configs (slow)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from experiments.configs.gemma_warp import get_config
+from warp_jax import merging, warp
+from warp_jax.checkpoint import Checkpoints
+from warp_jax.gemma import block_groups
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"{ROOT}/experiments/configs/gemma_warp.py:test"
+pytestmark = pytest.mark.slow
+
+
+def _main(workdir, *flags):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "experiments.gemma_warp",
+                             f"--config={CONFIG}", f"--workdir={workdir}", *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("warp")
+    return workdir, warp.run(get_config("test"), workdir)
+
+
+def test_end_to_end_on_the_8_device_mesh_writes_every_output(finished):
+    workdir, result = finished
+    assert len(jax.devices()) == 8
+    config = get_config("test")
+    for name in ("pareto_front.json", "pareto_front.png", "summary.md", "metrics.jsonl",
+                 "final_policy/model.safetensors", "final_policy/config.json"):
+        assert (workdir / name).exists(), name
+    assert list((workdir / "tensorboard").iterdir())
+    records = json.loads((workdir / "pareto_front.json").read_text())
+    methods = {r["method"] for r in records}
+    assert methods == {"reinforce_sft", "reinforce_ema", "warp_run", "warp", "lerp"}
+    assert {r["run"] for r in records if r["method"] == "warp_run"} == {0, 1}
+    assert [eta for eta, _, _ in result.front] == list(config.warp.eta_grid)
+    for r in records:
+        assert np.isfinite([r["kl"], r["kl_se"], r["proxy_reward"], r["oracle_reward"]]).all()
+    assert len(result.inits) == config.warp.iterations + 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "final_policy")
+    assert model.config.vocab_size == result.inits[0]["input_embedding"].shape[0]
+    assert "Verdict" in (workdir / "summary.md").read_text()
+
+
+def test_merged_policy_is_slerp_of_the_saved_runs_and_liti_gives_the_next_init(finished):
+    workdir, result = finished
+    ckpt = Checkpoints(workdir / "checkpoints")
+    for i, merged in enumerate(result.merged, start=1):
+        init = jax.device_get(result.inits[i - 1])
+        like = {"policies": jax.tree.map(lambda x: np.stack([x, x]), init)}
+        saved = ckpt.restore(f"iter{i}_policies", like)["policies"]
+        policies = [jax.tree.map(lambda x, m=m: np.asarray(x[m]), saved) for m in range(2)]
+        want = merging.slerp_tree(init, policies, groups=block_groups(init))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     jax.device_get(merged), want)
+        next_init = merging.liti_tree(init, jax.device_get(merged), 0.3)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     jax.device_get(result.inits[i]), next_init)
+    ckpt.close()
+
+
+def test_killed_then_resumed_gives_the_same_front(finished, tmp_path):
+    reference = json.loads((finished[0] / "pareto_front.json").read_text())
+    proc = _main(tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "records" / "iter1.json").exists():  # mid-run: inside iteration 1
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "pareto_front.json").exists()
+    proc = _main(tmp_path)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "pareto_front.json").read_text()) == reference
+
+
+def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_path):
+    (tmp_path / "keep.txt").write_text("results from before")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = _main(tmp_path, "--config.warp.eta=1.5")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == ("error: config.warp.eta = 1.5: must be in [0, 1]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    proc = _main(tmp_path, "--config.warp.granularity=block")
+    _, err = proc.communicate(timeout=300)
+    assert "config.warp.granularity = 'block': use 'layer' or 'tensor'" in err
