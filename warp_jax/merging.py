@@ -86,7 +86,7 @@ def lerp_tree(
       Ramé et al. 2024, §3.2 and Lemma 2.
     """
     _paths, init_leaves, treedef, policy_leaves = _flatten_policies(init, policies)
-    w = _weights(weights, len(policies))
+    w = validate_weights(weights, len(policies))
     xp = _namespace(init_leaves + [x for leaves in policy_leaves for x in leaves])
     out = []
     for i, leaf in enumerate(init_leaves):
@@ -129,7 +129,7 @@ def slerp_tree(
       Ramé et al. 2024, Eq. 2 and Eq. 26; Shoemake 1985.
     """
     paths, init_leaves, treedef, policy_leaves = _flatten_policies(init, policies)
-    w = _weights(weights, len(policies))
+    w = validate_weights(weights, len(policies))
     labels = _group_labels(groups, treedef, paths, init_leaves)
     xp = _namespace(init_leaves + [x for leaves in policy_leaves for x in leaves])
 
@@ -316,7 +316,8 @@ def _flatten_policies(init, policies):
     return paths, init_leaves, treedef, policy_leaves
 
 
-def _weights(weights, num):
+def validate_weights(weights, num):
+    """The M merge weights as floats (uniform when None); raises `ValueError` if invalid."""
     if weights is None:
         return [1.0 / num] * num
     if len(weights) != num:
@@ -353,4 +354,4 @@ def _namespace(leaves):
 
 
 def _f32(x, xp):
-    return x.astype(np.float32) if xp is np else jnp.asarray(x, jnp.float32)
+    return x.astype(np.float32, copy=False) if xp is np else jnp.asarray(x, jnp.float32)

@@ -1,0 +1,113 @@
+"""`python -m warp_jax.merge` against the library functions, its memory bound, bad input."""
+
+import json
+import tracemalloc
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+from warp_jax import merge, merging
+from warp_jax.gemma import block_groups, hf
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=48, sliding_window=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config)
+    model.save_pretrained(root / "init")
+    dirs = []
+    for m in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(root / f"run{m}")
+        dirs.append(root / f"run{m}")
+        model = transformers.Gemma2ForCausalLM.from_pretrained(root / "init")
+    return root, dirs
+
+
+@pytest.mark.parametrize("num,granularity", [(2, "tensor"), (2, "layer"), (3, "layer"),
+                                             (3, "tensor")])
+def test_cli_output_equals_the_library(checkpoints, tmp_path, num, granularity, capsys):
+    root, runs = checkpoints
+    out = tmp_path / "merged"
+    weights = "0.2,0.3,0.5" if num == 3 else "0.5,0.5"
+    policy_flags = [flag for d in runs[:num] for flag in ("--policy", str(d))]
+    merge.main(["--init", str(root / "init"), *policy_flags,
+                "--weights", weights, "--granularity", granularity, "--eta-grid", "0.3,1",
+                "--out", str(out)])
+    assert "| layer_0 |" in capsys.readouterr().out
+    cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(root / "init"))
+    init = hf.params_from_hf(root / "init", cfg)
+    policies = [hf.params_from_hf(d, cfg) for d in runs[:num]]
+    groups = block_groups(init) if granularity == "layer" else None
+    merged = merging.slerp_tree(init, policies, [float(w) for w in weights.split(",")],
+                                groups=groups)
+    for eta in (0.3, 1.0):
+        got = hf.params_from_hf(out / f"eta_{eta:g}", cfg)
+        want = merging.liti_tree(init, merged, eta)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     got, want)
+    assert transformers.AutoModelForCausalLM.from_pretrained(out / "eta_0.3") is not None
+    report = json.loads((out / "merge_report.json").read_text())
+    assert set(report) == {"layer_0", "layer_1", "layer_2"} and (out / "merge_report.png").exists()
+
+
+def test_peak_memory_stays_near_m_plus_2_groups(tmp_path):
+    rng = np.random.default_rng(0)
+    layers, shape = 6, (512, 512)  # 1 MiB tensors, 4 per block
+    names = [f"model.layers.{i}.mlp.{t}.weight" for i in range(layers)
+             for t in ("gate_proj", "up_proj", "down_proj", "extra_proj")]
+    for d in ("init", "a", "b"):
+        (tmp_path / d).mkdir()
+        save_file({n: rng.normal(size=shape).astype(np.float32) for n in names},
+                  tmp_path / d / "model.safetensors")
+    group_bytes = 4 * 512 * 512 * 4
+    model_bytes = layers * group_bytes
+    tracemalloc.start()
+    merge.merge(tmp_path / "init", [tmp_path / "a", tmp_path / "b"], tmp_path / "out",
+                progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    bound = (2 + 2) * group_bytes + 4 * 512 * 512 * 4  # + a few tensor-sized temporaries
+    assert peak < bound, (peak / 2**20, bound / 2**20)
+    assert peak < 3 * model_bytes / 2  # far from loading the three models (3 x model_bytes)
+
+
+def test_bad_input_is_one_clear_error_and_writes_nothing(checkpoints, tmp_path, capsys):
+    root, runs = checkpoints
+    base = ["--init", str(root / "init"), "--policy", str(runs[0]), "--policy", str(runs[1])]
+
+    def fails(argv, message):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            merge.main([*base, *argv])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    fails(["--eta", "1.5", "--out", str(tmp_path / "o")], "eta must be in [0, 1], got 1.5")
+    fails(["--weights", "0.7,0.7", "--out", str(tmp_path / "o")], "sum to 1.4")
+    (tmp_path / "exists").mkdir()
+    fails(["--out", str(tmp_path / "exists")], "exists; choose a new --out directory")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    state = {k: v for k, v in transformers.Gemma2ForCausalLM.from_pretrained(runs[0])
+             .state_dict().items() if "layers.2.mlp" not in k and "lm_head" not in k}
+    save_file({k: v.numpy() for k, v in state.items()}, broken / "model.safetensors")
+    (broken / "config.json").write_text((root / "init" / "config.json").read_text())
+    fails(["--policy", str(broken), "--out", str(tmp_path / "o")], "missing tensor(s)")
+    other = tmp_path / "other"
+    transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, intermediate_size=48)).save_pretrained(other)
+    fails(["--policy", str(other), "--out", str(tmp_path / "o")], "mismatched architectures")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "exists", "other"]

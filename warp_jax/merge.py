@@ -1,0 +1,240 @@
+"""Merge fine-tuned checkpoints with WARP's SLERP and LITI: `python -m warp_jax.merge`.
+
+    python -m warp_jax.merge --init SFT_DIR --policy RUN1_DIR --policy RUN2_DIR [--policy ...] \
+        [--weights 0.5,0.5] [--method slerp|lerp] [--granularity layer|tensor] \
+        [--eta 0.3 | --eta-grid 0,0.3,1] --out OUT_DIR
+
+Reads Hugging Face safetensors directories (Gemma 1/2/3, any dtype) one group of tensors at a
+time (a transformer block, or one tensor outside the blocks), so host memory holds about
+(M + 2) groups, never a whole model. Writes one sharded safetensors checkpoint per eta (with
+the init's config and tokenizer files), and a report of each block's task-vector cosine and
+norm ratio between the first two policies (the paper's Fig. 11) as a table and a PNG. Inputs
+are checked before anything is written; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from warp_jax import merging
+
+_BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
+_COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+           "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Checkpoint:
+    """A safetensors directory read lazily: tensor names and shapes from the headers."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{self.directory}: no *.safetensors files")
+        self.location: dict[str, pathlib.Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in files:
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    self.location[name] = file
+                    self.shapes[name] = tuple(piece.get_shape())
+                    self.dtypes[name] = piece.get_dtype()
+        config = self.directory / "config.json"
+        self.config = json.loads(config.read_text()) if config.exists() else {}
+
+    def load(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for file in sorted({self.location[n] for n in names}):
+            with safe_open(str(file), framework="numpy") as f:
+                for name in names:
+                    if self.location[name] == file:
+                        out[name] = f.get_tensor(name)
+        return out
+
+
+def _groups(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The unit of reading and merging: a transformer block, or one tensor outside them."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        key = f"layer_{int(match.group(1))}" if match else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.items())
+
+
+def check_compatible(init: Checkpoint, policies: Sequence[Checkpoint]) -> None:
+    """Raises `ValueError` naming the first difference between the init and a policy."""
+    arch = init.config.get("model_type")
+    for p in policies:
+        other = p.config.get("model_type")
+        if arch and other and arch != other:
+            raise ValueError(f"mismatched architectures: {init.directory} is {arch!r}, "
+                             f"{p.directory} is {other!r}")
+        missing = sorted(set(init.shapes) - set(p.shapes))
+        extra = sorted(set(p.shapes) - set(init.shapes))
+        if missing:
+            raise ValueError(f"{p.directory}: missing tensor(s) {missing[:5]} of the init")
+        if extra:
+            raise ValueError(f"{p.directory}: tensor(s) {extra[:5]} not in the init")
+        for name, shape in init.shapes.items():
+            if p.shapes[name] != shape:
+                raise ValueError(f"{p.directory}: tensor {name!r} has shape {p.shapes[name]}, "
+                                 f"the init's is {shape}")
+
+
+def _block_stats(init: dict, policies: Sequence[dict]) -> dict[str, float]:
+    """Cosine and norm ratio of the first two task vectors over the block, tensor by tensor."""
+    dot = sq1 = sq2 = 0.0
+    for name, base in init.items():
+        d1 = (policies[0][name].astype(np.float64) - base).ravel()
+        d2 = (policies[1][name].astype(np.float64) - base).ravel()
+        dot, sq1, sq2 = dot + d1 @ d2, sq1 + d1 @ d1, sq2 + d2 @ d2
+    return {"task_cosine": float(dot / np.sqrt(sq1 * sq2)) if sq1 * sq2 > 0 else float("nan"),
+            "norm_ratio": float(np.sqrt(sq1 / sq2)) if sq2 > 0 else float("nan")}
+
+
+def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] | None = None,
+          method: str = "slerp", granularity: str = "layer", etas: Sequence[float] = (1.0,),
+          subdirs: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Merges the policies' task vectors and writes `liti(init, merged, eta)` for each eta
+    (into `out_dir`, or `out_dir/eta_<eta>` when `subdirs`); returns the per-block report."""
+    if method not in ("slerp", "lerp"):
+        raise ValueError(f"--method must be 'slerp' or 'lerp', got {method!r}")
+    if granularity not in ("layer", "tensor"):
+        raise ValueError(f"--granularity must be 'layer' or 'tensor', got {granularity!r}")
+    for eta in etas:
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if not policy_dirs:
+        raise ValueError("give at least one --policy")
+    merging.validate_weights(weights, len(policy_dirs))
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} exists; choose a new --out directory")
+    init = Checkpoint(init_dir)
+    policies = [Checkpoint(d) for d in policy_dirs]
+    check_compatible(init, policies)
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent or "."))
+    try:
+        targets = {eta: (tmp / f"eta_{eta:g}" if subdirs else tmp) for eta in etas}
+        groups = _groups(list(init.shapes))
+        weight_maps: dict[float, dict[str, str]] = {eta: {} for eta in etas}
+        report: dict[str, dict[str, float]] = {}
+        for index, (key, names) in enumerate(tqdm(groups, desc="merging", unit="group",
+                                                  disable=not progress)):
+            base = init.load(names)
+            runs = [p.load(names) for p in policies]
+            if len(runs) > 1 and key.startswith("layer_"):
+                report[key] = _block_stats(base, runs)
+            if method == "slerp":
+                label = {n: key if granularity == "layer" else None for n in names}
+                merged = merging.slerp_tree(base, runs, weights, groups=label)
+            else:
+                merged = merging.lerp_tree(base, runs, weights)
+            del runs
+            file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+            for eta, target in targets.items():
+                target.mkdir(parents=True, exist_ok=True)
+                out = merging.liti_tree(base, merged, eta)
+                save_file({n: np.ascontiguousarray(v) for n, v in out.items()}, target / file,
+                          metadata={"format": "pt"})
+                weight_maps[eta].update(dict.fromkeys(names, file))
+                del out
+            del base, merged
+        for eta, target in targets.items():
+            total = sum(int(np.prod(s)) * np.dtype(_np_dtype(init.dtypes[n])).itemsize
+                        for n, s in init.shapes.items())
+            (target / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_maps[eta]}, indent=1))
+            for name in _COPIED:
+                if (init.directory / name).exists():
+                    shutil.copy(init.directory / name, target / name)
+        if report:
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
+            _plot(report, tmp / "merge_report.png")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _np_dtype(safetensors_dtype: str):
+    import ml_dtypes
+
+    return {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+            "F64": np.float64, "I64": np.int64, "I32": np.int32}.get(safetensors_dtype,
+                                                                     np.float32)
+
+
+def _plot(report: dict[str, dict[str, float]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, stat, title in ((axes[0], "task_cosine", "task-vector cosine between runs"),
+                            (axes[1], "norm_ratio", "task-vector norm ratio")):
+        ax.hist([v[stat] for v in report.values()], bins=20, color="tab:red", alpha=0.8)
+        ax.set_title(f"{title} ({len(report)} blocks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m warp_jax.merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", required=True, help="the shared initialisation (HF dir)")
+    parser.add_argument("--policy", action="append", required=True,
+                        help="a fine-tuned run (HF dir); repeat for M runs")
+    parser.add_argument("--weights", type=_floats, help="M weights summing to 1 (default 1/M)")
+    parser.add_argument("--method", default="slerp", choices=("slerp", "lerp"))
+    parser.add_argument("--granularity", default="layer", choices=("layer", "tensor"),
+                        help="one SLERP angle per transformer block (the paper) or per tensor")
+    eta = parser.add_mutually_exclusive_group()
+    eta.add_argument("--eta", type=float, help="LITI towards the init (default 1: the merge)")
+    eta.add_argument("--eta-grid", type=_floats, help="several etas, one output dir each")
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    args = parser.parse_args(argv)
+    etas = args.eta_grid or [1.0 if args.eta is None else args.eta]
+    try:
+        report = merge(args.init, args.policy, args.out, weights=args.weights,
+                       method=args.method, granularity=args.granularity, etas=etas,
+                       subdirs=args.eta_grid is not None)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if report:
+        print("| block | task-vector cosine | norm ratio |\n|---|---:|---:|")
+        for key, stats in report.items():
+            print(f"| {key} | {stats['task_cosine']:.4f} | {stats['norm_ratio']:.4f} |")
+    print(f"wrote {args.out} ({', '.join(f'eta {e:g}' for e in etas)})")
+
+
+if __name__ == "__main__":
+    main()
