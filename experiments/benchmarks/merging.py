@@ -46,7 +46,8 @@ def _numpy_copy_seconds(tree, repeats, preallocated):
     return _median_seconds(lambda: {k: v.copy() for k, v in tree.items()}, repeats)
 
 
-def _mergekit_seconds(venv: pathlib.Path, repeats: int) -> tuple[float | None, str]:
+def ensure_mergekit(venv: pathlib.Path) -> tuple[pathlib.Path | None, str]:
+    """The Python of a venv with mergekit (created on first use), or None and why not."""
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"creating {venv} with mergekit (not a project dependency) ...", flush=True)
@@ -55,6 +56,13 @@ def _mergekit_seconds(venv: pathlib.Path, repeats: int) -> tuple[float | None, s
         for cmd in steps:
             if subprocess.run(cmd, check=False).returncode != 0:
                 return None, "mergekit did not install"
+    return python, ""
+
+
+def _mergekit_seconds(venv: pathlib.Path, repeats: int) -> tuple[float | None, str]:
+    python, note = ensure_mergekit(venv)
+    if python is None:
+        return None, note
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([str(python), "-m", "experiments.benchmarks.mergekit_slerp",
                            str(repeats)], capture_output=True, text=True, env=env, check=False)
