@@ -12,14 +12,16 @@ import transformers
 from warp_jax import rewards, sharding
 from warp_jax.gemma import hf
 
+GEMMA2_EXTRA = dict(sliding_window=3, query_pre_attn_scalar=16, attn_logit_softcapping=3.0)
 
-@pytest.mark.parametrize("name", ["GemmaForSequenceClassification",
-                                  "Gemma2ForSequenceClassification"])
-def test_scores_match_transformers_with_padding(name):
-    gemma2 = name.startswith("Gemma2")
-    config_cls = transformers.Gemma2Config if gemma2 else transformers.GemmaConfig
-    extra = dict(sliding_window=3, query_pre_attn_scalar=16,
-                 attn_logit_softcapping=3.0) if gemma2 else {}
+
+@pytest.mark.parametrize("name,config_cls,extra", [
+    ("GemmaForSequenceClassification", transformers.GemmaConfig, {}),
+    ("Gemma2ForSequenceClassification", transformers.Gemma2Config, GEMMA2_EXTRA),
+    ("Gemma3TextForSequenceClassification", transformers.Gemma3TextConfig,
+     dict(sliding_window=3, query_pre_attn_scalar=16)),
+])
+def test_scores_match_transformers_with_padding(name, config_cls, extra):
     hf_config = config_cls(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            intermediate_size=64, num_labels=1, pad_token_id=0, **extra)
