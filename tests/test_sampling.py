@@ -133,3 +133,20 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=0)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
+
+
+def test_draws_follow_the_softmax_and_skip_masked_tokens():
+    vocab, draws = 300, 20_000  # 300: not a multiple of the sampler's block size
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=vocab).astype(np.float32) * 2
+    logits[[0, 7, 128, 255, 299]] = -np.inf
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    probs /= probs.sum()
+    keys = jax.random.split(jax.random.key(0), draws)
+    tokens, logp = jax.jit(jax.vmap(lambda k: sampling._draw(k, jnp.asarray(logits)[None])))(keys)
+    tokens, logp = np.asarray(tokens)[:, 0], np.asarray(logp)[:, 0]
+    assert np.all(np.isfinite(logits[tokens]))
+    np.testing.assert_allclose(logp, np.log(probs[tokens]), rtol=1e-4, atol=1e-5)
+    freq = np.bincount(tokens, minlength=vocab) / draws
+    sigma = np.sqrt(probs * (1 - probs) / draws)
+    assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-4)
