@@ -11,6 +11,7 @@ import transformers
 from safetensors.numpy import save_file
 
 from warp_jax import merge, merging
+from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups, hf
 
 
@@ -111,3 +112,26 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(checkpoints, tmp_path, 
         num_key_value_heads=1, head_dim=8, intermediate_size=48)).save_pretrained(other)
     fails(["--policy", str(other), "--out", str(tmp_path / "o")], "mismatched architectures")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "exists", "other"]
+
+
+def test_orbax_checkpoints_merge_like_their_hf_exports(checkpoints, tmp_path):
+    root, runs = checkpoints
+    cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(root / "init"))
+    ckpt = Checkpoints(tmp_path / "orbax")
+    for m, run in enumerate(runs[:2]):
+        ckpt.save(f"run{m}", 5, hf.params_from_hf(run, cfg))
+    ckpt.wait()
+    ckpt.close()
+    flags = ["--init", str(root / "init"), "--eta", "0.3"]
+    merge.main([*flags, "--policy", str(runs[0]), "--policy", str(runs[1]),
+                "--out", str(tmp_path / "from_hf")])
+    merge.main([*flags, "--policy", str(tmp_path / "orbax" / "run0"), "--policy",
+                str(tmp_path / "orbax" / "run1" / "5"), "--hf-config", str(root / "init"),
+                "--out", str(tmp_path / "from_orbax")])
+    want = hf.params_from_hf(tmp_path / "from_hf", cfg)
+    got = hf.params_from_hf(tmp_path / "from_orbax", cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+    with pytest.raises(SystemExit):
+        merge.main([*flags, "--policy", str(tmp_path / "orbax" / "run0"), "--policy",
+                    str(runs[1]), "--out", str(tmp_path / "nope")])
+    assert not (tmp_path / "nope").exists()

@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -59,3 +60,21 @@ class Checkpoints:
         for manager in self._managers.values():
             manager.close()
         self._managers.clear()
+
+
+def read_tree(path: str | os.PathLike) -> Any:
+    """Every array of one saved orbax tree, as numpy, without knowing its structure.
+
+    `path` is a name directory of `Checkpoints` (its latest step is read), one step of it, or
+    the item directory of a step.
+    """
+    path = pathlib.Path(path)
+    if (path / "default" / "_METADATA").exists():
+        path = path / "default"
+    elif not (path / "_METADATA").exists():
+        steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) \
+            if path.is_dir() else []
+        if not steps:
+            raise ValueError(f"{path}: not an orbax checkpoint (no _METADATA, no steps)")
+        path = path / str(steps[-1]) / "default"
+    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))

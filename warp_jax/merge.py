@@ -6,7 +6,8 @@
 
 Reads Hugging Face safetensors directories (Gemma 1/2/3, any dtype) one group of tensors at a
 time (a transformer block, or one tensor outside the blocks), so host memory holds about
-(M + 2) groups, never a whole model. Writes one sharded safetensors checkpoint per eta (with
+(M + 2) groups, never a whole model; orbax checkpoints of ours (with `--hf-config`) are
+restored whole. Writes one sharded safetensors checkpoint per eta (with
 the init's config and tokenizer files), and a report of each block's task-vector cosine and
 norm ratio between the first two policies (the paper's Fig. 11) as a table and a PNG. Inputs
 are checked before anything is written; the output appears only when complete.
@@ -29,6 +30,8 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from warp_jax import merging
+from warp_jax.checkpoint import read_tree
+from warp_jax.gemma import hf
 
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
@@ -36,27 +39,60 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenize
 
 
 class Checkpoint:
-    """A safetensors directory read lazily: tensor names and shapes from the headers."""
+    """A checkpoint's tensors by Hugging Face name, with shapes and dtypes known up front.
 
-    def __init__(self, directory: str | pathlib.Path):
+    A safetensors directory is read lazily (headers first, one group of tensors at a time).
+    An orbax checkpoint of ours (Gemma params, or a state holding them as `params`) is
+    restored whole and named through `hf.params_to_hf`; it needs `hf_config`, a Hugging Face
+    directory whose config.json describes the architecture (and whose tokenizer files are
+    copied to the output).
+    """
+
+    def __init__(self, directory: str | pathlib.Path, hf_config: str | None = None):
         self.directory = pathlib.Path(directory)
-        files = sorted(self.directory.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{self.directory}: no *.safetensors files")
+        self.files_dir = self.directory
         self.location: dict[str, pathlib.Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
-        for file in files:
-            with safe_open(str(file), framework="numpy") as f:
-                for name in f.keys():
-                    piece = f.get_slice(name)
-                    self.location[name] = file
-                    self.shapes[name] = tuple(piece.get_shape())
-                    self.dtypes[name] = piece.get_dtype()
-        config = self.directory / "config.json"
+        self._tensors: dict[str, np.ndarray] | None = None
+        files = sorted(self.directory.glob("*.safetensors"))
+        if files:
+            for file in files:
+                with safe_open(str(file), framework="numpy") as f:
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        self.location[name] = file
+                        self.shapes[name] = tuple(piece.get_shape())
+                        self.dtypes[name] = piece.get_dtype()
+        else:
+            self._read_orbax(hf_config)
+        config = self.files_dir / "config.json"
         self.config = json.loads(config.read_text()) if config.exists() else {}
 
+    def _read_orbax(self, hf_config: str | None) -> None:
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: no such checkpoint directory")
+        tree = read_tree(self.directory)
+        params = tree.get("params", tree) if isinstance(tree, dict) else None
+        if not isinstance(params, dict) or "input_embedding" not in params:
+            raise ValueError(f"{self.directory}: an orbax checkpoint without Gemma params "
+                             "(expected a params tree or a state with 'params')")
+        if hf_config is None:
+            raise ValueError(f"{self.directory} is an orbax checkpoint: give --hf-config, a "
+                             "Hugging Face directory with the architecture's config.json")
+        from transformers import AutoConfig
+
+        self.files_dir = pathlib.Path(hf_config)
+        cfg = hf.config_from_hf(AutoConfig.from_pretrained(self.files_dir))
+        self._tensors = hf.params_to_hf(params, cfg, include_lm_head=False)
+        for name, value in self._tensors.items():
+            self.shapes[name] = value.shape
+            self.dtypes[name] = {"bfloat16": "BF16"}.get(str(value.dtype),
+                                                          value.dtype.str[1:].upper())
+
     def load(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        if self._tensors is not None:
+            return {n: self._tensors[n] for n in names}
         out = {}
         for file in sorted({self.location[n] for n in names}):
             with safe_open(str(file), framework="numpy") as f:
@@ -109,7 +145,8 @@ def _block_stats(init: dict, policies: Sequence[dict]) -> dict[str, float]:
 
 def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] | None = None,
           method: str = "slerp", granularity: str = "layer", etas: Sequence[float] = (1.0,),
-          subdirs: bool = False, progress: bool = True) -> dict[str, dict[str, float]]:
+          subdirs: bool = False, hf_config: str | None = None,
+          progress: bool = True) -> dict[str, dict[str, float]]:
     """Merges the policies' task vectors and writes `liti(init, merged, eta)` for each eta
     (into `out_dir`, or `out_dir/eta_<eta>` when `subdirs`); returns the per-block report."""
     if method not in ("slerp", "lerp"):
@@ -125,8 +162,8 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists; choose a new --out directory")
-    init = Checkpoint(init_dir)
-    policies = [Checkpoint(d) for d in policy_dirs]
+    init = Checkpoint(init_dir, hf_config)
+    policies = [Checkpoint(d, hf_config) for d in policy_dirs]
     check_compatible(init, policies)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent or "."))
@@ -162,8 +199,8 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
             (target / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_maps[eta]}, indent=1))
             for name in _COPIED:
-                if (init.directory / name).exists():
-                    shutil.copy(init.directory / name, target / name)
+                if (init.files_dir / name).exists():
+                    shutil.copy(init.files_dir / name, target / name)
         if report:
             (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
             _plot(report, tmp / "merge_report.png")
@@ -209,9 +246,12 @@ def _floats(text: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m warp_jax.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", required=True, help="the shared initialisation (HF dir)")
+    parser.add_argument("--init", required=True,
+                        help="the shared initialisation (HF dir or orbax checkpoint)")
     parser.add_argument("--policy", action="append", required=True,
-                        help="a fine-tuned run (HF dir); repeat for M runs")
+                        help="a fine-tuned run (HF dir or orbax checkpoint); repeat for M runs")
+    parser.add_argument("--hf-config", help="for orbax checkpoints: a Hugging Face directory "
+                                            "whose config.json (and tokenizer) they follow")
     parser.add_argument("--weights", type=_floats, help="M weights summing to 1 (default 1/M)")
     parser.add_argument("--method", default="slerp", choices=("slerp", "lerp"))
     parser.add_argument("--granularity", default="layer", choices=("layer", "tensor"),
@@ -225,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         report = merge(args.init, args.policy, args.out, weights=args.weights,
                        method=args.method, granularity=args.granularity, etas=etas,
-                       subdirs=args.eta_grid is not None)
+                       subdirs=args.eta_grid is not None, hf_config=args.hf_config)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -60,7 +60,7 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     params = nn.unbox(params)
     torch_model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg)).eval()
-    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in
+    torch_model.load_state_dict({k: torch.tensor(v) for k, v in
                                  hf.params_to_hf(params, cfg).items()})
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(batch, PROMPT)).astype(np.int32)
