@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from warp_jax import evaluation, merging, reinforce, rewards, sharding
 from warp_jax.checkpoint import Checkpoints
@@ -127,8 +128,6 @@ class _Runner:
     def train(self, stage: str, init, anchor: str, seeds: list[int],
               steps: int, method: str, iteration: int) -> list[Any]:
         """Trains len(seeds) stacked runs from `init`; returns their final policies."""
-        from tqdm import tqdm
-
         num_runs = len(seeds)
         step_fn, init_fn = self.step_fn(anchor, num_runs)
         state = init_fn(jax.tree.map(lambda x: jnp.stack([x] * num_runs), init))
@@ -139,15 +138,25 @@ class _Runner:
             records = self.load_records(stage, upto=start) or []
         batches = self.setup.train_prompts
         every = self.config.eval.every
+        pending = None  # the previous step's metrics, read once the next step is dispatched
+
+        def flush():
+            if pending is not None:
+                step, metrics = pending
+                metrics = jax.device_get(metrics)
+                for m in range(num_runs):
+                    self.logger.log(stage, m, step, {k: float(v[m]) for k, v in metrics.items()})
+
         for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps):
             prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(s, t) for s in seeds),
                                                        strict=True))
             keys = jnp.stack([jax.random.fold_in(jax.random.key(s), t) for s in seeds])
             state, metrics = step_fn(state, prompts, keys)
-            metrics = jax.device_get(metrics)
-            for m in range(num_runs):
-                self.logger.log(stage, m, t + 1, {k: float(v[m]) for k, v in metrics.items()})
+            flush()
+            pending = (t + 1, metrics)
             if (t + 1) % every == 0 or t + 1 == steps:
+                flush()
+                pending = None
                 for m in range(num_runs):
                     point = self.evaluate(self.unstack(state.params, m))
                     records.append({"method": method, "iteration": iteration, "run": m,
