@@ -103,3 +103,36 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
     proc = _main(tmp_path, "--config.warp.granularity=block")
     _, err = proc.communicate(timeout=300)
     assert "config.warp.granularity = 'block': use 'layer' or 'tensor'" in err
+
+
+def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
+    """The gemma_2b path (local policy, tokenizer, prompts and reward model), at toy size."""
+    from warp_jax.gemma.tokenizer import Tokenizer
+
+    texts = [f"the {a} was {b}" for a in ("film", "plot", "cast") for b in ("good", "bad")]
+    tokenizer = Tokenizer.train(texts * 20, vocab_size=24)
+    tokenizer.save(tmp_path / "tokenizer.model")
+    small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                 intermediate_size=64, sliding_window=4)
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small)).save_pretrained(
+        tmp_path / "policy")
+    transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(
+        **small, num_labels=1, pad_token_id=0)).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.txt").write_text("\n".join(texts * 4))
+    config = get_config("gemma_2b")
+    config.model.hf_dir, config.model.tokenizer = str(tmp_path / "policy"), str(
+        tmp_path / "tokenizer.model")
+    config.task.prompts, config.reward.hf_dir = str(tmp_path / "prompts.txt"), str(tmp_path / "rm")
+    config.model.dtype = "float32"
+    config.task.prompt_len, config.task.eval_prompts = 6, 4
+    config.rl.batch_size, config.rl.max_new_tokens, config.rl.learning_rate = 4, 4, 1e-3
+    config.warp.update(dict(iterations=1, steps=2, eta_grid=(0.0, 1.0),
+                            baselines=("reinforce_sft",)))
+    config.eval.every, config.eval.samples = 2, 2
+    result = warp.run(config, tmp_path / "out")
+    assert [eta for eta, _, _ in result.front] == [0.0, 1.0]
+    records = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
+    assert {r["method"] for r in records} == {"reinforce_sft", "warp_run", "warp"}
+    assert all(r["oracle_reward"] is None for r in records)
+    assert (tmp_path / "out" / "final_policy" / "model.safetensors").exists()
