@@ -1,6 +1,6 @@
 """The main job: WARP on Gemma, end to end (default: the self-contained CPU demo).
 
-    python -m experiments.gemma_warp [--config=experiments/configs/gemma_warp.py:cpu_demo] \
+    python -m experiments.gemma_warp [--config=experiments/configs/gemma_warp.py:cpu_demo]
         [--workdir=workdir/cpu_demo] [--config.warp.steps=200 ...]
 
 Writes pareto_front.json/.png, summary.md, metrics.jsonl, TensorBoard events and the final
@@ -15,27 +15,54 @@ from ml_collections import config_flags
 
 from warp_jax import warp
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
-    "experiment config file, optionally with :variant", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints")
+_BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _fail(error: BaseException) -> None:
+    """A bad flag, config override or config value: one line on stderr, exit code 2."""
+    while error.args and isinstance(error.args[0], BaseException):  # unwrap re-raises
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[-1] if "Traceback" in text else " ".join(lines)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except _BAD_FLAG as e:
+        _fail(e)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
-        result = warp.run(_CONFIG.value, _WORKDIR.value)
+        result = warp.run(flags.FLAGS.config, workdir)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    workdir = pathlib.Path(_WORKDIR.value)
+        _fail(e)
     print(f"final front (eta, proxy reward, KL): "
           f"{[(eta, round(r, 3), round(kl, 2)) for eta, r, kl in result.front]}")
     print(f"outputs in {workdir}: pareto_front.json, pareto_front.png, summary.md, "
           "metrics.jsonl, tensorboard/, final_policy/")
 
 
+def cli() -> None:
+    # ml_collections applies --config.* overrides while defining the flag, so a typo in one
+    # surfaces here rather than in absl's parsing.
+    try:
+        config_flags.DEFINE_config_file(
+            "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
+            "experiment config file, optionally with :variant", lock_config=True)
+    except _BAD_FLAG as e:
+        _fail(e)
+    flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints")
+    app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()

@@ -103,6 +103,12 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
     proc = _main(tmp_path, "--config.warp.granularity=block")
     _, err = proc.communicate(timeout=300)
     assert "config.warp.granularity = 'block': use 'layer' or 'tensor'" in err
+    proc = _main(tmp_path, "--config.rl.betaa=0.2")  # a typo in an override
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip().splitlines() == [
+        "error: 'betaa' Did you mean \"beta\" instead of \"betaa\"?"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
