@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -91,9 +92,12 @@ class PromptBatches:
     def batch(self, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         per_epoch = len(self.tokens) // self.batch_size
         epoch, index = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.tokens))
-        rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self._order(seed, epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         return self.tokens[rows], self.mask[rows]
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one small array per run and epoch)
+    def _order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(len(self.tokens))
 
     def batches(self, seed: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         step = start

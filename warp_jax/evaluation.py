@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warp_jax import merging, reinforce, sampling
+from warp_jax import reinforce, sampling
 from warp_jax.gemma import GemmaConfig
+
+_CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
 
 
 def _mean_se(values) -> tuple[float, float]:
@@ -66,34 +68,36 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
 
 def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[str, dict]:
     """Per group (transformer block): the cosine between the first two runs' task vectors
-    and the ratio of their norms, and the same for the full weights (the paper's Fig. 11)."""
+    and the ratio of their norms, and the same for the full weights (the paper's Fig. 11).
+
+    Accumulated in float64 over chunks of each tensor, so it holds no copy of a tree.
+    Leaves whose group label is None are reported under their own path.
+    """
     if len(policies) < 2:
         raise ValueError("task-vector statistics need at least two runs")
-    deltas = [merging.task_vector(p, init) for p in policies[:2]]
     labels = jax.tree.leaves(groups, is_leaf=lambda x: x is None)
-    keyed = [label if label is not None else jax.tree_util.keystr(path)
-             for (path, _), label in zip(jax.tree_util.tree_flatten_with_path(init)[0], labels,
-                                         strict=True)]
+    sums: dict[str, np.ndarray] = {}
+    for (path, base), label, a, b in zip(jax.tree_util.tree_flatten_with_path(init)[0], labels,
+                                         jax.tree.leaves(policies[0]),
+                                         jax.tree.leaves(policies[1]), strict=True):
+        key = label if label is not None else jax.tree_util.keystr(path)
+        base, a, b = (np.asarray(x).ravel() for x in (base, a, b))
+        for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
+            window = slice(start, start + _CHUNK)
+            x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))
+            da, db = xa - x0, xb - x0
+            sums[key] = sums.get(key, 0) + np.array(
+                [da @ db, da @ da, db @ db, xa @ xb, xa @ xa, xb @ xb])
 
-    def gram(a_tree, b_tree):
-        sums: dict[str, np.ndarray] = {}
-        for key, a, b in zip(keyed, jax.tree.leaves(a_tree), jax.tree.leaves(b_tree),
-                             strict=True):
-            a64, b64 = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-            sums[key] = sums.get(key, 0) + np.array([a64 @ b64, a64 @ a64, b64 @ b64])
-        return sums
+    def cosine(dot, aa, bb):
+        return float(dot / np.sqrt(aa * bb)) if aa * bb > 0 else float("nan")
 
-    out = {}
-    tv, full = gram(*deltas), gram(policies[0], policies[1])
-    for key in tv:
-        (dot, aa, bb), (fdot, faa, fbb) = tv[key], full[key]
-        out[key] = {
-            "task_cosine": float(dot / np.sqrt(aa * bb)) if aa * bb > 0 else float("nan"),
-            "task_norm_ratio": float(np.sqrt(aa / bb)) if bb > 0 else float("nan"),
-            "weight_cosine": float(fdot / np.sqrt(faa * fbb)) if faa * fbb > 0 else float("nan"),
-            "weight_norm_ratio": float(np.sqrt(faa / fbb)) if fbb > 0 else float("nan"),
-        }
-    return out
+    def ratio(aa, bb):
+        return float(np.sqrt(aa / bb)) if bb > 0 else float("nan")
+
+    return {key: {"task_cosine": cosine(dot, aa, bb), "task_norm_ratio": ratio(aa, bb),
+                  "weight_cosine": cosine(fdot, faa, fbb), "weight_norm_ratio": ratio(faa, fbb)}
+            for key, (dot, aa, bb, fdot, faa, fbb) in sums.items()}
 
 
 def reward_at_kl(front: Sequence[tuple[float, float]], kl: float) -> float | None:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from warp_jax import merging
 from warp_jax.checkpoint import read_tree
+from warp_jax.evaluation import task_vector_stats
 from warp_jax.gemma import hf
 
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
@@ -132,17 +133,6 @@ def check_compatible(init: Checkpoint, policies: Sequence[Checkpoint]) -> None:
                                  f"the init's is {shape}")
 
 
-def _block_stats(init: dict, policies: Sequence[dict]) -> dict[str, float]:
-    """Cosine and norm ratio of the first two task vectors over the block, tensor by tensor."""
-    dot = sq1 = sq2 = 0.0
-    for name, base in init.items():
-        d1 = (policies[0][name].astype(np.float64) - base).ravel()
-        d2 = (policies[1][name].astype(np.float64) - base).ravel()
-        dot, sq1, sq2 = dot + d1 @ d2, sq1 + d1 @ d1, sq2 + d2 @ d2
-    return {"task_cosine": float(dot / np.sqrt(sq1 * sq2)) if sq1 * sq2 > 0 else float("nan"),
-            "norm_ratio": float(np.sqrt(sq1 / sq2)) if sq2 > 0 else float("nan")}
-
-
 def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] | None = None,
           method: str = "slerp", granularity: str = "layer", etas: Sequence[float] = (1.0,),
           subdirs: bool = False, hf_config: str | None = None,
@@ -177,7 +167,9 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
             base = init.load(names)
             runs = [p.load(names) for p in policies]
             if len(runs) > 1 and key.startswith("layer_"):
-                report[key] = _block_stats(base, runs)
+                stats = task_vector_stats(base, runs, dict.fromkeys(names, key))[key]
+                report[key] = {"task_cosine": stats["task_cosine"],
+                               "norm_ratio": stats["task_norm_ratio"]}
             if method == "slerp":
                 label = {n: key if granularity == "layer" else None for n in names}
                 merged = merging.slerp_tree(base, runs, weights, groups=label)

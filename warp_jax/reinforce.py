@@ -298,11 +298,9 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         reward = np.asarray(reward_fn(*(np.asarray(x) for x in batch)), np.float32)
         return jitted("update", update_v, with_init)(state, batch, reward, init_params)
 
-    def init(params):
-        fn = jax.vmap(init_state, in_axes=(0, None)) if num_runs else init_state
-        kw = {} if mesh is None else dict(out_shardings=shard.state)
-        return jax.jit(fn, static_argnums=1, **kw)(params, rl)
-
+    init_fn = functools.partial(init_state, rl=rl)
+    init = jax.jit(jax.vmap(init_fn) if num_runs else init_fn,
+                   **({} if mesh is None else dict(out_shardings=shard.state)))
     return train_step, init
 
 

@@ -207,27 +207,17 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
     for i in range(1, c.warp.iterations + 1):
         stage = f"iter{i}"
         seeds = [c.seed * 1000 + 100 * i + m for m in range(c.warp.runs)]
-        like = {"policies": jax.tree.map(lambda x: jnp.stack([x] * c.warp.runs), init)}
-        if runner.ckpt.latest_step(f"{stage}_policies") is not None:
-            saved = runner.ckpt.restore(f"{stage}_policies", like)["policies"]
-            policies = [runner.unstack(saved, m) for m in range(c.warp.runs)]
-        else:
-            policies = runner.train(stage, init, "ema", seeds, c.warp.steps,
-                                    "warp_run", i)
-            runner.ckpt.save(f"{stage}_policies", 0,
-                             {"policies": jax.tree.map(lambda *x: jnp.stack(x), *policies)})
-            runner.ckpt.wait()
+        # A finished stage is restored from its last checkpoint rather than trained again.
+        policies = runner.train(stage, init, "ema", seeds, c.warp.steps, "warp_run", i)
         records += runner.load_records(stage)
         merged = merging.slerp_tree(init, policies, groups=runner.groups)
         merged_all.append(merged)
-        records += runner.front(f"{stage}_front", merged, "warp", i,
-                                c.warp.eta_grid)
+        records += runner.front(f"{stage}_front", merged, "warp", i, c.warp.eta_grid)
         if "lerp" in c.warp.baselines and i == 1:
             records += runner.front(f"{stage}_lerp_front", merging.lerp_tree(init, policies),
-                                    "lerp", i,
-                                    c.warp.eta_grid)
-        geometry = evaluation.task_vector_stats(init, policies, block_groups(init)) \
-            if len(policies) > 1 else {}
+                                    "lerp", i, c.warp.eta_grid)
+        geometry = (evaluation.task_vector_stats(init, policies, block_groups(init))
+                    if len(policies) > 1 else {})
         (workdir / "records" / f"{stage}_geometry.json").write_text(json.dumps(geometry,
                                                                                indent=1))
         init = merging.liti_tree(init, merged, c.warp.eta)
