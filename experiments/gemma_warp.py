@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from warp_jax import warp
+from warp_jax import host, warp
 
 _BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
+    host.retain_freed_memory()  # before JAX starts its threads
     # ml_collections applies --config.* overrides while defining the flag, so a typo in one
     # surfaces here rather than in absl's parsing.
     try:

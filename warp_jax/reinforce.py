@@ -35,13 +35,28 @@ def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Arr
 
     `logits_BTV[:, t]` must be the logits that predicted `tokens_BT[:, t]`.
     """
-    logits = logits_BTV.astype(jnp.float32)
-    # A one-hot contraction rather than a gather: its gradient is elementwise, where a
-    # gather's is a scatter-add, slow on CPU.
-    one_hot = jax.nn.one_hot(tokens_BT, logits.shape[-1], dtype=jnp.float32)
-    picked = jnp.einsum("BTV,BTV->BT", logits, one_hot)
-    picked = picked - jax.nn.logsumexp(logits, axis=-1)
+    picked = _picked_logprob(logits_BTV.astype(jnp.float32), tokens_BT.astype(jnp.int32))
     return jnp.where(mask_BT, picked, 0.0)
+
+
+def _picked_forward(logits_BTV, tokens_BT):
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked = jnp.take_along_axis(logits_BTV, tokens_BT[..., None], axis=-1)[..., 0]
+    return picked - lse_BT, (logits_BTV, tokens_BT, lse_BT)
+
+
+def _picked_backward(residuals, g_BT):
+    # `g * (one_hot - softmax)` in one elementwise pass over the logits (autodiff would
+    # materialise the softmax, a one-hot and a gather's scatter-add: several passes).
+    logits_BTV, tokens_BT, lse_BT = residuals
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, logits_BTV.ndim - 1)
+    one_hot = tokens_BT[..., None] == vocab
+    softmax = jnp.exp(logits_BTV - lse_BT[..., None])
+    return g_BT[..., None] * (one_hot - softmax), None
+
+
+_picked_logprob = jax.custom_vjp(lambda logits, tokens: _picked_forward(logits, tokens)[0])
+_picked_logprob.defvjp(_picked_forward, _picked_backward)
 
 
 def sequence_logprob(logp_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -124,6 +139,7 @@ class RLConfig:
     grad_clip: float | None = None  # global-norm clipping (None: off)
     adam_b1: float = 0.9
     adam_b2: float = 0.999
+    adam_eps: float = 1e-8  # optax's default; the paper does not give one
 
     def __post_init__(self):
         if self.anchor not in ANCHORS:
@@ -155,7 +171,8 @@ def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
     schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps)
                 if rl.warmup_steps else rl.learning_rate)
     clip = [optax.clip_by_global_norm(rl.grad_clip)] if rl.grad_clip else []
-    return optax.chain(*clip, optax.adam(schedule, b1=rl.adam_b1, b2=rl.adam_b2))
+    return optax.chain(*clip, optax.adam(schedule, b1=rl.adam_b1, b2=rl.adam_b2,
+                                           eps=rl.adam_eps))
 
 
 def init_state(params: Any, rl: RLConfig) -> RLState:
@@ -171,10 +188,14 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
     seq = jnp.concatenate([prompt_tokens, completion], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
-    logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask)
-    logits = logits[:, prompt_tokens.shape[1] - 1:-1] / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    # The vocabulary projection (the costliest matmul) runs on the positions that predict
+    # the completion only.
+    logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask,
+                                 logits_to_keep=completion.shape[1] + 1)
+    logits = logits[:, :-1] / temperature
+    lse = jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
+    probs = jnp.exp(jax.lax.stop_gradient(logits) - lse[..., None])
+    entropy = lse - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     return token_logprobs(logits, completion, completion_mask), entropy
 
 

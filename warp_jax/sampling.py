@@ -92,7 +92,8 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
     batch, prompt_len = prompt_tokens.shape
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache)
+    logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache,
+                                logits_to_keep=1)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32), logits=logits[:, -1],
         positions=jnp.sum(prompt_mask, axis=1).astype(jnp.int32),

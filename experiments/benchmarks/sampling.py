@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from warp_jax import sampling
+from warp_jax import host, sampling
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -112,13 +112,18 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (see warp_jax.host)")
     args = parser.parse_args()
+    retained = not args.default_malloc and host.retain_freed_memory()
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(), _copy_bandwidth()
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
-          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, {args.repeats} pairs")
+          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, {args.repeats} pairs;"
+          f" freed memory "
+          f"{'retained (warp_jax.host), for both' if retained else 'returned to the OS'}")
     rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth)
             for name in args.sizes.split(",")]
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from experiments.benchmarks.sampling import _matmul_flops
-from warp_jax import reinforce
+from warp_jax import host, reinforce
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -104,7 +104,9 @@ def _bench(name, fields, batch, repeats, peak):
     t_seq, t_adv = torch.from_numpy(tokens_np), torch.from_numpy(adv_np)
 
     def torch_step():
-        logits = model(input_ids=t_seq).logits[:, PROMPT - 1:-1].float()
+        # As in warp_jax, the vocabulary projection runs on the positions that predict the
+        # completion only (`logits_to_keep`).
+        logits = model(input_ids=t_seq, logits_to_keep=NEW + 1).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, t_seq[:, PROMPT:, None])[..., 0]
         loss = -(t_adv * logp.sum(-1)).mean()
         loss.backward()
@@ -132,12 +134,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (see warp_jax.host)")
     args = parser.parse_args()
+    retained = not args.default_malloc and host.retain_freed_memory()
     torch.manual_seed(0)
     peak = _matmul_flops()
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} GFLOP/s; "
-          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}")
+          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; freed memory "
+          f"{'retained (warp_jax.host), for both' if retained else 'returned to the OS'}")
     rows = [_bench(n, *SIZES[n], args.repeats, peak) for n in args.sizes.split(",")]
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

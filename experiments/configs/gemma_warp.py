@@ -58,6 +58,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.rl.learning_rate = 3e-4
     c.rl.warmup_steps = 10
     c.rl.grad_clip = 1.0  # global-norm clipping; 0 disables it
+    c.rl.adam_eps = 1e-8
 
     c.warp = ml_collections.ConfigDict()
     c.warp.iterations = 2  # I

@@ -1,0 +1,39 @@
+"""`host.retain_freed_memory`: a freed large block is reused, not page-faulted back in."""
+
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import ctypes, resource, sys
+from warp_jax import host
+ok = host.retain_freed_memory() if sys.argv[1] == "retain" else True
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+def faults_of_a_fresh_256mb_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(256 * 2**20)
+    ctypes.memset(block, 1, 256 * 2**20)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_256mb_block()
+print(ok, faults_of_a_fresh_256mb_block())
+"""
+
+
+def _faults(mode):
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_freed_block_is_reused_instead_of_faulted_back():
+    ok, retained = _faults("retain")
+    _, default = _faults("default")
+    assert ok
+    pages = 256 * 2**20 // 4096
+    assert default > pages // 2  # glibc unmapped the block: every page faults again
+    assert retained < pages // 100
