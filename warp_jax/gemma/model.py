@@ -25,9 +25,13 @@ _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax
 
 
 def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`."""
+    """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`.
+
+    Keys and values are stored head-major, `[B, K, S, H]`, the layout attention reads (a
+    decode step would otherwise transpose the whole cache).
+    """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
@@ -124,25 +128,26 @@ class Attention(nn.Module):
             key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
         q, key = apply_rope(q, *rope), apply_rope(key, *rope)
 
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, T, H]
         new_cache = None
         if cache is not None:
-            start = (0, slots_T[0], 0, 0)
+            start = (0, 0, slots_T[0], 0)
             key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
                                                  start)
             new_cache = {"k": key, "v": value}
-        slots_S = jnp.arange(key.shape[1])
+        slots_S = jnp.arange(key.shape[2])
         allowed_TS = slots_S[None, :] <= slots_T[:, None]
         if self.attention_type == "local":
             allowed_TS &= slots_T[:, None] - slots_S[None, :] < cfg.sliding_window
         mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
 
         q_BTKGH = (q * cfg.query_scale).reshape(b, t, k, n // k, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, key.astype(dt)).astype(jnp.float32)
+        logits = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, key.astype(dt)).astype(jnp.float32)
         logits = _softcap(logits, cfg.attn_logit_softcap)
         logits = jnp.where(mask_BTS[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(dt)).reshape(b * t, n * h)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, value.astype(dt)).reshape(b * t, n * h)
         return (out @ o_w.astype(dt).reshape(n * h, d)).reshape(b, t, d), new_cache
 
 
