@@ -76,17 +76,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0):
-    """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position.
-
-    Computed once per forward pass and shared by the layers. The barrier keeps XLA from
-    fusing the sines into their consumers, which would recompute them for every head of
-    every layer, forward and backward (a tenth of a CPU train step).
-    """
+    """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position,
+    built once per forward pass and shared by the layers of one attention type."""
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
     angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
-    return jax.lax.optimization_barrier((jnp.sin(angles)[:, :, None, :],
-                                         jnp.cos(angles)[:, :, None, :]))
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
 
 def apply_rope(x_BTNH, sin_BT1h, cos_BT1h):
