@@ -194,6 +194,19 @@ def test_block_groups_give_one_angle_per_block(case):
     np.testing.assert_allclose(flat(merged), want, rtol=1e-4, atol=1e-5)
 
 
+def test_logits_to_keep_are_the_last_positions_of_the_full_forward(case):
+    _, _, cfg, _, params, apply = case
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=3)
+    args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    full, _ = apply({"params": params}, *args)
+    model = Gemma(cfg)
+    last, _ = model.apply({"params": params}, *args, logits_to_keep=3)
+    np.testing.assert_allclose(last, full[:, -3:], rtol=1e-5, atol=1e-5)
+    for bad in (0, T + 1):
+        with pytest.raises(ValueError, match=rf"logits_to_keep must be in \[1, {T}\]"):
+            model.apply({"params": params}, *args, logits_to_keep=bad)
+
+
 def test_bad_checkpoints_and_configs_name_the_problem(case):
     _, _, cfg, state, _, _ = case
     partial = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}

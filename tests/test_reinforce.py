@@ -101,6 +101,8 @@ def test_rloo_matches_its_formula_and_baselines_are_selectable():
         reinforce.rloo_advantage(jnp.asarray(r), 4)
     with pytest.raises(ValueError, match="unknown baseline 'ppo'"):
         reinforce.advantages(jnp.asarray(r), "ppo")
+    with pytest.raises(ValueError, match="adam_eps > 0"):
+        reinforce.RLConfig(adam_eps=0.0)
 
 
 def test_token_logprobs_respect_the_mask():

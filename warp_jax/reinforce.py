@@ -155,8 +155,10 @@ class RLConfig:
                              "warmup_steps non-negative")
         if not 0 <= self.mu <= 1:
             raise ValueError(f"RLConfig.mu must be in [0, 1], got {self.mu}")
-        if self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0:
-            raise ValueError("RLConfig.beta must be >= 0, learning_rate and temperature > 0")
+        if (self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0
+                or self.adam_eps <= 0):
+            raise ValueError("RLConfig.beta must be >= 0, learning_rate, temperature and "
+                             "adam_eps > 0")
 
 
 class RLState(NamedTuple):

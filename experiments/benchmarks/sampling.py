@@ -44,6 +44,18 @@ def _matmul_flops() -> float:
     return 10 * 2 * 2048**3 / (time.perf_counter() - start)
 
 
+def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (see warp_jax.host)")
+
+
+def _set_malloc(args: argparse.Namespace) -> str:
+    """Applies `--default-malloc` (before JAX starts) and says what was run, for the header."""
+    retained = not args.default_malloc and host.retain_freed_memory()
+    return ("freed memory retained (warp_jax.host), for both" if retained
+            else "freed memory returned to the OS")
+
+
 def _copy_bandwidth() -> float:
     x = np.ones(64 * 2**20, np.float32)
     y = np.empty_like(x)
@@ -112,18 +124,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (see warp_jax.host)")
+    _add_malloc_flag(parser)
     args = parser.parse_args()
-    retained = not args.default_malloc and host.retain_freed_memory()
+    malloc = _set_malloc(args)
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(), _copy_bandwidth()
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
           f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, {args.repeats} pairs;"
-          f" freed memory "
-          f"{'retained (warp_jax.host), for both' if retained else 'returned to the OS'}")
+          f" {malloc}")
     rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth)
             for name in args.sizes.split(",")]
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "

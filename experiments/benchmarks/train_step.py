@@ -28,8 +28,8 @@ import optax
 import torch
 import transformers
 
-from experiments.benchmarks.sampling import _matmul_flops
-from warp_jax import host, reinforce
+from experiments.benchmarks.sampling import _add_malloc_flag, _matmul_flops, _set_malloc
+from warp_jax import reinforce
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -141,16 +141,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (see warp_jax.host)")
+    _add_malloc_flag(parser)
     args = parser.parse_args()
-    retained = not args.default_malloc and host.retain_freed_memory()
+    malloc = _set_malloc(args)
     torch.manual_seed(0)
     peak = _matmul_flops()
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} GFLOP/s; "
-          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; freed memory "
-          f"{'retained (warp_jax.host), for both' if retained else 'returned to the OS'}")
+          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
     rows = [_bench(n, *SIZES[n], args.repeats, peak) for n in args.sizes.split(",")]
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -202,6 +202,9 @@ class Gemma(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None,
                  logits_to_keep: int | None = None):
+        if logits_to_keep is not None and not 1 <= logits_to_keep <= tokens.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [1, {tokens.shape[1]}] (the number of "
+                             f"tokens) or None, got {logits_to_keep!r}")
         x, embedding, cache = decode(self, tokens, positions, attention_mask, cache)
         if logits_to_keep is not None:
             x = x[:, x.shape[1] - logits_to_keep:]
@@ -234,10 +237,10 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache):
                        (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd).astype(dt)
     x = embedding[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
-    ropes = {
-        "global": rope_tables(positions, cfg.head_dim, cfg.rope_base, cfg.rope_scale_factor),
-        "local": rope_tables(positions, cfg.head_dim, cfg.rope_local_base or cfg.rope_base),
-    }
+    rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
+                     "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
+    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind])
+             for kind in dict.fromkeys(cfg.attention_types)}
     for i, attention_type in enumerate(cfg.attention_types):
         layer_cache = None if cache is None else cache[f"layer_{i}"]
         x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}", parent=module)(
