@@ -187,14 +187,15 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
                         completion, completion_mask, temperature: float = 1.0):
     """Token log-probs `[B, N]` of completions under `softmax(logits / temperature)` and the
     entropy `[B, N]` of that distribution, from one forward pass over prompt + completion."""
-    seq = jnp.concatenate([prompt_tokens, completion], axis=1)
-    seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    # The last completion token predicts nothing we need, so it is not fed; the vocabulary
+    # projection (the costliest matmul) and the last block's queries and MLP run on the N
+    # positions that predict the completion only.
+    seq = jnp.concatenate([prompt_tokens, completion[:, :-1]], axis=1)
+    seq_mask = jnp.concatenate([prompt_mask, completion_mask[:, :-1]], axis=1)
     positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
-    # The vocabulary projection (the costliest matmul) runs on the positions that predict
-    # the completion only.
     logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask,
-                                 logits_to_keep=completion.shape[1] + 1)
-    logits = logits[:, :-1] / temperature
+                                 logits_to_keep=completion.shape[1])
+    logits = logits / temperature
     lse = jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
     probs = jnp.exp(jax.lax.stop_gradient(logits) - lse[..., None])
     entropy = lse - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)

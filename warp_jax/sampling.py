@@ -33,8 +33,9 @@ class SampleOutput(NamedTuple):
 @flax.struct.dataclass
 class _LoopState:
     step: jax.Array  # [] int32: how many tokens have been sampled
-    logits: jax.Array  # [B, V] float32: next-token logits
-    positions: jax.Array  # [B] int32: RoPE position of the next token
+    last: jax.Array  # [B] int32: the last sampled token (pad_id in finished rows)
+    live: jax.Array  # [B] bool: `last` is a real token (its row had not finished)
+    positions: jax.Array  # [B] int32: RoPE position of `last`
     done: jax.Array  # [B] bool: the row has emitted EOS
     cache: dict[str, Any]  # KV cache of P + N slots
     tokens: jax.Array  # [B, N] int32
@@ -94,38 +95,48 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache,
                                 logits_to_keep=1)
-    state = _LoopState(
-        step=jnp.zeros((), jnp.int32), logits=logits[:, -1],
-        positions=jnp.sum(prompt_mask, axis=1).astype(jnp.int32),
-        done=jnp.zeros((batch,), bool), cache=cache,
-        tokens=jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
-        mask=jnp.zeros((batch, max_new_tokens), bool),
-    )
 
-    def cond(s: _LoopState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: _LoopState):
+    def pick(logits_BV, step, done_B):
+        """The token of every row at `step`, its log-prob and whether the row is live."""
         if greedy:
-            logp = jax.nn.log_softmax(s.logits, axis=-1)
-            token = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
+            logp = jax.nn.log_softmax(logits_BV, axis=-1)
+            token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
             token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
         else:
-            scaled = _filter(s.logits / temperature, top_k, top_p if use_top_p else None)
-            token, token_logp = _draw(jax.random.fold_in(rng, s.step), scaled)
-        live = ~s.done
-        token = jnp.where(live, token, cfg.pad_id)
-        token_logp = jnp.where(live, token_logp, 0.0)
-        logits, cache = model.apply({"params": params}, token[:, None], s.positions[:, None],
-                                    live[:, None], s.cache)
+            scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
+            token, token_logp = _draw(jax.random.fold_in(rng, step), scaled)
+        live = ~done_B
+        return jnp.where(live, token, cfg.pad_id), jnp.where(live, token_logp, 0.0), live
+
+    def record(s: _LoopState, token, token_logp, live, cache, positions) -> _LoopState:
         return _LoopState(
-            step=s.step + 1, logits=logits[:, 0], positions=s.positions + 1,
+            step=s.step + 1, last=token, live=live, positions=positions,
             done=s.done | (token == eos_id), cache=cache,
             tokens=s.tokens.at[:, s.step].set(token),
             logprobs=s.logprobs.at[:, s.step].set(token_logp),
             mask=s.mask.at[:, s.step].set(live),
         )
+
+    # The first token comes from the prefill's logits; each loop step feeds the last token
+    # and samples the next, so no forward pass is spent on logits nobody samples from.
+    empty = _LoopState(
+        step=jnp.zeros((), jnp.int32), last=jnp.zeros((batch,), jnp.int32),
+        live=jnp.zeros((batch,), bool), positions=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool), cache=cache,
+        tokens=jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        mask=jnp.zeros((batch, max_new_tokens), bool),
+    )
+    state = record(empty, *pick(logits[:, -1], empty.step, empty.done), cache,
+                   jnp.sum(prompt_mask, axis=1).astype(jnp.int32))
+
+    def cond(s: _LoopState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+        logits, cache = model.apply({"params": params}, s.last[:, None], s.positions[:, None],
+                                    s.live[:, None], s.cache)
+        return record(s, *pick(logits[:, 0], s.step, s.done), cache, s.positions + 1)
 
     s = jax.lax.while_loop(cond, body, state)
     return SampleOutput(s.tokens, s.logprobs, s.mask)

@@ -6,11 +6,14 @@ Part 1, the whole WARP step split into its phases (each jitted on its own here, 
 be timed; the reward is a constant): sampling K completions, scoring (the EMA anchor's
 forward pass), and the update (policy forward + backward + Adam + EMA). Part 2, the
 policy-gradient update alone on fixed sequences (forward, backward and Adam) in JAX and in
-PyTorch on transformers' `GemmaForCausalLM` with the same weights and batch, timed back to
-back; both compute logits only where the loss needs them (`logits_to_keep`). The ratio is
-the median of the paired ratios. Model FLOP utilisation counts 2 FLOPs per weight per token
-forward and 4 backward (the vocabulary projection only on the positions whose logits are
-computed), against a measured float32 matmul. Both run in one process; by default glibc
+PyTorch on transformers' `GemmaForCausalLM` with the same weights and batch. PyTorch runs
+it as TRL does (the whole sequence, `logits_to_keep=NEW + 1`, the last logits dropped);
+warp_jax feeds the PROMPT + NEW - 1 tokens that predict the completion and runs the last
+block's queries and MLP and the vocabulary projection on the NEW predicting positions only.
+After two warm-up pairs, each repeat times one step of each back to back, alternating which
+goes first; the ratio is the median of the paired ratios. Model FLOP utilisation counts the
+matmul FLOPs the computation needs (`_forward_flops`: 2 per weight per token forward, 4
+backward) against a measured float32 matmul. Both run in one process; by default glibc
 keeps freed memory for reuse (`warp_jax.host`), which speeds up both; `--default-malloc`
 leaves it as it is.
 """
@@ -39,6 +42,18 @@ SIZES = {
                   num_kv_heads=12, head_dim=64, mlp_dim=3072), 8),
 }
 PROMPT, NEW = 64, 64  # 128 tokens per sequence
+
+
+def _forward_flops(cfg: GemmaConfig, n_params: int, rows: int, fed: int, kept: int) -> float:
+    """The matmul FLOPs a forward pass needs for the logits of the last `kept` of `fed`
+    tokens: 2 per weight per token, where every block but the last runs on all tokens, the
+    last block's keys and values too, and its other weights, like the (tied) vocabulary
+    projection, only on the kept tokens (as `Gemma(..., logits_to_keep=kept)` does)."""
+    vocab = cfg.vocab_size * cfg.embed_dim
+    block = (n_params - vocab) / cfg.num_layers  # the final norm's D weights count as a block's
+    kv = 2 * cfg.embed_dim * cfg.num_kv_heads * cfg.head_dim
+    per_row = block * (cfg.num_layers - 1) * fed + kv * fed + (block - kv + vocab) * kept
+    return 2 * rows * per_row
 
 
 def _timed(fn, *args):
@@ -75,12 +90,13 @@ def _bench(name, fields, batch, repeats, peak):
     phase = {k: statistics.median(v) for k, v in phases.items()}
     step_s = sum(phase.values())
     tokens = batch * (PROMPT + NEW)
-    # Every phase runs the blocks on all tokens and the (tied) vocabulary projection on the
-    # NEW + 1 positions per sequence whose logits are needed. Sampling: prefill + decode (one
-    # forward); scoring: the anchor's forward; update: the policy's forward and backward.
-    vocab_params = cfg.vocab_size * cfg.embed_dim
-    forward_flops = 2 * ((n_params - vocab_params) * tokens + vocab_params * batch * (NEW + 1))
-    step_flops = forward_flops * (1 + 1 + 3)
+    # Sampling: the prefill (logits of its last position) and NEW - 1 one-token decode
+    # steps; scoring: the anchor's forward over the PROMPT + NEW - 1 tokens that predict the
+    # completion; update: the policy's forward and backward (twice the forward) over them.
+    forward_flops = _forward_flops(cfg, n_params, batch, PROMPT + NEW - 1, NEW)
+    sampling_flops = (_forward_flops(cfg, n_params, batch, PROMPT, 1)
+                      + (NEW - 1) * _forward_flops(cfg, n_params, batch, 1, 1))
+    step_flops = sampling_flops + forward_flops * (1 + 3)
 
     # Part 2: the policy-gradient update alone, JAX vs PyTorch.
     opt = optax.adam(1e-6)
@@ -120,13 +136,21 @@ def _bench(name, fields, batch, repeats, peak):
         torch_opt.step()
         torch_opt.zero_grad(set_to_none=True)
 
-    torch_step()
-    pairs = []
-    for _ in range(repeats):
-        t_jax, (jparams, jopt) = _timed(pg_step, jparams, jopt, seq, adv)
+    def timed_torch_step():
         start = time.perf_counter()
         torch_step()
-        pairs.append((t_jax, time.perf_counter() - start))
+        return time.perf_counter() - start
+
+    pairs = []
+    for r in range(2 + repeats):  # two warm-up pairs, once both sides hold their memory
+        if r % 2:  # alternate who goes first, so neither always runs right after the other
+            t_torch = timed_torch_step()
+            t_jax, (jparams, jopt) = _timed(pg_step, jparams, jopt, seq, adv)
+        else:
+            t_jax, (jparams, jopt) = _timed(pg_step, jparams, jopt, seq, adv)
+            t_torch = timed_torch_step()
+        if r >= 2:
+            pairs.append((t_jax, t_torch))
     t_jax = statistics.median(p[0] for p in pairs)
     t_torch = statistics.median(p[1] for p in pairs)
     pg_flops = 3 * forward_flops
