@@ -142,8 +142,9 @@ def test_draws_follow_the_softmax_and_skip_masked_tokens():
     logits[[0, 7, 128, 255, 299]] = -np.inf
     probs = np.exp(logits - logits[np.isfinite(logits)].max())
     probs /= probs.sum()
-    keys = jax.random.split(jax.random.key(0), draws)
-    tokens, logp = jax.jit(jax.vmap(lambda k: sampling._draw(k, jnp.asarray(logits)[None])))(keys)
+    uniforms = jax.random.uniform(jax.random.key(0), (draws, 1))
+    tokens, logp = jax.jit(jax.vmap(lambda u: sampling._draw(u, jnp.asarray(logits)[None])))(
+        uniforms)
     tokens, logp = np.asarray(tokens)[:, 0], np.asarray(logp)[:, 0]
     assert np.all(np.isfinite(logits[tokens]))
     np.testing.assert_allclose(logp, np.log(probs[tokens]), rtol=1e-4, atol=1e-5)

@@ -95,6 +95,9 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache,
                                 logits_to_keep=1)
+    # One uniform per row and step, drawn at once: on CPU every `jax.random` call inside the
+    # loop would run as a small loop of its own.
+    uniforms_NB = jax.random.uniform(rng, (max_new_tokens, batch), jnp.float32)
 
     def pick(logits_BV, step, done_B):
         """The token of every row at `step`, its log-prob and whether the row is live."""
@@ -104,7 +107,7 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
             token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
         else:
             scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
-            token, token_logp = _draw(jax.random.fold_in(rng, step), scaled)
+            token, token_logp = _draw(uniforms_NB[step], scaled)
         live = ~done_B
         return jnp.where(live, token, cfg.pad_id), jnp.where(live, token_logp, 0.0), live
 
@@ -145,8 +148,9 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
 _CHUNK = 128  # vocabulary entries per block of the two-level inverse CDF
 
 
-def _draw(key, logits_BV):
-    """One token per row from `softmax(logits)` and its log-probability.
+def _draw(uniform_B, logits_BV):
+    """One token per row from `softmax(logits)` and its log-probability, given one U[0, 1)
+    draw per row.
 
     Inverse-CDF sampling with one uniform per row (a Gumbel draw per vocabulary entry
     dominates a decode step on CPU), in two levels: first the block of `_CHUNK` tokens, then
@@ -161,7 +165,7 @@ def _draw(key, logits_BV):
     block_mass = jnp.sum(mass, axis=-1)  # [B, C]
     block_cdf = jnp.cumsum(block_mass, axis=-1)
     total = block_cdf[:, -1:]
-    u = jax.random.uniform(key, total.shape, jnp.float32) * total
+    u = uniform_B[:, None] * total
     block = _first_above(block_cdf, u, block_mass > 0)
     before = (jnp.take_along_axis(block_cdf, block[:, None], axis=1)
               - jnp.take_along_axis(block_mass, block[:, None], axis=1))
