@@ -1,5 +1,6 @@
 """Flax Gemma against transformers' Gemma, Gemma 2 and Gemma 3 on random tiny configs."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,14 @@ def test_logits_to_keep_are_the_last_positions_of_the_full_forward(case):
     model = Gemma(cfg)
     last, _ = model.apply({"params": params}, *args, logits_to_keep=3)
     np.testing.assert_allclose(last, full[:, -3:], rtol=1e-5, atol=1e-5)
+    # With a cache: the last block's queries run on the kept tokens only, but every token's
+    # keys and values, the last block's included, are written.
+    prefill = (jnp.asarray(tokens[:, :6]), jnp.asarray(positions[:, :6]), jnp.asarray(mask[:, :6]))
+    _, want = apply({"params": params}, *prefill, init_cache(cfg, B, T))
+    last, cache = model.apply({"params": params}, *prefill, init_cache(cfg, B, T),
+                              logits_to_keep=2)
+    np.testing.assert_allclose(last, full[:, 4:6], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(cache, want, rtol=1e-5, atol=1e-5)
     for bad in (0, T + 1):
         with pytest.raises(ValueError, match=rf"logits_to_keep must be in \[1, {T}\]"):
             model.apply({"params": params}, *args, logits_to_keep=bad)
