@@ -28,10 +28,12 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
     """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`.
 
     Keys and values are stored head-major, `[B, K, S, H]`, the layout attention reads (a
-    decode step would otherwise transpose the whole cache).
+    decode step would otherwise transpose the whole cache), and `[B, S, H]` when there is one
+    KV head (multi-query): XLA:CPU copies a loop-carried cache with a size-1 axis several
+    times per decode step.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    shape = (batch_size, *_kv_heads(cfg.num_kv_heads), max_len, cfg.head_dim)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
@@ -39,6 +41,11 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
     for i in range(cfg.num_layers):
         cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return cache
+
+
+def _kv_heads(k: int) -> tuple[int, ...]:
+    """The KV-head axis of keys, values and the queries grouped with them: none when K = 1."""
+    return () if k == 1 else (k,)
 
 
 def block_groups(params: Any) -> Any:
@@ -128,15 +135,17 @@ class Attention(nn.Module):
         q = apply_rope(q, *(table[:, first:] for table in rope))
         key = apply_rope(key, *rope)
 
-        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, T, H]
+        kv_shape = (b, *_kv_heads(k), t, h)  # [B, K, T, H], or [B, T, H] when K = 1
+        key = key.transpose(0, 2, 1, 3).reshape(kv_shape)
+        value = value.transpose(0, 2, 1, 3).reshape(kv_shape)
         new_cache = None
         if cache is not None:
-            start = (0, 0, slots_T[0], 0)
+            start = (0,) * (len(kv_shape) - 2) + (slots_T[0], 0)
             key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
                                                  start)
             new_cache = {"k": key, "v": value}
-        slots_S, slots_T = jnp.arange(key.shape[2]), slots_T[first:]
+        slots_S, slots_T = jnp.arange(key.shape[-2]), slots_T[first:]
         allowed_TS = slots_S[None, :] <= slots_T[:, None]
         if self.attention_type == "local":
             allowed_TS &= slots_T[:, None] - slots_S[None, :] < cfg.sliding_window
@@ -146,13 +155,15 @@ class Attention(nn.Module):
         # ([B, K, G*T, H] x [B, K, S, H]): XLA:CPU runs these about twice as fast as einsums
         # that leave T outside the heads.
         g = n // k
+        heads = "BK" if k > 1 else "B"  # the batch axes of the attention matmuls
         q_BKMH = (q * cfg.query_scale).reshape(b, tq, k, g, h).transpose(0, 2, 3, 1, 4)
-        q_BKMH = q_BKMH.reshape(b, k, g * tq, h)
-        logits = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, key.astype(dt)).astype(jnp.float32)
-        logits = _softcap(logits, cfg.attn_logit_softcap).reshape(b, k, g, tq, -1)
-        logits = jnp.where(mask_BTS[:, None, None], logits, _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, k, g * tq, -1)
-        out = jnp.einsum("BKMS,BKSH->BKMH", probs, value.astype(dt)).reshape(b, k, g, tq, h)
+        q_BKMH = q_BKMH.reshape(b, *_kv_heads(k), g * tq, h)
+        logits = jnp.einsum(f"{heads}MH,{heads}SH->{heads}MS", q_BKMH, key.astype(dt))
+        logits = _softcap(logits.astype(jnp.float32), cfg.attn_logit_softcap)
+        logits = jnp.where(mask_BTS[:, None, None], logits.reshape(b, k, g, tq, -1), _MASKED)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, *_kv_heads(k), g * tq, -1)
+        out = jnp.einsum(f"{heads}MS,{heads}SH->{heads}MH", probs, value.astype(dt))
+        out = out.reshape(b, k, g, tq, h)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * tq, n * h)
         return (out @ o_w.astype(dt).reshape(n * h, d)).reshape(b, tq, d), new_cache
 
