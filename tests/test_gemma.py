@@ -216,6 +216,18 @@ def test_logits_to_keep_are_the_last_positions_of_the_full_forward(case):
             model.apply({"params": params}, *args, logits_to_keep=bad)
 
 
+def test_a_position_bound_gives_the_same_logits(case):
+    _, _, cfg, _, params, apply = case
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=4)
+    args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    want, _ = apply({"params": params}, *args)
+    model = Gemma(cfg)
+    got, _ = model.apply({"params": params}, *args, max_position=int(positions.max()))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_position must be a non-negative int"):
+        model.apply({"params": params}, *args, max_position=-1)
+
+
 def test_bad_checkpoints_and_configs_name_the_problem(case):
     _, _, cfg, state, _, _ = case
     partial = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}

@@ -194,7 +194,8 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
     seq_mask = jnp.concatenate([prompt_mask, completion_mask[:, :-1]], axis=1)
     positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
     logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask,
-                                 logits_to_keep=completion.shape[1])
+                                 logits_to_keep=completion.shape[1],
+                                 max_position=seq.shape[1] - 1)
     logits = logits / temperature
     lse = jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
     probs = jnp.exp(jax.lax.stop_gradient(logits) - lse[..., None])

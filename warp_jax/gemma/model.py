@@ -82,13 +82,24 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale)).astype(x.dtype)
 
 
-def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0):
+def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0,
+                max_position: int | None = None):
     """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position,
-    built once per forward pass and shared by the layers of one attention type."""
+    built once per forward pass and shared by the layers of one attention type.
+
+    With `max_position` (a bound on `positions_BT` known when tracing), the sines of
+    `0..max_position` are computed once and gathered, to the same values: XLA otherwise fuses
+    the sines into every consumer and recomputes them there.
+    """
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
-    angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
-    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if max_position is None:
+        angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
+        return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    angles = (jnp.arange(max_position + 1, dtype=jnp.float32)[:, None]
+              * (inv_freq / scale_factor)[None])
+    return tuple(table[positions_BT][:, :, None, :] for table in (jnp.sin(angles),
+                                                                  jnp.cos(angles)))
 
 
 def apply_rope(x_BTNH, sin_BT1h, cos_BT1h):
@@ -215,6 +226,9 @@ class Gemma(nn.Module):
         slots `index..index+T-1`).
       logits_to_keep: None for the logits of every position; n for those of the last n
         only (as in transformers: the vocabulary projection is the costliest matmul).
+      max_position: the largest value `positions` can take, if known when tracing (faster
+        RoPE on CPU; a larger position would get a wrong rotation). Implied when `positions`
+        is None.
 
     Returns:
       float32 logits `[B, T, V]` (`[B, n, V]`) and the updated cache (None without one).
@@ -224,23 +238,28 @@ class Gemma(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None,
-                 logits_to_keep: int | None = None):
+                 logits_to_keep: int | None = None, max_position: int | None = None):
         if logits_to_keep is not None and not 1 <= logits_to_keep <= tokens.shape[1]:
             raise ValueError(f"logits_to_keep must be in [1, {tokens.shape[1]}] (the number of "
                              f"tokens) or None, got {logits_to_keep!r}")
+        if max_position is not None and not (isinstance(max_position, int) and max_position >= 0):
+            raise ValueError(f"max_position must be a non-negative int or None, got "
+                             f"{max_position!r}")
         x, embedding, cache = decode(self, tokens, positions, attention_mask, cache,
-                                     keep=logits_to_keep)
+                                     keep=logits_to_keep, max_position=max_position)
         b, t, d = x.shape
         logits = (x.reshape(b * t, d) @ embedding.T).reshape(b, t, -1).astype(jnp.float32)
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
 
-def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None):
+def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None,
+           max_position=None):
     """The decoder body, declaring Gemma's params on `module` (shared with the reward model).
 
     With `keep`, only the last `keep` tokens' hidden states are returned, and the last block
     runs its queries, MLP and residual stream on those tokens alone (its keys and values, like
     every earlier block, on all of them): the other outputs of the last block are unused.
+    `max_position` bounds `positions` (see `rope_tables`).
 
     Returns the final-normed hidden states `[B, T, D]` (`[B, keep, D]`), the embedding in the
     compute dtype and the updated cache.
@@ -252,6 +271,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     slots = start + jnp.arange(t, dtype=jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(slots, (b, t))
+        max_position = (t if cache is None else cache["mask"].shape[1]) - 1
     token_mask = (jnp.ones((b, t), bool) if attention_mask is None
                   else attention_mask.astype(bool))
     if cache is None:
@@ -265,7 +285,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
     rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
                      "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
-    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind])
+    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind], max_position)
              for kind in dict.fromkeys(cfg.attention_types)}
     last = len(cfg.attention_types) - 1
     for i, attention_type in enumerate(cfg.attention_types):
