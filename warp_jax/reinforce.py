@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from warp_jax import merging, sampling, sharding
-from warp_jax.gemma import Gemma, GemmaConfig
+from warp_jax.gemma import Gemma, GemmaConfig, left_padded_positions
 
 BASELINES = ("rloo", "mean", "none")
 ANCHORS = ("ema", "sft", "none")
@@ -192,9 +192,8 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
     # positions that predict the completion only.
     seq = jnp.concatenate([prompt_tokens, completion[:, :-1]], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, completion_mask[:, :-1]], axis=1)
-    positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0)
-    logits, _ = Gemma(cfg).apply({"params": params}, seq, positions, seq_mask,
-                                 logits_to_keep=completion.shape[1],
+    logits, _ = Gemma(cfg).apply({"params": params}, seq, left_padded_positions(seq_mask),
+                                 seq_mask, logits_to_keep=completion.shape[1],
                                  max_position=seq.shape[1] - 1)
     logits = logits / temperature
     lse = jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from warp_jax import sharding
 from warp_jax.gemma.config import GemmaConfig
-from warp_jax.gemma.model import decode
+from warp_jax.gemma.model import decode, left_padded_positions
 from warp_jax.gemma.tokenizer import Tokenizer
 
 
@@ -41,8 +41,8 @@ class RewardModel(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
         mask_BT = mask_BT.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-        hidden_BTD, _, _ = decode(self, tokens_BT, positions, mask_BT, None)
+        hidden_BTD, _, _ = decode(self, tokens_BT, left_padded_positions(mask_BT), mask_BT, None,
+                                  max_position=tokens_BT.shape[1] - 1)
         score = self.param("score", nn.with_logical_partitioning(
             nn.initializers.normal(self.cfg.embed_dim**-0.5), ("embed",)),
             (self.cfg.embed_dim,), jnp.dtype(self.cfg.param_dtype))

@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from warp_jax.gemma import Gemma, GemmaConfig, init_cache
+from warp_jax.gemma import Gemma, GemmaConfig, init_cache, left_padded_positions
 
 _NEG_INF = -jnp.inf
 
@@ -91,10 +91,10 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
             max_new_tokens, greedy, top_k, use_top_p):
     model = Gemma(cfg)
     batch, prompt_len = prompt_tokens.shape
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, prompt_tokens, positions, prompt_mask, cache,
-                                logits_to_keep=1)
+    logits, cache = model.apply({"params": params}, prompt_tokens,
+                                left_padded_positions(prompt_mask), prompt_mask, cache,
+                                logits_to_keep=1, max_position=prompt_len - 1)
     # One uniform per row and step, drawn at once: on CPU every `jax.random` call inside the
     # loop would run as a small loop of its own.
     uniforms_NB = jax.random.uniform(rng, (max_new_tokens, batch), jnp.float32)

@@ -11,14 +11,14 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from warp_jax.gemma import Gemma, GemmaConfig
+from warp_jax.gemma import Gemma, GemmaConfig, left_padded_positions
 from warp_jax.gemma.tokenizer import Tokenizer
 
 
 def lm_loss(cfg: GemmaConfig, params: Any, tokens_BT: jax.Array, mask_BT: jax.Array):
     """Mean next-token cross-entropy over the real tokens of left-padded sequences."""
-    positions = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    logits, _ = Gemma(cfg).apply({"params": params}, tokens_BT, positions, mask_BT)
+    logits, _ = Gemma(cfg).apply({"params": params}, tokens_BT, left_padded_positions(mask_BT),
+                                 mask_BT, max_position=tokens_BT.shape[1] - 1)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     targets = jax.nn.one_hot(tokens_BT[:, 1:], cfg.vocab_size, dtype=jnp.float32)
     nll = -jnp.sum(logp * targets, axis=-1)

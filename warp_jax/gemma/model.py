@@ -43,6 +43,12 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
     return cache
 
 
+def left_padded_positions(mask_BT):
+    """RoPE positions `[B, T]` of left-padded rows, counted from each row's first real token
+    (0 on the padding); all below T, so `Gemma(..., max_position=T - 1)` holds."""
+    return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
+
+
 def _kv_heads(k: int) -> tuple[int, ...]:
     """The KV-head axis of keys, values and the queries grouped with them: none when K = 1."""
     return () if k == 1 else (k,)
