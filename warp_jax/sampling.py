@@ -138,7 +138,8 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
 
     def body(s: _LoopState):
         logits, cache = model.apply({"params": params}, s.last[:, None], s.positions[:, None],
-                                    s.live[:, None], s.cache)
+                                    s.live[:, None], s.cache,
+                                    max_position=prompt_len + max_new_tokens - 1)
         return record(s, *pick(logits[:, 0], s.step, s.done), cache, s.positions + 1)
 
     s = jax.lax.while_loop(cond, body, state)
