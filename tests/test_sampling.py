@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warp_jax import sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig
@@ -55,6 +57,22 @@ def test_greedy_takes_the_argmax(setup):
     np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
 
 
+def _kept_by_sorting(logits, top_k, top_p):
+    """The top-k / top-p sets by sorting each row in float64: True where a token is kept."""
+    kept = np.ones(logits.shape, bool)
+    for row, keep in zip(logits.reshape(-1, logits.shape[-1]).astype(np.float64),
+                         kept.reshape(-1, logits.shape[-1]), strict=True):
+        if top_k is not None:
+            keep &= row >= np.sort(row)[::-1][top_k - 1]
+        if top_p is not None:
+            ordered = np.sort(np.where(keep, row, -np.inf))[::-1]
+            probs = np.exp(ordered - ordered[0])
+            probs /= probs.sum()
+            before = np.cumsum(probs) - probs  # the mass of the more likely tokens
+            keep &= row >= ordered[before < top_p].min()
+    return kept
+
+
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.7)])
 def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p):
     cfg, params, tokens, mask, _ = setup
@@ -62,16 +80,43 @@ def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p):
         out = sampling.sample(params, cfg, tokens, mask, jax.random.key(seed), N,
                               temperature=1.0, top_k=top_k, top_p=top_p)
         logits = _full_logits(setup, out)
-        order = np.argsort(-logits, axis=-1)
-        rank = np.argmax(order == np.asarray(out.tokens)[..., None], axis=-1)
-        if top_k is not None:
-            assert rank.max() < top_k
-        if top_p is not None:
-            probs = np.take_along_axis(np.asarray(jax.nn.softmax(logits, -1)), order, -1)
-            mass_before = np.take_along_axis(np.cumsum(probs, -1) - probs, rank[..., None],
-                                             -1)[..., 0]
-            assert mass_before.max() < top_p + 1e-6
-        assert np.all(np.asarray(out.logprobs) <= 1e-6)
+        kept = _kept_by_sorting(logits, top_k, top_p)
+        sampled = np.asarray(out.tokens)[..., None]
+        assert np.take_along_axis(kept, sampled, -1).all()
+        # Log-probabilities renormalised over the kept tokens.
+        kept_logits = np.where(kept, logits, -np.inf)
+        want = np.take_along_axis(np.asarray(jax.nn.log_softmax(kept_logits, -1)), sampled,
+                                  -1)[..., 0]
+        np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
+# top_k and top_p traced, so that one compile serves every example.
+_top_k_filter = jax.jit(lambda logits, k: sampling._filter(logits, k, None))
+_top_p_filter = jax.jit(sampling._filter)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       ties=st.booleans(), masked=st.booleans(), top_k=st.one_of(st.none(), st.integers(1, 40)),
+       top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
+def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
+    """The radix-select thresholds against sorting: ties, both signs, -0.0, -inf entries.
+    (top_p stops short of 1, where float32 and float64 disagree on the vanishing tail.)"""
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(3, 40)) * scale).astype(np.float32)
+    if ties:
+        logits = np.round(logits)  # many equal logits, and -0.0 beside 0.0
+    if masked:
+        logits[:, rng.integers(0, 40, size=8)] = -np.inf
+    if top_p is None:
+        filtered = _top_k_filter(jnp.asarray(logits), 1 if top_k is None else top_k)
+    else:
+        filtered = _top_p_filter(jnp.asarray(logits), 40 if top_k is None else top_k,
+                                 jnp.float32(top_p))
+    want = _kept_by_sorting(logits, top_k, top_p) & np.isfinite(logits)
+    if top_k is None and top_p is None:
+        want = _kept_by_sorting(logits, 1, None)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), want)
 
 
 def test_keys_determine_the_tokens(setup):

@@ -102,9 +102,9 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
     def pick(logits_BV, step, done_B):
         """The token of every row at `step`, its log-prob and whether the row is live."""
         if greedy:
-            logp = jax.nn.log_softmax(logits_BV, axis=-1)
             token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-            token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+            token_logp = (jnp.take_along_axis(logits_BV, token[:, None], axis=-1)[:, 0]
+                          - jax.nn.logsumexp(logits_BV, axis=-1))
         else:
             scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
             token, token_logp = _draw(uniforms_NB[step], scaled)
@@ -186,15 +186,49 @@ def _first_above(cdf_BK, u_B1, nonzero_BK):
 
 
 def _filter(logits_BV, top_k, top_p):
-    """Sets the logits of tokens outside the top-k / top-p set to -inf."""
+    """Sets the logits of tokens outside the top-k / top-p set to -inf.
+
+    Each row's threshold is found by a radix select over the logits' bits (one masked count
+    or sum over the vocabulary per bit), not by sorting the vocabulary: on CPU a sort or
+    `lax.top_k` of every row at every decode step costs ten times the rest of the step.
+    Tied logits are kept or dropped together.
+    """
+    rows = logits_BV.shape[0]
     if top_k is not None:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV >= kth, logits_BV, _NEG_INF)
+        kth = _radix_select(lambda t: jnp.sum(jnp.where(logits_BV >= t[:, None], 1.0, 0.0),
+                                              axis=-1) >= top_k, rows)
+        logits_BV = jnp.where(logits_BV >= kth[:, None], logits_BV, _NEG_INF)
     if top_p is not None:
-        sorted_desc = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep = before < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV >= threshold, logits_BV, _NEG_INF)
+        mass = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+        needed = top_p * jnp.sum(mass, axis=-1)
+        # The largest value above which the tokens still hold top_p of the mass: a token is
+        # kept iff the tokens more likely than it hold less than top_p.
+        last_out = _radix_select(
+            lambda t: jnp.sum(jnp.where(logits_BV > t[:, None], mass, 0.0), axis=-1) >= needed,
+            rows)
+        logits_BV = jnp.where(logits_BV > last_out[:, None], logits_BV, _NEG_INF)
     return logits_BV
+
+
+def _radix_select(holds, rows):
+    """Per row, the largest float32 `t` for which `holds(t)` (`[rows]` -> `[rows]` bool), a
+    predicate that is true up to some value and false above it (-inf if it never holds).
+
+    A binary search over the 32 bits of uint32 keys that order like the floats: one pass
+    over the vocabulary per bit, exact whatever the logits' range.
+    """
+    def bit(i, key):
+        candidate = key | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+        return jnp.where(holds(_from_key(candidate)), candidate, key)
+
+    return _from_key(jax.lax.fori_loop(0, 32, bit, jnp.zeros((rows,), jnp.uint32)))
+
+
+_NEG_INF_KEY = 0x007FFFFF  # the key of -inf; smaller keys are NaNs, read as -inf
+
+
+def _from_key(key):
+    """The float32 of a uint32 key; keys order like the floats they stand for."""
+    key = jnp.maximum(key, jnp.uint32(_NEG_INF_KEY))
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)

@@ -1,10 +1,12 @@
 """Sampler throughput: `warp_jax.sampling.sample` vs `transformers`' `generate`, same weights.
 
     python -m experiments.benchmarks.sampling [--repeats 5] [--sizes tiny,100m]
+                                              [--top-k K] [--top-p P]
 
-Both sample with temperature 0.9 from the full distribution (no top-k/top-p) and always
-produce `max_new_tokens` tokens (HF: `min_new_tokens = max_new_tokens`). Each repeat times one
-call of each, back to back; the ratio is the median of these paired ratios. Utilisation
+Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
+restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
+max_new_tokens`). Each repeat times one call of each, back to back; the ratio is the median
+of these paired ratios. Utilisation
 compares the achieved FLOP/s (2 FLOPs per weight per token, prefill and decode) with a
 measured float32 matmul, and the decode's weight traffic (every weight read once per step)
 with a measured numpy copy.
@@ -66,7 +68,7 @@ def _copy_bandwidth() -> float:
     return 10 * 2 * x.nbytes / (time.perf_counter() - start)
 
 
-def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
+def _bench(name, fields, batch, repeats, peak_flops, bandwidth, top_k, top_p):
     cfg = GemmaConfig(**fields)
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -83,7 +85,7 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
 
     def ours(seed):
         out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), NEW,
-                              temperature=TEMPERATURE)
+                              temperature=TEMPERATURE, top_k=top_k, top_p=top_p)
         return jax.block_until_ready(out)
 
     def theirs():
@@ -91,8 +93,8 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth):
             return torch_model.generate(
                 input_ids=torch.from_numpy(tokens.astype(np.int64)),
                 attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=True,
-                temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=NEW,
-                min_new_tokens=NEW, pad_token_id=cfg.pad_id)
+                temperature=TEMPERATURE, top_k=top_k or 0, top_p=top_p or 1.0,
+                max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=cfg.pad_id)
 
     start = time.perf_counter()
     ours(0)
@@ -124,6 +126,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, both sides")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p sampling, both sides")
     _add_malloc_flag(parser)
     args = parser.parse_args()
     malloc = _set_malloc(args)
@@ -132,9 +136,10 @@ def main() -> None:
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
-          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, {args.repeats} pairs;"
+          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, top-k {args.top_k},"
+          f" top-p {args.top_p}, {args.repeats} pairs;"
           f" {malloc}")
-    rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth)
+    rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth, args.top_k, args.top_p)
             for name in args.sizes.split(",")]
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
