@@ -6,10 +6,9 @@
 Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
 restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
 max_new_tokens`). Each repeat times one call of each, back to back; the ratio is the median
-of these paired ratios. Utilisation
-compares the achieved FLOP/s (2 FLOPs per weight per token, prefill and decode) with a
-measured float32 matmul, and the decode's weight traffic (every weight read once per step)
-with a measured numpy copy.
+of these paired ratios. Utilisation compares the achieved FLOP/s (2 FLOPs per weight per token,
+prefill and decode) with a measured float32 matmul, and the decode's weight traffic (every
+weight read once per step) with a measured numpy copy.
 """
 
 import argparse
