@@ -151,6 +151,11 @@ def test_second_call_does_not_recompile(setup):
     other = jax.tree.map(lambda x: x * 1.01, params)
     sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N)
     assert sampling._sample._cache_size() == before
+    # Top-k and top-p values are traced too: new values do not recompile.
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.5)
+    before = sampling._sample._cache_size()
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=7, top_p=0.9)
+    assert sampling._sample._cache_size() == before
 
 
 def test_sharded_equals_unsharded(setup):
@@ -176,6 +181,8 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask, key, N, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=0)
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.sample(params, cfg, tokens, mask, key, N, top_k=2.5)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
 

@@ -71,7 +71,7 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= cfg.vocab_size):
         raise ValueError(f"top_k must be in [1, {cfg.vocab_size}] or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
@@ -79,16 +79,17 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     return _sample(params, jnp.asarray(prompt_tokens, jnp.int32),
                    jnp.asarray(prompt_mask, bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
+                   jnp.int32(cfg.vocab_size if top_k is None else top_k),
                    jnp.float32(1.0 if top_p is None else top_p),
                    jnp.int32(-1 if eos_id is None else eos_id),
-                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                   use_top_p=top_p is not None)
+                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy,
+                   use_top_k=top_k is not None, use_top_p=top_p is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "use_top_k",
                                              "use_top_p"))
-def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id, *, cfg,
-            max_new_tokens, greedy, top_k, use_top_p):
+def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_k, top_p, eos_id, *,
+            cfg, max_new_tokens, greedy, use_top_k, use_top_p):
     model = Gemma(cfg)
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -106,7 +107,8 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
             token_logp = (jnp.take_along_axis(logits_BV, token[:, None], axis=-1)[:, 0]
                           - jax.nn.logsumexp(logits_BV, axis=-1))
         else:
-            scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
+            scaled = _filter(logits_BV / temperature, top_k if use_top_k else None,
+                             top_p if use_top_p else None)
             token, token_logp = _draw(uniforms_NB[step], scaled)
         live = ~done_B
         return jnp.where(live, token, cfg.pad_id), jnp.where(live, token_logp, 0.0), live
