@@ -90,33 +90,46 @@ def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p):
         np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
-# top_k and top_p traced, so that one compile serves every example.
-_top_k_filter = jax.jit(lambda logits, k: sampling._filter(logits, k, None))
-_top_p_filter = jax.jit(sampling._filter)
+# top_p traced, so that one compile per top_k serves every example.
+_top_k_filter = jax.jit(lambda logits, k: sampling._filter(logits, k, None), static_argnums=1)
+_top_p_filter = jax.jit(sampling._filter, static_argnums=1)
+VOCAB = 40 * sampling._TOP_K_CHUNK  # 40 chunks: top-k searches chunks for k <= 10
 
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31), scale=st.sampled_from([0.01, 1.0, 30.0]),
-       ties=st.booleans(), masked=st.booleans(), top_k=st.one_of(st.none(), st.integers(1, 40)),
+       ties=st.booleans(), masked=st.booleans(),
+       top_k=st.sampled_from([None, 1, 3, 10, 11, VOCAB]),
        top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
 def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
-    """The radix-select thresholds against sorting: ties, both signs, -0.0, -inf entries.
+    """The radix-select thresholds against sorting: ties, both signs, -0.0, -inf entries, and
+    top-k over chunk candidates (k <= 10) or the whole vocabulary.
     (top_p stops short of 1, where float32 and float64 disagree on the vanishing tail.)"""
     rng = np.random.default_rng(seed)
-    logits = (rng.normal(size=(3, 40)) * scale).astype(np.float32)
+    logits = (rng.normal(size=(3, VOCAB)) * scale).astype(np.float32)
     if ties:
         logits = np.round(logits)  # many equal logits, and -0.0 beside 0.0
     if masked:
-        logits[:, rng.integers(0, 40, size=8)] = -np.inf
+        logits[:, rng.integers(0, VOCAB, size=VOCAB // 5)] = -np.inf
     if top_p is None:
         filtered = _top_k_filter(jnp.asarray(logits), 1 if top_k is None else top_k)
     else:
-        filtered = _top_p_filter(jnp.asarray(logits), 40 if top_k is None else top_k,
-                                 jnp.float32(top_p))
+        filtered = _top_p_filter(jnp.asarray(logits), top_k, jnp.float32(top_p))
     want = _kept_by_sorting(logits, top_k, top_p) & np.isfinite(logits)
     if top_k is None and top_p is None:
         want = _kept_by_sorting(logits, 1, None)
     np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), want)
+
+
+def test_top_k_candidates_put_chunks_above_the_cut_first():
+    """Ten chunks whose maximum is the cut come before the one chunk above it, which holds
+    the 3 largest logits: choosing the first chunks at or above the cut would miss them."""
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, : 10 * sampling._TOP_K_CHUNK : sampling._TOP_K_CHUNK] = 5.0
+    logits[0, 30 * sampling._TOP_K_CHUNK + np.arange(3)] = [9.0, 8.0, 7.0]
+    kept = np.isfinite(np.asarray(_top_k_filter(jnp.asarray(logits), 3)))[0]
+    np.testing.assert_array_equal(np.flatnonzero(kept), 30 * sampling._TOP_K_CHUNK
+                                  + np.arange(3))
 
 
 def test_keys_determine_the_tokens(setup):
@@ -151,10 +164,10 @@ def test_second_call_does_not_recompile(setup):
     other = jax.tree.map(lambda x: x * 1.01, params)
     sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N)
     assert sampling._sample._cache_size() == before
-    # Top-k and top-p values are traced too: new values do not recompile.
+    # The top-p value is traced too: a new one does not recompile.
     sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.5)
     before = sampling._sample._cache_size()
-    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=7, top_p=0.9)
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.9)
     assert sampling._sample._cache_size() == before
 
 

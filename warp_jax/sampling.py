@@ -79,17 +79,17 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     return _sample(params, jnp.asarray(prompt_tokens, jnp.int32),
                    jnp.asarray(prompt_mask, bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
-                   jnp.int32(cfg.vocab_size if top_k is None else top_k),
                    jnp.float32(1.0 if top_p is None else top_p),
                    jnp.int32(-1 if eos_id is None else eos_id),
-                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy,
-                   use_top_k=top_k is not None, use_top_p=top_p is not None)
+                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                   use_top_p=top_p is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "use_top_k",
+# top_k is static: it sizes the top-k candidate buffer (`_top_k_candidates`).
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
                                              "use_top_p"))
-def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_k, top_p, eos_id, *,
-            cfg, max_new_tokens, greedy, use_top_k, use_top_p):
+def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id, *, cfg,
+            max_new_tokens, greedy, top_k, use_top_p):
     model = Gemma(cfg)
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -107,8 +107,7 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_k, top_p, 
             token_logp = (jnp.take_along_axis(logits_BV, token[:, None], axis=-1)[:, 0]
                           - jax.nn.logsumexp(logits_BV, axis=-1))
         else:
-            scaled = _filter(logits_BV / temperature, top_k if use_top_k else None,
-                             top_p if use_top_p else None)
+            scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
             token, token_logp = _draw(uniforms_NB[step], scaled)
         live = ~done_B
         return jnp.where(live, token, cfg.pad_id), jnp.where(live, token_logp, 0.0), live
@@ -191,25 +190,61 @@ def _filter(logits_BV, top_k, top_p):
     """Sets the logits of tokens outside the top-k / top-p set to -inf.
 
     Each row's threshold is found by a radix select over the logits' bits (one masked count
-    or sum over the vocabulary per bit), not by sorting the vocabulary: on CPU a sort or
-    `lax.top_k` of every row at every decode step costs ten times the rest of the step.
-    Tied logits are kept or dropped together.
+    or sum per bit), not by sorting the vocabulary: on CPU a sort or `lax.top_k` of every
+    row at every decode step costs ten times the rest of the step. With top-k, both searches
+    run over the few chunks of the vocabulary that hold the k largest logits. Tied logits
+    are kept or dropped together.
     """
     rows = logits_BV.shape[0]
+    values = logits_BV  # a superset of the kept tokens, where the thresholds are searched
     if top_k is not None:
-        kth = _radix_select(lambda t: jnp.sum(jnp.where(logits_BV >= t[:, None], 1.0, 0.0),
+        values = _top_k_candidates(logits_BV, top_k)
+        kth = _radix_select(lambda t: jnp.sum(jnp.where(values >= t[:, None], 1.0, 0.0),
                                               axis=-1) >= top_k, rows)
+        values = jnp.where(values >= kth[:, None], values, _NEG_INF)
         logits_BV = jnp.where(logits_BV >= kth[:, None], logits_BV, _NEG_INF)
     if top_p is not None:
-        mass = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+        mass = jnp.exp(values - jnp.max(values, axis=-1, keepdims=True))
         needed = top_p * jnp.sum(mass, axis=-1)
         # The largest value above which the tokens still hold top_p of the mass: a token is
         # kept iff the tokens more likely than it hold less than top_p.
         last_out = _radix_select(
-            lambda t: jnp.sum(jnp.where(logits_BV > t[:, None], mass, 0.0), axis=-1) >= needed,
+            lambda t: jnp.sum(jnp.where(values > t[:, None], mass, 0.0), axis=-1) >= needed,
             rows)
         logits_BV = jnp.where(logits_BV > last_out[:, None], logits_BV, _NEG_INF)
     return logits_BV
+
+
+_TOP_K_CHUNK = 16  # vocabulary entries per chunk of the top-k candidate search
+
+
+def _top_k_candidates(logits_BV, k):
+    """Per row, `k` chunks of `_TOP_K_CHUNK` logits that hold its k largest (and every logit
+    above the k-th largest), or all the logits when those chunks would be over a quarter of
+    the vocabulary.
+
+    The chunks are those with the largest maxima: first every chunk whose maximum exceeds
+    the k-th largest chunk maximum (fewer than k), then chunks whose maximum equals it. A
+    logit at or above the row's k-th largest lies in a chunk whose maximum is at least the
+    k-th largest chunk maximum, so counts above that cut are exact, and below it every count
+    reaches k.
+    """
+    rows, vocab = logits_BV.shape
+    chunks = -(-vocab // _TOP_K_CHUNK)
+    if 4 * k > chunks:
+        return logits_BV
+    padded = jnp.pad(logits_BV, ((0, 0), (0, chunks * _TOP_K_CHUNK - vocab)),
+                     constant_values=_NEG_INF).reshape(rows, chunks, _TOP_K_CHUNK)
+    peak_BC = jnp.max(padded, axis=-1)
+    cut = _radix_select(lambda t: jnp.sum(jnp.where(peak_BC >= t[:, None], 1.0, 0.0),
+                                          axis=-1) >= k, rows)[:, None]
+    above, at = peak_BC > cut, peak_BC == cut
+    slot = jnp.where(above, jnp.cumsum(above, axis=-1),
+                     jnp.sum(above, axis=-1, keepdims=True) + jnp.cumsum(at, axis=-1)) - 1
+    slot = jnp.where((above | at) & (slot < k), slot, k)  # slot k: not chosen
+    chosen = jnp.zeros((rows, k + 1), jnp.int32).at[jnp.arange(rows)[:, None], slot].set(
+        jnp.broadcast_to(jnp.arange(chunks, dtype=jnp.int32), (rows, chunks)))
+    return jnp.take_along_axis(padded, chosen[:, :k, None], axis=1).reshape(rows, -1)
 
 
 def _radix_select(holds, rows):
