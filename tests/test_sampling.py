@@ -185,6 +185,16 @@ def test_sharded_equals_unsharded(setup):
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
+def test_filter_on_a_sharded_batch_equals_unsharded():
+    """The top-k candidate gather and both selects with the rows sharded over the mesh."""
+    mesh = sharding.make_mesh(data=8)
+    logits = np.random.default_rng(0).normal(size=(8, VOCAB)).astype(np.float32)
+    rows = sharding.logical_sharding(("batch", None), logits.shape, mesh)
+    out = _top_p_filter(jax.device_put(logits, rows), 3, jnp.float32(0.9))
+    np.testing.assert_array_equal(out, _top_p_filter(jnp.asarray(logits), 3, jnp.float32(0.9)))
+    assert np.isfinite(np.asarray(out)).sum(axis=1).max() <= 3
+
+
 def test_bad_arguments(setup):
     cfg, params, tokens, mask, _ = setup
     key = jax.random.key(0)
