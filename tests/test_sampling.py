@@ -96,15 +96,16 @@ _top_p_filter = jax.jit(sampling._filter, static_argnums=1)
 VOCAB = 40 * sampling._TOP_K_CHUNK  # 40 chunks: top-k searches chunks for k <= 10
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(seed=st.integers(0, 2**31), scale=st.sampled_from([0.01, 1.0, 30.0]),
        ties=st.booleans(), masked=st.booleans(),
        top_k=st.sampled_from([None, 1, 3, 10, 11, VOCAB]),
        top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
 def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
-    """The radix-select thresholds against sorting: ties, both signs, -0.0, -inf entries, and
-    top-k over chunk candidates (k <= 10) or the whole vocabulary.
-    (top_p stops short of 1, where float32 and float64 disagree on the vanishing tail.)"""
+    """The radix-select thresholds against sorting (300 examples of a few ms each): ties,
+    both signs, -0.0, -inf entries, and top-k over chunk candidates (k <= 10) or the whole
+    vocabulary. (top_p stops short of 1, where float32 and float64 disagree on the vanishing
+    tail.)"""
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(3, VOCAB)) * scale).astype(np.float32)
     if ties:
@@ -183,6 +184,17 @@ def test_sharded_equals_unsharded(setup):
     ref = sampling.sample(params, cfg, tokens, mask, jax.random.key(3), N)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_top_p_after_top_k_counts_every_tie_at_the_kth_logit():
+    """Top-k 3 keeps 8.0 and forty tied 5.0s, one per chunk, more than the candidate chunks
+    hold: top-p must weigh all forty (8.0 alone holds a third of the mass)."""
+    logits = np.full((1, VOCAB), -10.0, np.float32)
+    logits[0, :: sampling._TOP_K_CHUNK] = 5.0
+    logits[0, 5] = 8.0
+    kept = np.isfinite(np.asarray(_top_p_filter(jnp.asarray(logits), 3, jnp.float32(0.5))))
+    np.testing.assert_array_equal(kept, _kept_by_sorting(logits, 3, 0.5))
+    assert kept.sum() == 41
 
 
 def test_filter_on_a_sharded_batch_equals_unsharded():

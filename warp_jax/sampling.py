@@ -204,8 +204,12 @@ def _filter(logits_BV, top_k, top_p):
         values = jnp.where(values >= kth[:, None], values, _NEG_INF)
         logits_BV = jnp.where(logits_BV >= kth[:, None], logits_BV, _NEG_INF)
     if top_p is not None:
-        mass = jnp.exp(values - jnp.max(values, axis=-1, keepdims=True))
-        needed = top_p * jnp.sum(mass, axis=-1)
+        top = jnp.max(values, axis=-1, keepdims=True)
+        # The total over every token top-k kept: the candidates may miss some tied with the
+        # k-th largest. They hold every token above it, so the search is exact there, and
+        # a threshold below it keeps all of top-k's tokens either way.
+        needed = top_p * jnp.sum(jnp.exp(logits_BV - top), axis=-1)
+        mass = jnp.exp(values - top)
         # The largest value above which the tokens still hold top_p of the mass: a token is
         # kept iff the tokens more likely than it hold less than top_p.
         last_out = _radix_select(
