@@ -72,7 +72,7 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= cfg.vocab_size):
-        raise ValueError(f"top_k must be in [1, {cfg.vocab_size}] or None, got {top_k}")
+        raise ValueError(f"top_k must be an int in [1, {cfg.vocab_size}] or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     greedy = temperature == 0
@@ -255,8 +255,9 @@ def _radix_select(holds, rows):
     """Per row, the largest float32 `t` for which `holds(t)` (`[rows]` -> `[rows]` bool), a
     predicate that is true up to some value and false above it (-inf if it never holds).
 
-    A binary search over the 32 bits of uint32 keys that order like the floats: one pass
-    over the vocabulary per bit, exact whatever the logits' range.
+    A binary search over the 32 bits of uint32 keys that order like the floats: one
+    evaluation of `holds` (a pass over the searched logits) per bit, exact whatever their
+    range.
     """
     def bit(i, key):
         candidate = key | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))

@@ -99,13 +99,17 @@ def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 
     """
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
+
+    def angles(positions):
+        freq = (inv_freq / scale_factor).reshape((1,) * positions.ndim + (half,))
+        return positions.astype(jnp.float32)[..., None] * freq
+
     if max_position is None:
-        angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
-        return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    angles = (jnp.arange(max_position + 1, dtype=jnp.float32)[:, None]
-              * (inv_freq / scale_factor)[None])
-    return tuple(table[positions_BT][:, :, None, :] for table in (jnp.sin(angles),
-                                                                  jnp.cos(angles)))
+        sin, cos = jnp.sin(angles(positions_BT)), jnp.cos(angles(positions_BT))
+    else:
+        table = angles(jnp.arange(max_position + 1))
+        sin, cos = jnp.sin(table)[positions_BT], jnp.cos(table)[positions_BT]
+    return sin[:, :, None, :], cos[:, :, None, :]
 
 
 def apply_rope(x_BTNH, sin_BT1h, cos_BT1h):
