@@ -244,6 +244,10 @@ def test_bad_checkpoints_and_configs_name_the_problem(case):
 def test_unknown_architecture_and_bad_fields():
     with pytest.raises(ValueError, match="unknown architecture: model_type 'llama'"):
         hf.config_from_hf(transformers.LlamaConfig())
+    # Gemma 2 runs "gelu" as the exact GELU; Gemma 1's legacy "gelu" means the tanh one.
+    with pytest.raises(ValueError, match="unsupported hidden activation 'gelu' for gemma2"):
+        hf.config_from_hf(transformers.Gemma2Config(hidden_activation="gelu"))
+    assert hf.config_from_hf(transformers.GemmaConfig(hidden_act="gelu")).family == "gemma"
     with pytest.raises(ValueError, match="num_kv_heads"):
         GemmaConfig.from_preset("tiny", num_kv_heads=3)
     with pytest.raises(ValueError, match="embed_dim must be a positive int"):

@@ -220,6 +220,23 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=2.5)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
+    with pytest.raises(ValueError, match="eos_id"):
+        sampling.sample(params, cfg, tokens, mask, key, N, eos_id=cfg.vocab_size)
+    with pytest.raises(ValueError, match="temperature must be concrete"):
+        jax.jit(lambda t: sampling.sample(params, cfg, tokens, mask, key, N, temperature=t))(0.9)
+
+
+def test_arguments_users_pass_from_numpy_and_jax(setup):
+    """NumPy ints and concrete JAX scalars work as their Python equivalents, Python lists as
+    prompts; a top-k above the vocabulary keeps every token, as in transformers."""
+    cfg, params, tokens, mask, _ = setup
+    key = jax.random.key(4)
+    ref = sampling.sample(params, cfg, tokens, mask, key, N, temperature=0.9, eos_id=5)
+    out = sampling.sample(params, cfg, tokens.tolist(), np.asarray(mask), key, np.int64(N),
+                          temperature=jnp.float32(0.9), top_k=cfg.vocab_size + 1,
+                          eos_id=np.int32(5))
+    for got, want in zip(out, ref, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_draws_follow_the_softmax_and_skip_masked_tokens():

@@ -13,6 +13,7 @@ Greedy decoding (`temperature=0`) returns the untempered `log_softmax(logits)` o
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -56,32 +57,46 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       prompt_mask: bool `[B, P]`, False on padding.
       rng: a `jax.random` key; the same key gives the same tokens.
       max_new_tokens: N.
-      temperature: > 0 to sample from `softmax(logits / temperature)`; 0 for greedy.
-      top_k: keep the k most likely tokens (None: all).
+      temperature: > 0 to sample from `softmax(logits / temperature)`; 0 for greedy. A
+        Python or concrete JAX scalar (greedy decoding is chosen when tracing); its value is
+        traced, so a new one does not recompile.
+      top_k: keep the k most likely tokens (None: all; a k above the vocabulary size keeps
+        all, as in transformers).
       top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
-      eos_id: a row stops after emitting it (None: never stops early).
+      eos_id: a token id in `[0, vocab_size)`: a row stops after emitting it (None: never
+        stops early).
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
     """
+    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [B, P]")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    try:
+        temperature = float(temperature)
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError("temperature must be concrete, not traced: it decides between greedy "
+                         "decoding and sampling when the sampler is traced") from None
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= cfg.vocab_size):
-        raise ValueError(f"top_k must be an int in [1, {cfg.vocab_size}] or None, got {top_k!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k >= 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if eos_id is not None and not (isinstance(eos_id, numbers.Integral)
+                                   and 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be an int in [0, {cfg.vocab_size}) or None, got "
+                         f"{eos_id!r}")
     greedy = temperature == 0
-    return _sample(params, jnp.asarray(prompt_tokens, jnp.int32),
-                   jnp.asarray(prompt_mask, bool), rng,
+    top_k = None if top_k is None or top_k >= cfg.vocab_size else int(top_k)
+    return _sample(params, prompt_tokens, prompt_mask.astype(bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
                    jnp.float32(1.0 if top_p is None else top_p),
                    jnp.int32(-1 if eos_id is None else eos_id),
-                   cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                   cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
                    use_top_p=top_p is not None)
 
 

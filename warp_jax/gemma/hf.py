@@ -44,8 +44,12 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
         )
     c = hf_config
     activation = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
-    if activation not in ("gelu_pytorch_tanh", "gelu"):
-        raise ValueError(f"unsupported hidden activation {activation!r}: Gemma uses GeGLU (tanh)")
+    # transformers reads Gemma 1's legacy "gelu" as the tanh approximation; Gemma 2 and 3 run
+    # "gelu" as the exact erf GELU, which this model does not implement.
+    tanh_names = ("gelu_pytorch_tanh", "gelu") if family == "gemma" else ("gelu_pytorch_tanh",)
+    if activation not in tanh_names:
+        raise ValueError(f"unsupported hidden activation {activation!r} for {model_type}: this "
+                         f"Gemma uses GeGLU with the tanh GELU ({' or '.join(tanh_names)})")
     fields: dict[str, Any] = dict(
         vocab_size=c.vocab_size, embed_dim=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
