@@ -78,10 +78,13 @@ def test_kl_regularized_reward_matches_the_formula():
     lp, la = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
     mask = rng.random((4, 5)) > 0.3
     r = rng.normal(size=4)
-    got = reinforce.kl_regularized_reward(jnp.asarray(r), jnp.asarray(lp), jnp.asarray(la),
-                                          jnp.asarray(mask), 0.1)
+    got = reinforce.kl_regularized_reward(r, lp, la, mask, 0.1)  # NumPy in
     want = r - 0.1 * np.sum((lp - la) * mask, axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    traced = jax.jit(reinforce.kl_regularized_reward)(r, lp, la, mask, 0.1)
+    np.testing.assert_allclose(traced, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        reinforce.kl_regularized_reward(r, lp, la, mask, -0.1)
     with pytest.raises(ValueError, match=r"must all be \[B, T\]"):
         reinforce.kl_regularized_reward(jnp.asarray(r), jnp.asarray(lp), jnp.asarray(la[:, :3]),
                                         jnp.asarray(mask), 0.1)

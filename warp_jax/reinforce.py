@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -70,8 +71,13 @@ def kl_regularized_reward(reward_B: jax.Array, logp_policy_BT: jax.Array,
     """`r - beta * sum_t mask * (log pi - log pi_anchor)`: WARP's `r_beta`, `[B]`.
 
     The log-ratio is sequence level (one sample of KL(pi || pi_anchor)) and the result is a
-    constant for the policy gradient (stop-gradient).
+    constant for the policy gradient (stop-gradient). Takes JAX or NumPy arrays; `beta` may be
+    traced.
     """
+    reward_B, logp_policy_BT, logp_anchor_BT, mask_BT = (
+        jnp.asarray(x) for x in (reward_B, logp_policy_BT, logp_anchor_BT, mask_BT))
+    if isinstance(beta, numbers.Real) and not beta >= 0:
+        raise ValueError(f"beta must be >= 0 (the KL coefficient), got {beta}")
     if logp_policy_BT.shape != logp_anchor_BT.shape or logp_policy_BT.shape != mask_BT.shape:
         raise ValueError(f"logp_policy {logp_policy_BT.shape}, logp_anchor "
                          f"{logp_anchor_BT.shape} and mask {mask_BT.shape} must all be [B, T]")
