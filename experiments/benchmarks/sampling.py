@@ -1,14 +1,18 @@
 """Sampler throughput: `warp_jax.sampling.sample` vs `transformers`' `generate`, same weights.
 
     python -m experiments.benchmarks.sampling [--repeats 5] [--sizes tiny,100m]
-                                              [--top-k K] [--top-p P]
+                                              [--top-k K] [--top-p P] [--family gemma2]
+                                              [--batch B] [--prompt P] [--new N]
 
 Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
 restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
 max_new_tokens`). Each repeat times one call of each, back to back; the ratio is the median
-of these paired ratios. Utilisation compares the achieved FLOP/s (2 FLOPs per weight per token,
-prefill and decode) with a measured float32 matmul, and the decode's weight traffic (every
-weight read once per step) with a measured numpy copy.
+of these paired ratios. `--family gemma2` / `gemma3` gives the sizes Gemma 2's (alternating
+local/global attention, soft-caps) or Gemma 3's (5:1 local/global, QK-norm) features, with a
+sliding window of 32, shorter than the sequences; transformers then runs Gemma 2 with eager
+attention, which it needs for the soft-caps. Utilisation compares the achieved FLOP/s (2 FLOPs
+per weight per token, prefill and decode) with a measured float32 matmul, and the decode's
+weight traffic (every weight read once per step) with a measured numpy copy.
 """
 
 import argparse
@@ -30,6 +34,15 @@ SIZES = {
                   head_dim=64, mlp_dim=1024), 32),
     "100m": (dict(vocab_size=32_000, embed_dim=768, num_layers=8, num_heads=12,
                   num_kv_heads=12, head_dim=64, mlp_dim=3072), 8),
+}
+FAMILIES = {
+    "gemma": {},
+    "gemma2": dict(family="gemma2", attention_pattern="alternating", sliding_window=32,
+                   use_post_attn_norm=True, use_post_ffw_norm=True, attn_logit_softcap=50.0,
+                   final_logit_softcap=30.0),
+    "gemma3": dict(family="gemma3", attention_pattern="local_global_5_1", sliding_window=32,
+                   use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
+                   rope_base=1_000_000.0, rope_local_base=10_000.0),
 }
 PROMPT, NEW, TEMPERATURE = 16, 48, 0.9
 
@@ -67,23 +80,24 @@ def _copy_bandwidth() -> float:
     return 10 * 2 * x.nbytes / (time.perf_counter() - start)
 
 
-def _bench(name, fields, batch, repeats, peak_flops, bandwidth, top_k, top_p):
-    cfg = GemmaConfig(**fields)
+def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k, top_p):
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     params = nn.unbox(params)
-    torch_model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg)).eval()
+    attention = "eager" if cfg.attn_logit_softcap is not None else "sdpa"
+    torch_model = transformers.AutoModelForCausalLM.from_config(
+        hf.config_to_hf(cfg), attn_implementation=attention).eval()
     torch_model.load_state_dict({k: torch.tensor(v) for k, v in
                                  hf.params_to_hf(params, cfg).items()})
     rng = np.random.default_rng(0)
-    tokens = rng.integers(3, cfg.vocab_size, size=(batch, PROMPT)).astype(np.int32)
+    tokens = rng.integers(3, cfg.vocab_size, size=(batch, prompt)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
-    mask[::2, : PROMPT // 4] = False  # left padding on every other row
+    mask[::2, : prompt // 4] = False  # left padding on every other row
     tokens[~mask] = cfg.pad_id
     jtokens, jmask = jnp.asarray(tokens), jnp.asarray(mask)
 
     def ours(seed):
-        out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), NEW,
+        out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), new,
                               temperature=TEMPERATURE, top_k=top_k, top_p=top_p)
         return jax.block_until_ready(out)
 
@@ -93,7 +107,7 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth, top_k, top_p):
                 input_ids=torch.from_numpy(tokens.astype(np.int64)),
                 attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=True,
                 temperature=TEMPERATURE, top_k=top_k or 0, top_p=top_p or 1.0,
-                max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=cfg.pad_id)
+                max_new_tokens=new, min_new_tokens=new, pad_token_id=cfg.pad_id)
 
     start = time.perf_counter()
     ours(0)
@@ -107,16 +121,16 @@ def _bench(name, fields, batch, repeats, peak_flops, bandwidth, top_k, top_p):
         start = time.perf_counter()
         out = theirs()
         t_hf = time.perf_counter() - start
-        assert out.shape == (batch, PROMPT + NEW)
+        assert out.shape == (batch, prompt + new)
         pairs.append((t_ours, t_hf))
     t_ours = statistics.median(p[0] for p in pairs)
     t_hf = statistics.median(p[1] for p in pairs)
     ratio = statistics.median(p[1] / p[0] for p in pairs)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    flops = 2 * n_params * batch * (PROMPT + NEW)
-    weight_bytes = 4 * n_params * NEW
-    return dict(name=name, params=n_params, batch=batch, ours=batch * NEW / t_ours,
-                hf=batch * NEW / t_hf, ratio=ratio, compile=compile_s,
+    flops = 2 * n_params * batch * (prompt + new)
+    weight_bytes = 4 * n_params * new
+    return dict(name=name, params=n_params, batch=batch, ours=batch * new / t_ours,
+                hf=batch * new / t_hf, ratio=ratio, compile=compile_s,
                 flops=flops / t_ours / peak_flops, bw=weight_bytes / t_ours / bandwidth)
 
 
@@ -127,19 +141,33 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, both sides")
     parser.add_argument("--top-p", type=float, default=None, help="top-p sampling, both sides")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="gemma",
+                        help="the Gemma generation whose features the sizes get")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch for every size (default: 32 tiny, 8 100m)")
+    parser.add_argument("--prompt", type=int, default=PROMPT, help="prompt length")
+    parser.add_argument("--new", type=int, default=NEW, help="new tokens per row")
     _add_malloc_flag(parser)
     args = parser.parse_args()
+    for flag in ("batch", "prompt", "new"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
     malloc = _set_malloc(args)
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(), _copy_bandwidth()
     print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
-          f" prompt {PROMPT}, {NEW} new tokens, temperature {TEMPERATURE}, top-k {args.top_k},"
+          f" family {args.family}, prompt {args.prompt}, {args.new} new tokens,"
+          f" temperature {TEMPERATURE}, top-k {args.top_k},"
           f" top-p {args.top_p}, {args.repeats} pairs;"
           f" {malloc}")
-    rows = [_bench(name, *SIZES[name], args.repeats, peak, bandwidth, args.top_k, args.top_p)
-            for name in args.sizes.split(",")]
+    rows = []
+    for name in args.sizes.split(","):
+        fields, batch = SIZES[name]
+        cfg = GemmaConfig(**fields, **FAMILIES[args.family])
+        rows.append(_bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
+                           peak, bandwidth, args.top_k, args.top_p))
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
