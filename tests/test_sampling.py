@@ -228,13 +228,16 @@ def test_bad_arguments(setup):
 
 def test_arguments_users_pass_from_numpy_and_jax(setup):
     """NumPy ints and concrete JAX scalars work as their Python equivalents, Python lists as
-    prompts; a top-k above the vocabulary keeps every token, as in transformers."""
+    prompts; a top-k above the vocabulary and a top-p of 1 keep every token, as in
+    transformers."""
     cfg, params, tokens, mask, _ = setup
     key = jax.random.key(4)
     ref = sampling.sample(params, cfg, tokens, mask, key, N, temperature=0.9, eos_id=5)
+    compiled = sampling._sample._cache_size()
     out = sampling.sample(params, cfg, tokens.tolist(), np.asarray(mask), key, np.int64(N),
-                          temperature=jnp.float32(0.9), top_k=cfg.vocab_size + 1,
+                          temperature=jnp.float32(0.9), top_k=cfg.vocab_size + 1, top_p=1.0,
                           eos_id=np.int32(5))
+    assert sampling._sample._cache_size() == compiled  # the same program: no filter at all
     for got, want in zip(out, ref, strict=True):
         np.testing.assert_array_equal(got, want)
 

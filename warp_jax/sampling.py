@@ -62,7 +62,9 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
         traced, so a new one does not recompile.
       top_k: keep the k most likely tokens (None: all; a k above the vocabulary size keeps
         all, as in transformers).
-      top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p
+        (None or 1: all, as in transformers; a float32 sum would drop the tokens below its
+        rounding error).
       eos_id: a token id in `[0, vocab_size)`: a row stops after emitting it (None: never
         stops early).
 
@@ -92,12 +94,13 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
                          f"{eos_id!r}")
     greedy = temperature == 0
     top_k = None if top_k is None or top_k >= cfg.vocab_size else int(top_k)
+    use_top_p = top_p is not None and top_p < 1
     return _sample(params, prompt_tokens, prompt_mask.astype(bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
-                   jnp.float32(1.0 if top_p is None else top_p),
+                   jnp.float32(top_p if use_top_p else 1.0),
                    jnp.int32(-1 if eos_id is None else eos_id),
                    cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-                   use_top_p=top_p is not None)
+                   use_top_p=use_top_p)
 
 
 # top_k is static: it sizes the top-k candidate buffer (`_top_k_candidates`).
