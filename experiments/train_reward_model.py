@@ -1,4 +1,4 @@
-"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss.
+r"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss.
 
     python -m experiments.train_reward_model --data prefs.jsonl --workdir /tmp/rm \
         [--tokenizer tokenizer.model | --tokenizer-vocab 512] [--init HF_DIR | --preset tiny]

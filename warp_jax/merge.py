@@ -1,4 +1,4 @@
-"""Merge fine-tuned checkpoints with WARP's SLERP and LITI: `python -m warp_jax.merge`.
+r"""Merge fine-tuned checkpoints with WARP's SLERP and LITI: `python -m warp_jax.merge`.
 
     python -m warp_jax.merge --init SFT_DIR --policy RUN1_DIR --policy RUN2_DIR [--policy ...] \
         [--weights 0.5,0.5] [--method slerp|lerp] [--granularity layer|tensor] \
