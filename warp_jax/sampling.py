@@ -217,8 +217,7 @@ def _filter(logits_BV, top_k, top_p):
     values = logits_BV  # a superset of the kept tokens, where the thresholds are searched
     if top_k is not None:
         values = _top_k_candidates(logits_BV, top_k)
-        kth = _radix_select(lambda t: jnp.sum(jnp.where(values >= t[:, None], 1.0, 0.0),
-                                              axis=-1) >= top_k, rows)
+        kth = _kth_largest(values, top_k)
         values = jnp.where(values >= kth[:, None], values, _NEG_INF)
         logits_BV = jnp.where(logits_BV >= kth[:, None], logits_BV, _NEG_INF)
     if top_p is not None:
@@ -258,8 +257,7 @@ def _top_k_candidates(logits_BV, k):
     padded = jnp.pad(logits_BV, ((0, 0), (0, chunks * _TOP_K_CHUNK - vocab)),
                      constant_values=_NEG_INF).reshape(rows, chunks, _TOP_K_CHUNK)
     peak_BC = jnp.max(padded, axis=-1)
-    cut = _radix_select(lambda t: jnp.sum(jnp.where(peak_BC >= t[:, None], 1.0, 0.0),
-                                          axis=-1) >= k, rows)[:, None]
+    cut = _kth_largest(peak_BC, k)[:, None]
     above, at = peak_BC > cut, peak_BC == cut
     slot = jnp.where(above, jnp.cumsum(above, axis=-1),
                      jnp.sum(above, axis=-1, keepdims=True) + jnp.cumsum(at, axis=-1)) - 1
@@ -267,6 +265,12 @@ def _top_k_candidates(logits_BV, k):
     chosen = jnp.zeros((rows, k + 1), jnp.int32).at[jnp.arange(rows)[:, None], slot].set(
         jnp.broadcast_to(jnp.arange(chunks, dtype=jnp.int32), (rows, chunks)))
     return jnp.take_along_axis(padded, chosen[:, :k, None], axis=1).reshape(rows, -1)
+
+
+def _kth_largest(values_BX, k):
+    """Per row, the k-th largest of `values_BX`, ties counted: a radix select over counts."""
+    return _radix_select(lambda t: jnp.sum(jnp.where(values_BX >= t[:, None], 1.0, 0.0),
+                                           axis=-1) >= k, values_BX.shape[0])
 
 
 def _radix_select(holds, rows):
