@@ -239,6 +239,11 @@ def test_bad_checkpoints_and_configs_name_the_problem(case):
         hf.params_from_hf(bad, cfg)
     with pytest.raises(ValueError, match="no safetensors"):
         hf.params_from_hf("/nonexistent/checkpoint", cfg)
+    assert "lm_head.weight" in state  # tied: the embedding itself, accepted
+    untied = dict(state)
+    untied["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' differs"):
+        hf.params_from_hf(untied, cfg)
 
 
 def test_unknown_architecture_and_bad_fields():
@@ -248,6 +253,19 @@ def test_unknown_architecture_and_bad_fields():
     with pytest.raises(ValueError, match="unsupported hidden activation 'gelu' for gemma2"):
         hf.config_from_hf(transformers.Gemma2Config(hidden_activation="gelu"))
     assert hf.config_from_hf(transformers.GemmaConfig(hidden_act="gelu")).family == "gemma"
+    # Fields whose other values would silently change the logits.
+    for field, value in [("attention_bias", True), ("tie_word_embeddings", False),
+                         ("use_bidirectional_attention", True)]:
+        for config_class in (transformers.GemmaConfig, transformers.Gemma2Config,
+                             transformers.Gemma3TextConfig):
+            with pytest.raises(ValueError, match=f"unsupported {field}={value}"):
+                hf.config_from_hf(config_class(**{field: value}))
+    with pytest.raises(ValueError, match="unsupported tie_word_embeddings=False in the gemma3"):
+        hf.config_from_hf(transformers.Gemma3Config(tie_word_embeddings=False))
+    with pytest.raises(ValueError, match=r"scaling factor 2.0 in rope_parameters\['sliding"):
+        hf.config_from_hf(transformers.Gemma3TextConfig(rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}))
     with pytest.raises(ValueError, match="num_kv_heads"):
         GemmaConfig.from_preset("tiny", num_kv_heads=3)
     with pytest.raises(ValueError, match="embed_dim must be a positive int"):

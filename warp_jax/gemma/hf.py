@@ -34,6 +34,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
 
         hf_config = transformers.AutoConfig.for_model(**hf_config)
     if getattr(hf_config, "model_type", None) == "gemma3" and hasattr(hf_config, "text_config"):
+        _reject_unsupported(hf_config)  # the multimodal config holds tie_word_embeddings
         hf_config = hf_config.text_config
     model_type = getattr(hf_config, "model_type", None)
     family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type)
@@ -43,6 +44,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
             "gemma3_text (and gemma3's text model)"
         )
     c = hf_config
+    _reject_unsupported(c)
     activation = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
     # transformers reads Gemma 1's legacy "gelu" as the tanh approximation; Gemma 2 and 3 run
     # "gelu" as the exact erf GELU, which this model does not implement.
@@ -78,12 +80,33 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
             fields["rope_base"] = _rope_theta(rope, c, "rope_parameters")
         else:
             full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+            if float(sliding.get("factor", 1.0)) != 1.0:
+                raise ValueError(f"unsupported RoPE scaling factor {sliding['factor']} in "
+                                 "rope_parameters['sliding_attention']: Gemma 3 scales only "
+                                 "its global layers")
             fields.update(use_qk_norm=True,
                           rope_base=_rope_theta(full, c, "rope_parameters['full_attention']"),
                           rope_local_base=_rope_theta(
                               sliding, c, "rope_parameters['sliding_attention']"),
                           rope_scale_factor=float(full.get("factor", 1.0)))
     return GemmaConfig(**{**fields, **overrides})
+
+
+# transformers fields whose non-default values this model does not implement: accepting them
+# would silently give other logits than transformers'.
+_UNSUPPORTED = {
+    "attention_bias": (False, "its attention projections have no biases"),
+    "tie_word_embeddings": (True, "its output projection is the input embedding"),
+    "use_bidirectional_attention": (False, "it is a causal decoder"),
+}
+
+
+def _reject_unsupported(hf_config: Any) -> None:
+    for name, (default, why) in _UNSUPPORTED.items():
+        value = getattr(hf_config, name, None)
+        if value is not None and bool(value) != default:
+            raise ValueError(f"unsupported {name}={value!r} in the {hf_config.model_type} "
+                             f"config: this Gemma supports only {name}={default} ({why})")
 
 
 def config_to_hf(cfg: GemmaConfig) -> Any:
@@ -132,14 +155,19 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
     tensor. Accepts `*ForCausalLM`, Gemma 3's multimodal text model and
     `*ForSequenceClassification` checkpoints with `num_labels=1`, whose head becomes
     `params["score"]` `[D]` (the params of `rewards.RewardModel`).
-    Raises `ValueError` naming the tensor for a missing tensor or a wrong shape.
+    Raises `ValueError` naming the tensor for a missing tensor, a wrong shape or an
+    `lm_head.weight` that is not the embedding (an untied head, which this Gemma lacks).
     """
     expected = _hf_shapes(cfg)
     dtype = np.dtype(cfg.param_dtype)
     params: dict[str, Any] = {}
     found: set[str] = set()
+    lm_head = None
     for hf_name, load in _tensors(state_dict_or_dir):
         short = _PREFIX.sub("", hf_name)
+        if short == "lm_head.weight":
+            lm_head = load
+            continue
         if hf_name == "score.weight":
             value = np.asarray(load())
             if value.shape != (1, cfg.embed_dim):
@@ -162,6 +190,11 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
     missing = sorted(set(expected) - found, key=_natural)
     if missing:
         raise ValueError(f"missing tensor(s) in the checkpoint: {['model.' + m for m in missing]}")
+    if lm_head is not None and not np.array_equal(np.asarray(lm_head()).astype(dtype),
+                                                  params["input_embedding"]):
+        raise ValueError("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight': "
+                         "this Gemma ties its output projection to the input embedding, so an "
+                         "untied checkpoint would give other logits")
     return params
 
 
