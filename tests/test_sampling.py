@@ -222,6 +222,10 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
     with pytest.raises(ValueError, match="eos_id"):
         sampling.sample(params, cfg, tokens, mask, key, N, eos_id=cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1, 3\] are not left-padded"):
+        sampling.sample(params, cfg, tokens, mask[:, ::-1], key, N)  # right-padded
+    with pytest.raises(ValueError, match=r"row\(s\) \[2\] have no prompt token"):
+        sampling.sample(params, cfg, tokens, mask.at[2].set(False), key, N)
     with pytest.raises(ValueError, match="temperature must be concrete"):
         jax.jit(lambda t: sampling.sample(params, cfg, tokens, mask, key, N, temperature=t))(0.9)
 

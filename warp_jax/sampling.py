@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from warp_jax.gemma import Gemma, GemmaConfig, init_cache, left_padded_positions
 
@@ -75,6 +76,7 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [B, P]")
+    _check_left_padded(prompt_mask)
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     try:
@@ -101,6 +103,22 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
                    jnp.int32(-1 if eos_id is None else eos_id),
                    cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
                    use_top_p=use_top_p)
+
+
+def _check_left_padded(mask_BP):
+    """Raises `ValueError` unless every row of a concrete mask is padding then prompt, with at
+    least one prompt token: the first token is sampled from the logits of the last slot."""
+    if isinstance(mask_BP, jax.core.Tracer) or not mask_BP.is_fully_addressable:
+        return  # checked where the caller builds it
+    mask = np.asarray(mask_BP, bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"prompt_mask row(s) {empty.tolist()} have no prompt token: every row "
+                         "needs at least one (e.g. BOS)")
+    bad = np.flatnonzero((mask[:, :-1] & ~mask[:, 1:]).any(axis=1))
+    if bad.size:
+        raise ValueError(f"prompt_mask row(s) {bad.tolist()} are not left-padded (a False after "
+                         "a True): pad prompts on the left (tokenizer padding_side='left')")
 
 
 # top_k is static: it sizes the top-k candidate buffer (`_top_k_candidates`).
