@@ -103,6 +103,54 @@ def test_logits_match_transformers(case):
     assert _max_rel_err(ours, ref, mask) < 1e-4, name
 
 
+def _random_hf_config(rng, family):
+    """A random tiny Gemma, Gemma 2 or Gemma 3 config: head counts, widths, layer patterns,
+    windows, scalars and soft-caps the fixed cases above do not name."""
+    kv_heads, group = int(rng.choice([1, 2, 4])), int(rng.choice([1, 2, 3]))
+    heads = kv_heads * group
+    common = dict(vocab_size=int(rng.integers(50, 300)), num_hidden_layers=int(rng.integers(1, 5)),
+                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  hidden_size=heads * int(rng.choice([4, 8, 16])),  # transformers wants N | D
+                  head_dim=int(rng.choice([4, 8, 16, 32])),
+                  intermediate_size=int(rng.choice([32, 64, 96])),
+                  rms_norm_eps=float(rng.choice([1e-6, 1e-5])))
+    if family == "gemma":
+        return transformers.GemmaConfig(**common, rope_parameters={
+            "rope_type": "default", "rope_theta": float(rng.choice([1e4, 500.0]))})
+    local = dict(sliding_window=int(rng.integers(2, 20)),
+                 query_pre_attn_scalar=int(rng.integers(4, 64)))
+    if family == "gemma2":
+        return transformers.Gemma2Config(
+            **common, **local,
+            attn_logit_softcapping=float(rng.choice([5.0, 50.0])) if rng.random() < 0.7 else None,
+            final_logit_softcapping=float(rng.choice([3.0, 30.0])) if rng.random() < 0.7 else None)
+    return transformers.Gemma3TextConfig(
+        **common, **local,
+        layer_types=[str(rng.choice(["sliding_attention", "full_attention"]))
+                     for _ in range(common["num_hidden_layers"])],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": float(rng.choice([1.0, 8.0])),
+                               "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_logits_match_transformers_on_random_configs(seed):
+    rng = np.random.default_rng(seed)
+    model = _hf_model(_random_hf_config(rng, ("gemma", "gemma2", "gemma3")[seed % 3]), seed=seed)
+    cfg = hf.config_from_hf(model.config)
+    params = hf.params_from_hf(model.state_dict(), cfg)
+    batch, length = int(rng.integers(1, 5)), int(rng.integers(1, 24))
+    tokens = rng.integers(3, cfg.vocab_size, size=(batch, length)).astype(np.int32)
+    mask = np.arange(length) >= rng.integers(0, length, size=(batch, 1))  # left padding
+    tokens[~mask] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    ref = _hf_logits(model, tokens, mask, positions)
+    ours, _ = Gemma(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                               jnp.asarray(mask))
+    assert _max_rel_err(ours, ref, mask) < 1e-4, model.config
+
+
 def test_default_positions_and_mask_are_a_plain_causal_forward(case):
     _, model, cfg, _, params, apply = case
     tokens, _, _ = _inputs(cfg.vocab_size, seed=1)
