@@ -226,6 +226,12 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask[:, ::-1], key, N)  # right-padded
     with pytest.raises(ValueError, match=r"row\(s\) \[2\] have no prompt token"):
         sampling.sample(params, cfg, tokens, mask.at[2].set(False), key, N)
+    with pytest.raises(ValueError, match=r"prompt_tokens\[1, 5\] = -1 is outside the vocab"):
+        sampling.sample(params, cfg, tokens.at[1, 5].set(-1), mask, key, N)
+    with pytest.raises(ValueError, match=rf"= {cfg.vocab_size} is outside the vocabulary"):
+        sampling.sample(params, cfg, tokens.at[0, 0].set(cfg.vocab_size), mask, key, N)
+    # Padding may hold any id.
+    sampling.sample(params, cfg, tokens.at[1, 0].set(-1), mask, key, N)
     with pytest.raises(ValueError, match="temperature must be concrete"):
         jax.jit(lambda t: sampling.sample(params, cfg, tokens, mask, key, N, temperature=t))(0.9)
 

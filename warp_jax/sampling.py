@@ -76,7 +76,7 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [B, P]")
-    _check_left_padded(prompt_mask)
+    _check_prompts(prompt_tokens, prompt_mask, cfg.vocab_size)
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     try:
@@ -105,12 +105,19 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
                    use_top_p=use_top_p)
 
 
-def _check_left_padded(mask_BP):
-    """Raises `ValueError` unless every row of a concrete mask is padding then prompt, with at
-    least one prompt token: the first token is sampled from the logits of the last slot."""
-    if isinstance(mask_BP, jax.core.Tracer) or not mask_BP.is_fully_addressable:
-        return  # checked where the caller builds it
-    mask = np.asarray(mask_BP, bool)
+def _check_prompts(tokens_BP, mask_BP, vocab_size):
+    """Raises `ValueError` unless every row of concrete prompts is padding then prompt, with at
+    least one prompt token (the first token is sampled from the logits of the last slot), and
+    every prompt token is in the vocabulary (an embedding lookup would clamp or wrap it)."""
+    if any(isinstance(x, jax.core.Tracer) or not x.is_fully_addressable
+           for x in (tokens_BP, mask_BP)):
+        return  # checked where the caller builds them
+    tokens, mask = np.asarray(tokens_BP), np.asarray(mask_BP, bool)
+    outside = (tokens < 0) | (tokens >= vocab_size)
+    if (outside & mask).any():
+        row, col = np.argwhere(outside & mask)[0]
+        raise ValueError(f"prompt_tokens[{row}, {col}] = {tokens[row, col]} is outside the "
+                         f"vocabulary [0, {vocab_size})")
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:
         raise ValueError(f"prompt_mask row(s) {empty.tolist()} have no prompt token: every row "
