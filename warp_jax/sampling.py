@@ -71,6 +71,10 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
+
+    Raises:
+      ValueError: for a bad argument, and for concrete prompts that are not left-padded, have
+        a row without a prompt token or a prompt token outside the vocabulary.
     """
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
