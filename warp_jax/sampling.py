@@ -76,11 +76,12 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       ValueError: for a bad argument, and for concrete prompts that are not left-padded, have
         a row without a prompt token or a prompt token outside the vocabulary.
     """
+    given = (prompt_tokens, prompt_mask)
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [B, P]")
-    _check_prompts(prompt_tokens, prompt_mask, cfg.vocab_size)
+    _check_prompts(*given, cfg.vocab_size)  # as given: host data is not copied back
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     try:
@@ -113,13 +114,14 @@ def _check_prompts(tokens_BP, mask_BP, vocab_size):
     """Raises `ValueError` unless every row of concrete prompts is padding then prompt, with at
     least one prompt token (the first token is sampled from the logits of the last slot), and
     every prompt token is in the vocabulary (an embedding lookup would clamp or wrap it)."""
-    if any(isinstance(x, jax.core.Tracer) or not x.is_fully_addressable
+    if any(isinstance(x, jax.core.Tracer)
+           or (isinstance(x, jax.Array) and not x.is_fully_addressable)
            for x in (tokens_BP, mask_BP)):
         return  # checked where the caller builds them
     tokens, mask = np.asarray(tokens_BP), np.asarray(mask_BP, bool)
-    outside = (tokens < 0) | (tokens >= vocab_size)
-    if (outside & mask).any():
-        row, col = np.argwhere(outside & mask)[0]
+    outside = np.argwhere(((tokens < 0) | (tokens >= vocab_size)) & mask)
+    if outside.size:
+        row, col = outside[0]
         raise ValueError(f"prompt_tokens[{row}, {col}] = {tokens[row, col]} is outside the "
                          f"vocabulary [0, {vocab_size})")
     empty = np.flatnonzero(~mask.any(axis=1))
