@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from warp_jax import merging, sharding
+from warp_jax import merging, sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig, block_groups, hf, init_cache
 
 B, T = 3, 11
@@ -38,12 +38,13 @@ HF_CONFIGS = {
 }
 
 
-def _hf_model(hf_config, seed=0):
+def _hf_model(hf_config, seed=0, embed_std=0.3):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():  # non-trivial norm weights too
             p.normal_(0.0, 0.3)
+        model.get_input_embeddings().weight.mul_(embed_std / 0.3)
     return model.eval()
 
 
@@ -149,6 +150,37 @@ def test_logits_match_transformers_on_random_configs(seed):
     ours, _ = Gemma(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
                                jnp.asarray(mask))
     assert _max_rel_err(ours, ref, mask) < 1e-4, model.config
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_greedy_sampling_matches_transformers_generate(name):
+    # Small embeddings, so that the blocks, not the embedding of the last token, pick the
+    # next one: the rows then differ from step to step and between the four families.
+    model = _hf_model(HF_CONFIGS[name], seed=1, embed_std=0.05)
+    cfg = hf.config_from_hf(model.config)
+    params = hf.params_from_hf(model.state_dict(), cfg)
+    tokens, mask, _ = _inputs(cfg.vocab_size)
+    n = 10
+    free = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0)
+    eos = int(free.tokens[0, 3])  # row 0 stops after 4 tokens; the other rows, maybe
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0,
+                          eos_id=eos)
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=False,
+            max_new_tokens=n, eos_token_id=eos, pad_token_id=cfg.pad_id, output_logits=True,
+            return_dict_in_generate=True)
+    new = ref.sequences[:, T:].numpy()
+    assert new.shape[1] == n and len(set(new[1:].ravel().tolist())) > 3, new
+    logp = torch.stack([torch.log_softmax(x, dim=-1) for x in ref.logits], dim=1)
+    ref_logp = torch.gather(logp, 2, ref.sequences[:, T:, None])[..., 0].numpy()
+    tokens_out, logp_out, live = (np.asarray(x) for x in out)
+    np.testing.assert_array_equal(tokens_out, new)
+    emitted = np.cumsum(new == eos, axis=1) - (new == eos)  # EOS tokens before each step
+    np.testing.assert_array_equal(live, emitted == 0)
+    assert live[0].sum() <= 4
+    np.testing.assert_allclose(logp_out[live], ref_logp[live], atol=1e-4)
 
 
 def test_default_positions_and_mask_are_a_plain_causal_forward(case):
