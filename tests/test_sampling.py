@@ -1,10 +1,12 @@
-"""The sampler against full forward passes of the same model."""
+"""The sampler against full forward passes of the same model and transformers' warpers."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +104,8 @@ VOCAB = 40 * sampling._TOP_K_CHUNK  # 40 chunks: top-k searches chunks for k <= 
        top_k=st.sampled_from([None, 1, 3, 10, 11, VOCAB]),
        top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
 def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
-    """The radix-select thresholds against sorting (300 examples of a few ms each): ties,
+    """The radix-select thresholds against sorting, and against transformers' top-k / top-p
+    warpers where no logits tie (300 examples of a few ms each): ties,
     both signs, -0.0, -inf entries, and top-k over chunk candidates (k <= 10) or the whole
     vocabulary. (top_p stops short of 1, where float32 and float64 disagree on the vanishing
     tail.)"""
@@ -120,6 +123,15 @@ def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top
     if top_k is None and top_p is None:
         want = _kept_by_sorting(logits, 1, None)
     np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), want)
+    if not ties:  # transformers' warpers, which break ties by sort order, keep the same sets
+        ref = torch.from_numpy(logits)
+        if top_k is not None:
+            ref = transformers.TopKLogitsWarper(top_k)(None, ref)
+        if top_p is not None:
+            ref = transformers.TopPLogitsWarper(top_p)(None, ref)
+        if top_k is not None or top_p is not None:
+            np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)),
+                                          np.isfinite(ref.numpy()))
 
 
 def test_top_k_candidates_put_chunks_above_the_cut_first():
