@@ -105,10 +105,9 @@ VOCAB = 40 * sampling._TOP_K_CHUNK  # 40 chunks: top-k searches chunks for k <= 
        top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
 def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
     """The radix-select thresholds against sorting, and against transformers' top-k / top-p
-    warpers where no logits tie (300 examples of a few ms each): ties,
-    both signs, -0.0, -inf entries, and top-k over chunk candidates (k <= 10) or the whole
-    vocabulary. (top_p stops short of 1, where float32 and float64 disagree on the vanishing
-    tail.)"""
+    warpers where no logits tie (300 examples of a few ms each): ties, both signs, -0.0, -inf
+    entries, and top-k over chunk candidates (k <= 10) or the whole vocabulary. (top_p stops
+    short of 1, where float32 and float64 disagree on the vanishing tail.)"""
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(3, VOCAB)) * scale).astype(np.float32)
     if ties:
