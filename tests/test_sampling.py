@@ -226,7 +226,7 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="top_p"):
         sampling.sample(params, cfg, tokens, mask, key, N, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
-        sampling.sample(params, cfg, tokens, mask, key, N, top_k=0)
+        sampling.sample(params, cfg, tokens, mask, key, N, top_k=-1)
     with pytest.raises(ValueError, match="top_k"):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=2.5)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
@@ -249,7 +249,7 @@ def test_bad_arguments(setup):
 
 def test_arguments_users_pass_from_numpy_and_jax(setup):
     """NumPy ints and concrete JAX scalars work as their Python equivalents, Python lists as
-    prompts; a top-k above the vocabulary and a top-p of 1 keep every token, as in
+    prompts; a top-k of 0 or above the vocabulary and a top-p of 1 keep every token, as in
     transformers."""
     cfg, params, tokens, mask, _ = setup
     key = jax.random.key(4)
@@ -259,6 +259,10 @@ def test_arguments_users_pass_from_numpy_and_jax(setup):
                           temperature=jnp.float32(0.9), top_k=cfg.vocab_size + 1, top_p=1.0,
                           eos_id=np.int32(5))
     assert sampling._sample._cache_size() == compiled  # the same program: no filter at all
+    for got, want in zip(out, ref, strict=True):
+        np.testing.assert_array_equal(got, want)
+    out = sampling.sample(params, cfg, tokens, mask, key, N, top_k=np.int64(0), eos_id=5)
+    assert sampling._sample._cache_size() == compiled
     for got, want in zip(out, ref, strict=True):
         np.testing.assert_array_equal(got, want)
 

@@ -61,8 +61,8 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       temperature: > 0 to sample from `softmax(logits / temperature)`; 0 for greedy. A
         Python or concrete JAX scalar (greedy decoding is chosen when tracing); its value is
         traced, so a new one does not recompile.
-      top_k: keep the k most likely tokens (None: all; a k above the vocabulary size keeps
-        all, as in transformers).
+      top_k: keep the k most likely tokens (None or 0: all, as in transformers, and so does
+        a k at or above the vocabulary size).
       top_p: keep the smallest set of most likely tokens whose probability reaches top_p
         (None or 1: all, as in transformers; a float32 sum would drop the tokens below its
         rounding error).
@@ -91,8 +91,8 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
                          "decoding and sampling when the sampler is traced") from None
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k >= 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k >= 0):
+        raise ValueError(f"top_k must be a non-negative int (0: off) or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if eos_id is not None and not (isinstance(eos_id, numbers.Integral)
@@ -100,7 +100,7 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
         raise ValueError(f"eos_id must be an int in [0, {cfg.vocab_size}) or None, got "
                          f"{eos_id!r}")
     greedy = temperature == 0
-    top_k = None if top_k is None or top_k >= cfg.vocab_size else int(top_k)
+    top_k = None if top_k in (None, 0) or top_k >= cfg.vocab_size else int(top_k)
     use_top_p = top_p is not None and top_p < 1
     return _sample(params, prompt_tokens, prompt_mask.astype(bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
