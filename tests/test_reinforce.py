@@ -106,6 +106,7 @@ def test_rloo_matches_its_formula_and_baselines_are_selectable():
         reinforce.advantages(jnp.asarray(r), "ppo")
     with pytest.raises(ValueError, match="adam_eps > 0"):
         reinforce.RLConfig(adam_eps=0.0)
+    assert hash(reinforce.RLConfig(eos_id=[1, 106])) == hash(reinforce.RLConfig(eos_id=(1, 106)))
 
 
 def test_token_logprobs_respect_the_mask():

@@ -156,17 +156,21 @@ def test_keys_determine_the_tokens(setup):
 def test_eos_masks_the_rest_of_the_row(setup):
     cfg, params, tokens, mask, _ = setup
     greedy = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0)
-    eos = int(greedy.tokens[0, 2])
-    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0,
-                          eos_id=eos)
-    toks, lp, m = (np.asarray(x) for x in out)
-    for row in range(B):
-        hits = np.flatnonzero(np.asarray(greedy.tokens[row]) == eos)
-        stop = hits[0] if hits.size else N - 1
-        assert m[row, :stop + 1].all() and not m[row, stop + 1:].any()
-        assert np.all(toks[row, stop + 1:] == cfg.pad_id) and np.all(lp[row, stop + 1:] == 0)
-        np.testing.assert_array_equal(toks[row, :stop + 1], greedy.tokens[row, :stop + 1])
-    assert m[0].sum() <= 3  # row 0 emits eos by its third token
+    first = np.asarray(greedy.tokens)
+    # One end token, then two (an instruction-tuned Gemma's <eos> and <end_of_turn>).
+    for eos, stops_by in ((int(first[0, 2]), {0: 3}),
+                          ([int(first[0, 2]), np.int64(first[3, 1])], {0: 3, 3: 2})):
+        out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N,
+                              temperature=0.0, eos_id=eos)
+        toks, lp, m = (np.asarray(x) for x in out)
+        for row in range(B):
+            hits = np.flatnonzero(np.isin(first[row], eos))
+            stop = hits[0] if hits.size else N - 1
+            assert m[row, :stop + 1].all() and not m[row, stop + 1:].any()
+            assert np.all(toks[row, stop + 1:] == cfg.pad_id) and np.all(lp[row, stop + 1:] == 0)
+            np.testing.assert_array_equal(toks[row, :stop + 1], first[row, :stop + 1])
+        for row, most in stops_by.items():
+            assert m[row].sum() <= most
 
 
 def test_second_call_does_not_recompile(setup):
@@ -231,8 +235,9 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=2.5)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
-    with pytest.raises(ValueError, match="eos_id"):
-        sampling.sample(params, cfg, tokens, mask, key, N, eos_id=cfg.vocab_size)
+    for eos in (cfg.vocab_size, [], [1, -1], 1.0, "1"):
+        with pytest.raises(ValueError, match="eos_id"):
+            sampling.sample(params, cfg, tokens, mask, key, N, eos_id=eos)
     with pytest.raises(ValueError, match=r"row\(s\) \[1, 3\] are not left-padded"):
         sampling.sample(params, cfg, tokens, mask[:, ::-1], key, N)  # right-padded
     with pytest.raises(ValueError, match=r"row\(s\) \[2\] have no prompt token"):

@@ -39,7 +39,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
                     rewards: Mapping[str, Callable], *, max_new_tokens: int,
                     temperature: float = 0.9, num_samples: int = 1,
-                    eos_id: int | None = None) -> dict[str, Any]:
+                    eos_id: int | Sequence[int] | None = None) -> dict[str, Any]:
     """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
     with its standard error, over `num_samples` completions of each held-out prompt.
 
@@ -50,7 +50,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     tokens, mask, completion, cmask, kl = _sample_and_kl(
         params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
         max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
-        eos_id=eos_id)
+        eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None)  # static: hashable
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = _mean_se(np.asarray(kl))
     host_batch = None

@@ -139,7 +139,7 @@ class RLConfig:
     temperature: float = 0.9  # sampling temperature; log-probs are of this distribution
     top_k: int | None = None
     top_p: float | None = None
-    eos_id: int | None = None  # completions stop after it
+    eos_id: int | tuple[int, ...] | None = None  # completions stop after it (or any of them)
     learning_rate: float = 1e-6  # Adam's rate after warm-up (constant after it)
     warmup_steps: int = 100  # linear warm-up from 0
     grad_clip: float | None = None  # global-norm clipping (None: off)
@@ -148,6 +148,8 @@ class RLConfig:
     adam_eps: float = 1e-8  # optax's default; the paper does not give one
 
     def __post_init__(self):
+        if self.eos_id is not None and not isinstance(self.eos_id, numbers.Integral):
+            object.__setattr__(self, "eos_id", tuple(self.eos_id))  # a list, made hashable
         if self.anchor not in ANCHORS:
             raise ValueError(f"RLConfig.anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.baseline not in BASELINES:

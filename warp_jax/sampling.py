@@ -2,7 +2,7 @@
 
 Prompts are left-padded `[B, P]` with a mask; the prompt is prefilled in one pass, then a
 `lax.while_loop` decodes one token per step from the cache until `max_new_tokens` or until
-every row has emitted `eos_id`.
+every row has emitted an end token (`eos_id`: one id or several).
 
 Log-probabilities are those of the distribution each token was drawn from: `log_softmax` of
 `logits / temperature`, restricted and renormalised to the tokens that top-k and top-p keep
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -38,7 +40,7 @@ class _LoopState:
     last: jax.Array  # [B] int32: the last sampled token (pad_id in finished rows)
     live: jax.Array  # [B] bool: `last` is a real token (its row had not finished)
     positions: jax.Array  # [B] int32: RoPE position of `last`
-    done: jax.Array  # [B] bool: the row has emitted EOS
+    done: jax.Array  # [B] bool: the row has emitted an end token
     cache: dict[str, Any]  # KV cache of P + N slots
     tokens: jax.Array  # [B, N] int32
     logprobs: jax.Array  # [B, N] float32
@@ -48,7 +50,7 @@ class _LoopState:
 def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
            rng: jax.Array, max_new_tokens: int, temperature: float = 0.9,
            top_k: int | None = None, top_p: float | None = None,
-           eos_id: int | None = None) -> SampleOutput:
+           eos_id: int | Sequence[int] | None = None) -> SampleOutput:
     """Samples `max_new_tokens` continuations of left-padded prompts.
 
     Args:
@@ -66,8 +68,9 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       top_p: keep the smallest set of most likely tokens whose probability reaches top_p
         (None or 1: all, as in transformers; a float32 sum would drop the tokens below its
         rounding error).
-      eos_id: a token id in `[0, vocab_size)`: a row stops after emitting it (None: never
-        stops early).
+      eos_id: a token id in `[0, vocab_size)`, or several (instruction-tuned Gemmas end a
+        turn with `<end_of_turn>`, as their `generation_config.eos_token_id` lists): a row
+        stops after emitting one (None: never stops early). One compile per number of ids.
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
@@ -95,19 +98,34 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
         raise ValueError(f"top_k must be a non-negative int (0: off) or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if eos_id is not None and not (isinstance(eos_id, numbers.Integral)
-                                   and 0 <= eos_id < cfg.vocab_size):
-        raise ValueError(f"eos_id must be an int in [0, {cfg.vocab_size}) or None, got "
-                         f"{eos_id!r}")
+    eos_ids = end_token_ids(eos_id, cfg.vocab_size)
     greedy = temperature == 0
     top_k = None if top_k in (None, 0) or top_k >= cfg.vocab_size else int(top_k)
     use_top_p = top_p is not None and top_p < 1
     return _sample(params, prompt_tokens, prompt_mask.astype(bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
                    jnp.float32(top_p if use_top_p else 1.0),
-                   jnp.int32(-1 if eos_id is None else eos_id),
+                   jnp.asarray(eos_ids or (-1,), jnp.int32),
                    cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
                    use_top_p=use_top_p)
+
+
+def end_token_ids(eos_id: Any, vocab_size: int) -> tuple[int, ...]:
+    """`eos_id` (None, an int or a sequence of ints, like transformers' `eos_token_id`) as a
+    tuple of ids, checked to lie in `[0, vocab_size)`; `()` for None."""
+    if eos_id is None:
+        return ()
+    try:
+        ids = (operator.index(eos_id),)
+    except TypeError:
+        try:
+            ids = tuple(operator.index(i) for i in eos_id)
+        except TypeError:
+            ids = ()
+    if not ids or not all(0 <= i < vocab_size for i in ids):
+        raise ValueError(f"eos_id must be an int in [0, {vocab_size}), a non-empty sequence of "
+                         f"them, or None; got {eos_id!r}")
+    return ids
 
 
 def _check_prompts(tokens_BP, mask_BP, vocab_size):
@@ -137,7 +155,7 @@ def _check_prompts(tokens_BP, mask_BP, vocab_size):
 # top_k is static: it sizes the top-k candidate buffer (`_top_k_candidates`).
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
                                              "use_top_p"))
-def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id, *, cfg,
+def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids_E, *, cfg,
             max_new_tokens, greedy, top_k, use_top_p):
     model = Gemma(cfg)
     batch, prompt_len = prompt_tokens.shape
@@ -164,7 +182,7 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_id,
     def record(s: _LoopState, token, token_logp, live, cache, positions) -> _LoopState:
         return _LoopState(
             step=s.step + 1, last=token, live=live, positions=positions,
-            done=s.done | (token == eos_id), cache=cache,
+            done=s.done | jnp.any(token[:, None] == eos_ids_E[None, :], axis=1), cache=cache,
             tokens=s.tokens.at[:, s.step].set(token),
             logprobs=s.logprobs.at[:, s.step].set(token_logp),
             mask=s.mask.at[:, s.step].set(live),
