@@ -39,3 +39,10 @@ def test_max_len_keeps_the_end_and_eos_stops_decoding(tok, tmp_path):
     assert Tokenizer(tmp_path / "t.model").encode("the movie") == tok.encode("the movie")
     with pytest.raises(ValueError, match="no SentencePiece model"):
         Tokenizer(tmp_path / "missing.model")
+
+
+def test_piece_ids_name_a_missing_piece(tok):
+    assert tok.piece_ids(["▁the", "</s>"]) == (tok.encode("the", add_bos=False)[0], tok.eos_id)
+    assert tok.piece_ids([]) == ()
+    with pytest.raises(ValueError, match="'<end_of_turn>' is not a piece"):
+        tok.piece_ids(["▁the", "<end_of_turn>"])

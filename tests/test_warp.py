@@ -14,7 +14,7 @@ import pytest
 import transformers
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import merging, warp
+from warp_jax import merging, setup, warp
 from warp_jax.checkpoint import read_tree
 from warp_jax.gemma import block_groups
 
@@ -106,6 +106,14 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
     assert err.strip().splitlines() == [
         "error: 'betaa' Did you mean \"beta\" instead of \"betaa\"?"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    bad = get_config("test")
+    bad.rl.stop_pieces = (107,)  # an id, not a piece
+    with pytest.raises(ValueError, match=r"config.rl.stop_pieces = \(107,\): needs a tuple of"):
+        warp.run(bad, tmp_path)
+    bad.rl.stop_pieces = ("<end_of_turn>",)  # valid, but not in the built-in vocabulary
+    with pytest.raises(ValueError, match=r"stop_pieces = \('<end_of_turn>',\): '<end_of_turn>' "
+                                         r"is not a piece"):
+        warp.run(bad, tmp_path / "new")
 
 
 def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
@@ -130,6 +138,9 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     config.model.dtype = "float32"
     config.task.prompt_len, config.task.eval_prompts = 6, 4
     config.rl.batch_size, config.rl.max_new_tokens, config.rl.learning_rate = 4, 4, 1e-3
+    config.rl.stop_pieces = ("as",)  # ends a completion, besides eos
+    assert setup.prepare(config, tmp_path).end_ids == (tokenizer.eos_id, tokenizer.piece_ids(
+        ["as"])[0])
     config.warp.update(dict(iterations=1, steps=2, eta_grid=(0.0, 1.0),
                             baselines=("reinforce_sft",)))
     config.eval.every, config.eval.samples = 2, 2

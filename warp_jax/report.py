@@ -80,7 +80,7 @@ def _samples(params, runner, setup, config, num: int = 4) -> list[tuple[str, str
     result = evaluation.evaluate_policy(
         params, runner.sft, setup.cfg, prompts, jax.random.key(config.seed + 9),
         {}, max_new_tokens=config.rl.max_new_tokens, temperature=config.rl.temperature,
-        num_samples=1, eos_id=setup.tokenizer.eos_id)
+        num_samples=1, eos_id=setup.end_ids)
     texts = setup.tokenizer.decode_batch(*result["completions"])
     return list(zip(setup.eval_texts[:num], texts, strict=True))
 

@@ -40,6 +40,7 @@ class Setup:
     train_prompts: data.PromptBatches
     eval_prompts: tuple[np.ndarray, np.ndarray]
     eval_texts: list[str]
+    end_ids: tuple[int, ...]  # tokens that end a completion: eos, then config.rl.stop_pieces
 
 
 def _fail(field: str, value: Any, valid: str) -> None:
@@ -81,6 +82,9 @@ def validate_config(c) -> None:
     if c.rl.beta < 0 or not 0 <= c.rl.mu <= 1 or c.rl.learning_rate <= 0:
         _fail("rl", (c.rl.beta, c.rl.mu, c.rl.learning_rate),
               "needs beta >= 0, mu in [0, 1] and learning_rate > 0")
+    if not all(isinstance(p, str) and p for p in c.rl.stop_pieces):
+        _fail("rl.stop_pieces", c.rl.stop_pieces, "needs a tuple of vocabulary pieces, "
+              "e.g. ('<end_of_turn>',)")
     if c.rl.temperature <= 0:
         _fail("rl.temperature", c.rl.temperature, "must be positive")
     if c.rl.baseline == "rloo" and c.rl.num_samples < 2:
@@ -111,6 +115,14 @@ def prepare(c, workdir: pathlib.Path) -> Setup:
         ckpt.close()
 
 
+def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
+    try:
+        extra = tokenizer.piece_ids(c.rl.stop_pieces)
+    except ValueError as e:
+        raise ValueError(f"config.rl.stop_pieces = {tuple(c.rl.stop_pieces)!r}: {e}") from None
+    return tuple(dict.fromkeys((tokenizer.eos_id, *extra)))
+
+
 def _boxed(cfg: GemmaConfig):
     return jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
         "params"]
@@ -124,6 +136,7 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     else:
         tokenizer = Tokenizer.train(corpus, c.task.vocab_size)
         tokenizer.save(path)
+    end_ids = _end_ids(c, tokenizer)
     cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
                                   dtype=c.model.dtype, param_dtype=c.model.dtype,
                                   **dict(c.model.overrides))
@@ -148,22 +161,22 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
         if oracle is None:
             raise ValueError("config.reward.oracle = '': the built-in task trains its reward "
                              "model on oracle labels; set it to 'vader'")
-        rm_params = _train_reward_model(c, cfg, tokenizer, sft_params, rm_like, train_texts,
-                                        oracle)
+        rm_params = _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_like,
+                                        train_texts, oracle)
         ckpt.save("reward_model", 0, rm_params)
     return Setup(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
                  data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
-                 tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts)
+                 tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts, end_ids)
 
 
-def _train_reward_model(c, cfg, tokenizer, sft_params, rm_params, prompts, oracle):
+def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, prompts, oracle):
     """Bradley–Terry on pairs of SFT completions of the training prompts, ranked by the
     oracle (ties dropped): the proxy reward the RL runs optimise."""
     tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
     reps = -(-c.reward.pairs // len(prompts))
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
     out = sampling.sample(sft_params, cfg, tokens, mask, jax.random.key(c.seed + 3),
-                          c.rl.max_new_tokens, temperature=1.0, eos_id=tokenizer.eos_id)
+                          c.rl.max_new_tokens, temperature=1.0, eos_id=end_ids)
     completion, cmask = np.asarray(out.tokens), np.asarray(out.mask)
     scores = np.asarray(oracle(tokens, mask, completion, cmask)).reshape(-1, 2)
     seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
@@ -198,6 +211,7 @@ def _local(c) -> Setup:
     from transformers import AutoConfig
 
     tokenizer = Tokenizer(c.model.tokenizer)
+    end_ids = _end_ids(c, tokenizer)
     cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.model.hf_dir)).replace(
         dtype=c.model.dtype, param_dtype=c.model.dtype)
     sft_params = hf.params_from_hf(c.model.hf_dir, cfg)
@@ -217,4 +231,4 @@ def _local(c) -> Setup:
     train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
     return Setup(cfg, tokenizer, sft_params, _boxed(cfg), (rm_cfg, rm_params), None,
                  data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
-                 tokenizer.encode_batch(held_out, c.task.prompt_len), held_out)
+                 tokenizer.encode_batch(held_out, c.task.prompt_len), held_out, end_ids)

@@ -86,7 +86,7 @@ class _Runner:
         return reinforce.RLConfig(
             beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-            eos_id=self.setup.tokenizer.eos_id, learning_rate=r.learning_rate,
+            eos_id=self.setup.end_ids, learning_rate=r.learning_rate,
             warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps)
 
     def step_fn(self, anchor: str, num_runs: int):
@@ -105,7 +105,7 @@ class _Runner:
             params, self.sft, self.setup.cfg, self.setup.eval_prompts, jax.random.key(c.seed + 1),
             self.rewards, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, num_samples=c.eval.samples,
-            eos_id=self.setup.tokenizer.eos_id)
+            eos_id=self.setup.end_ids)
         result.pop("completions")
         return {k: round(v, 6) for k, v in result.items()}
 

@@ -54,6 +54,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.rl.baseline = "rloo"
     c.rl.batch_size = 16  # prompts per step
     c.rl.max_new_tokens = 12
+    c.rl.stop_pieces = ()  # pieces that end a completion besides eos ("<end_of_turn>" for -it)
     c.rl.temperature = 0.9  # paper: 0.9
     c.rl.learning_rate = 3e-4
     c.rl.warmup_steps = 10

@@ -50,6 +50,20 @@ class Tokenizer:
         with open(path, "wb") as f:
             f.write(self.serialized())
 
+    def piece_ids(self, pieces: Iterable[str]) -> tuple[int, ...]:
+        """The ids of vocabulary pieces, e.g. `("<end_of_turn>",)` in Gemma's tokenizer.
+
+        Raises:
+          ValueError: naming the first piece that is not in the vocabulary.
+        """
+        ids = []
+        for piece in pieces:
+            i = self._sp.piece_to_id(piece)  # the unknown id for a missing piece
+            if self._sp.id_to_piece(i) != piece:
+                raise ValueError(f"{piece!r} is not a piece of this tokenizer's vocabulary")
+            ids.append(i)
+        return tuple(ids)
+
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         ids = self._sp.encode(text)
         return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
