@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from warp_jax import data
 from warp_jax.gemma.tokenizer import Tokenizer
 
 TEXTS = [f"the {a} movie was {b} and {c}" for a in ("new", "old", "long", "short")
@@ -46,3 +47,11 @@ def test_piece_ids_name_a_missing_piece(tok):
     assert tok.piece_ids([]) == ()
     with pytest.raises(ValueError, match="'<end_of_turn>' is not a piece"):
         tok.piece_ids(["▁the", "<end_of_turn>"])
+
+
+def test_special_pieces_stay_whole_in_chat_prompts():
+    tok = Tokenizer.train(TEXTS * 5, vocab_size=60, special_pieces=data.CHAT_PIECES)
+    start, end = tok.piece_ids(data.CHAT_PIECES)
+    ids = tok.encode(data.chat_prompt("the movie was fun"))
+    assert ids[0] == tok.bos_id and ids.count(start) == 2 and ids.count(end) == 1
+    assert ids.index(end) > ids.index(start)

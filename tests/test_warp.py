@@ -14,7 +14,7 @@ import pytest
 import transformers
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import merging, setup, warp
+from warp_jax import data, merging, setup, warp
 from warp_jax.checkpoint import read_tree
 from warp_jax.gemma import block_groups
 
@@ -107,6 +107,10 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
         "error: 'betaa' Did you mean \"beta\" instead of \"betaa\"?"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     bad = get_config("test")
+    bad.task.chat = True  # the built-in task has no chat turns
+    with pytest.raises(ValueError, match=r"config.task.chat = True: applies to task 'prompts'"):
+        warp.run(bad, tmp_path)
+    bad.task.chat = False
     bad.rl.stop_pieces = (107,)  # an id, not a piece
     with pytest.raises(ValueError, match=r"config.rl.stop_pieces = \(107,\): needs a tuple of"):
         warp.run(bad, tmp_path)
@@ -121,7 +125,8 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     from warp_jax.gemma.tokenizer import Tokenizer
 
     texts = [f"the {a} was {b}" for a in ("film", "plot", "cast") for b in ("good", "bad")]
-    tokenizer = Tokenizer.train(texts * 20, vocab_size=24)
+    Tokenizer.train(texts * 20, vocab_size=24).save(tmp_path / "plain.model")
+    tokenizer = Tokenizer.train(texts * 20, vocab_size=26, special_pieces=data.CHAT_PIECES)
     tokenizer.save(tmp_path / "tokenizer.model")
     small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -138,9 +143,15 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     config.model.dtype = "float32"
     config.task.prompt_len, config.task.eval_prompts = 6, 4
     config.rl.batch_size, config.rl.max_new_tokens, config.rl.learning_rate = 4, 4, 1e-3
-    config.rl.stop_pieces = ("as",)  # ends a completion, besides eos
-    assert setup.prepare(config, tmp_path).end_ids == (tokenizer.eos_id, tokenizer.piece_ids(
-        ["as"])[0])
+    config.rl.stop_pieces = ("as",)  # ends a completion, besides eos and <end_of_turn>
+    config.task.chat = True  # an instruction-tuned policy: prompts in chat turns
+    prepared = setup.prepare(config, tmp_path)
+    assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
+    assert prepared.eval_texts[0] == data.chat_prompt((texts * 4)[-4])  # the held-out 4
+    config.model.tokenizer = str(tmp_path / "plain.model")
+    with pytest.raises(ValueError, match=r"config.task.chat = True: '<start_of_turn>' is not"):
+        setup.prepare(config, tmp_path)
+    config.model.tokenizer = str(tmp_path / "tokenizer.model")
     config.warp.update(dict(iterations=1, steps=2, eta_grid=(0.0, 1.0),
                             baselines=("reinforce_sft",)))
     config.eval.every, config.eval.samples = 2, 2

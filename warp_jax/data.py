@@ -52,6 +52,17 @@ def review_prompts(num: int, seed: int = 0) -> list[str]:
     return [rng.choice(_OPENERS).format(n=rng.choice(_NOUNS)) for _ in range(num)]
 
 
+# Gemma's chat turns, as instruction-tuned checkpoints were trained on them.
+CHAT_PIECES = ("<start_of_turn>", "<end_of_turn>")
+
+
+def chat_prompt(text: str) -> str:
+    """`text` as a user turn followed by the start of the model's turn (Gemma's chat format;
+    the tokenizer adds the BOS), for instruction-tuned checkpoints. The model's turn ends with
+    `<end_of_turn>`."""
+    return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
+
+
 def read_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
     """Prompts from a text file (one per line) or jsonl (`{"prompt": ...}` per line)."""
     prompts = []

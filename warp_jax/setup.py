@@ -51,6 +51,9 @@ def validate_config(c) -> None:
     """Raises `ValueError` naming the first bad field, before anything is written."""
     if c.task.name not in ("reviews", "prompts"):
         _fail("task.name", c.task.name, "use 'reviews' (built-in) or 'prompts'")
+    if c.task.chat and c.task.name != "prompts":
+        _fail("task.chat", c.task.chat, "applies to task 'prompts' (an instruction-tuned "
+              "checkpoint); the built-in task has no chat turns")
     if c.task.name == "prompts":
         for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
             section, key = field.split(".")
@@ -116,11 +119,20 @@ def prepare(c, workdir: pathlib.Path) -> Setup:
 
 
 def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The tokens that end a completion: eos, `rl.stop_pieces` and, for chat prompts,
+    `<end_of_turn>` (whose tokenizer must hold both of Gemma's chat pieces)."""
+    if c.task.chat:
+        try:
+            tokenizer.piece_ids(data.CHAT_PIECES)
+        except ValueError as e:
+            raise ValueError(f"config.task.chat = True: {e}; it needs an instruction-tuned "
+                             "Gemma's tokenizer") from None
     try:
         extra = tokenizer.piece_ids(c.rl.stop_pieces)
     except ValueError as e:
         raise ValueError(f"config.rl.stop_pieces = {tuple(c.rl.stop_pieces)!r}: {e}") from None
-    return tuple(dict.fromkeys((tokenizer.eos_id, *extra)))
+    end_of_turn = tokenizer.piece_ids(data.CHAT_PIECES[1:]) if c.task.chat else ()
+    return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *end_of_turn)))
 
 
 def _boxed(cfg: GemmaConfig):
@@ -225,6 +237,8 @@ def _local(c) -> Setup:
         raise ValueError(f"config.reward.hf_dir = {c.reward.hf_dir!r}: no 'score.weight'; "
                          "expected a *ForSequenceClassification checkpoint")
     prompts = data.read_prompts(c.task.prompts)
+    if c.task.chat:
+        prompts = [data.chat_prompt(p) for p in prompts]
     if len(prompts) <= c.task.eval_prompts:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")

@@ -33,6 +33,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.task.num_prompts = 512  # built-in training prompts
     c.task.eval_prompts = 64  # held-out prompts for evaluation
     c.task.prompt_len = 8  # prompts are left-padded/truncated to this many tokens
+    c.task.chat = False  # wrap prompts in Gemma's chat turns, end at <end_of_turn> (-it models)
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 400  # built-in task: SFT pre-training steps

@@ -29,13 +29,19 @@ class Tokenizer:
         self.bos_id = self._sp.bos_id()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> Tokenizer:
-        """Trains a SentencePiece model in memory on `texts` with Gemma's special ids."""
+    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
+              special_pieces: Sequence[str] = ()) -> Tokenizer:
+        """Trains a SentencePiece model in memory on `texts` with Gemma's special ids.
+
+        `special_pieces` (e.g. `data.CHAT_PIECES`) become pieces of their own, kept whole
+        wherever they occur in a text, after the special ids.
+        """
         buffer = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size,
             model_type=model_type, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
             character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+            user_defined_symbols=list(special_pieces),
         )
         return cls(buffer.getvalue())
 
