@@ -121,9 +121,10 @@ def prepare(c, workdir: pathlib.Path) -> Setup:
 def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
     """The tokens that end a completion: eos, `rl.stop_pieces` and, for chat prompts,
     `<end_of_turn>` (whose tokenizer must hold both of Gemma's chat pieces)."""
+    turn = ()  # <start_of_turn>, <end_of_turn>
     if c.task.chat:
         try:
-            tokenizer.piece_ids(data.CHAT_PIECES)
+            turn = tokenizer.piece_ids(data.CHAT_PIECES)
         except ValueError as e:
             raise ValueError(f"config.task.chat = True: {e}; it needs an instruction-tuned "
                              "Gemma's tokenizer") from None
@@ -131,8 +132,7 @@ def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
         extra = tokenizer.piece_ids(c.rl.stop_pieces)
     except ValueError as e:
         raise ValueError(f"config.rl.stop_pieces = {tuple(c.rl.stop_pieces)!r}: {e}") from None
-    end_of_turn = tokenizer.piece_ids(data.CHAT_PIECES[1:]) if c.task.chat else ()
-    return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *end_of_turn)))
+    return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn[1:])))
 
 
 def _boxed(cfg: GemmaConfig):
