@@ -5,6 +5,10 @@
 
 Writes pareto_front.json/.png, summary.md, metrics.jsonl, TensorBoard events and the final
 policy (Hugging Face safetensors) to the workdir; rerunning with the same workdir resumes.
+
+Completions end at the tokenizer's </s> and at any piece in --config.rl.stop_pieces. For an
+instruction-tuned Gemma (variants gemma_2b / gemma_7b_paper), --config.task.chat=True wraps
+each prompt in Gemma's chat turns and ends completions at <end_of_turn>.
 """
 
 import pathlib

@@ -60,7 +60,8 @@ def chat_prompt(text: str) -> str:
     """`text` as a user turn followed by the start of the model's turn (Gemma's chat format;
     the tokenizer adds the BOS), for instruction-tuned checkpoints. The model's turn ends with
     `<end_of_turn>`."""
-    return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
+    start, end = CHAT_PIECES
+    return f"{start}user\n{text}{end}\n{start}model\n"
 
 
 def read_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:

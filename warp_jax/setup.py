@@ -40,7 +40,7 @@ class Setup:
     train_prompts: data.PromptBatches
     eval_prompts: tuple[np.ndarray, np.ndarray]
     eval_texts: list[str]
-    end_ids: tuple[int, ...]  # tokens that end a completion: eos, then config.rl.stop_pieces
+    end_ids: tuple[int, ...]  # tokens that end a completion: eos, rl.stop_pieces, <end_of_turn>
 
 
 def _fail(field: str, value: Any, valid: str) -> None:

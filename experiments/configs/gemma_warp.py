@@ -3,10 +3,11 @@
     python -m experiments.gemma_warp --config=experiments/configs/gemma_warp.py:VARIANT
 
 
-Variants: `cpu_demo` (default; self-contained, about 5 minutes on 2 CPU cores), `test` (the
+Variants: `cpu_demo` (default; self-contained, about 2 minutes on 2 CPU cores), `test` (the
 seconds-long version the tests run), `gemma_2b` and `gemma_7b_paper` (the paper's
 hyper-parameters; they need `--config.model.hf_dir`, `--config.model.tokenizer`,
-`--config.task.prompts` and `--config.reward.hf_dir`).
+`--config.task.prompts` and `--config.reward.hf_dir`; `--config.task.chat=True` for an
+instruction-tuned checkpoint).
 """
 
 import ml_collections
