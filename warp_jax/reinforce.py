@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import numbers
@@ -295,9 +296,12 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         return update(state, batch, reward_fn(*batch), init_params)
 
     if num_runs:
-        fused_v = jax.vmap(fused, in_axes=(0, 0, 0, None))
-        rollout_v = jax.vmap(rollout)
-        update_v = jax.vmap(update, in_axes=(0, 0, 0, None))
+        # Constraints inside the model split the stacked axis over `run` where it is split.
+        run = sharding.run_axis(mesh, num_runs)[0] if mesh is not None else None
+        vmap = functools.partial(jax.vmap, spmd_axis_name=run)
+        fused_v = vmap(fused, in_axes=(0, 0, 0, None))
+        rollout_v = vmap(rollout)
+        update_v = vmap(update, in_axes=(0, 0, 0, None))
     else:
         fused_v, rollout_v, update_v = fused, rollout, update
 
@@ -323,6 +327,11 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         return compiled[key]
 
     def train_step(state, prompts, rng, init_params=None):
+        # Traced (on a first call) with the model's activations constrained on the mesh.
+        with (contextlib.nullcontext() if mesh is None else sharding.activation_sharding(mesh)):
+            return step(state, prompts, rng, init_params)
+
+    def step(state, prompts, rng, init_params):
         with_init = init_params is not None
         if not host:
             return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,19 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("model",),
 }
+
+
+# Activations: the batch over the data-parallel axes, everything else whole on each device.
+ACTIVATION_RULES = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
+                    ("activation_embed", None), ("activation_vocab", PartitionSpec.UNCONSTRAINED))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """Within it, the model's residual stream is constrained to `ACTIVATION_RULES` on `mesh`
+    (trace under it the jitted functions that run the model on sharded params)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        yield
 
 
 def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,

@@ -262,6 +262,13 @@ class Gemma(nn.Module):
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
 
+def _residual(x_BTD):
+    """The residual stream, constrained to its logical axes where the caller set sharding
+    rules for them (`warp_jax.sharding.activation_sharding`); unchanged otherwise."""
+    return nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length",
+                                              "activation_embed"))
+
+
 def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None,
            max_position=None):
     """The decoder body, declaring Gemma's params on `module` (shared with the reward model).
@@ -291,7 +298,8 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
 
     embedding = _param(module, "input_embedding", nn.initializers.normal(cfg.embed_dim**-0.5),
                        (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd).astype(dt)
-    x = embedding[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt)
+    table = nn.with_logical_constraint(embedding, ("activation_vocab", "activation_embed"))
+    x = _residual(table[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt))
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
     rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
                      "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
@@ -302,6 +310,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
         layer_cache = None if cache is None else cache[f"layer_{i}"]
         x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}", parent=module)(
             x, ropes[attention_type], slots, key_mask, layer_cache, keep if i == last else None)
+        x = _residual(x)
         if cache is not None:
             new_cache[f"layer_{i}"] = layer_cache
     x = RMSNorm(cfg.norm_eps, pd, name="final_norm", parent=module)(x)
