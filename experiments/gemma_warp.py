@@ -8,7 +8,8 @@ policy (Hugging Face safetensors) to the workdir; rerunning with the same workdi
 
 Completions end at the tokenizer's </s> and at any piece in --config.rl.stop_pieces. For an
 instruction-tuned Gemma (variants gemma_2b / gemma_7b_paper), --config.task.chat=True wraps
-each prompt in Gemma's chat turns and ends completions at <end_of_turn>.
+each prompt in Gemma's chat turns and ends completions at <end_of_turn>. --config.mesh.data,
+.fsdp and .model split each run's devices (the M runs take one slice of the mesh each).
 """
 
 import pathlib

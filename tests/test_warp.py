@@ -118,6 +118,31 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
     with pytest.raises(ValueError, match=r"stop_pieces = \('<end_of_turn>',\): '<end_of_turn>' "
                                          r"is not a piece"):
         warp.run(bad, tmp_path / "new")
+    bad.rl.stop_pieces = ()
+    bad.mesh.model = 3  # 8 devices, 2 runs: 4 devices each
+    with pytest.raises(ValueError, match=r"config.mesh.model = 3: must divide the 4 device"):
+        warp.run(bad, tmp_path)
+    bad.mesh.model, bad.mesh.fsdp, bad.rl.batch_size = 1, 2, 6  # over data x fsdp = 2 x 2
+    with pytest.raises(ValueError, match=r"config.rl.batch_size = 6: must be a multiple of mesh "
+                                         r"data x fsdp = 2 x 2"):
+        warp.run(bad, tmp_path)
+
+
+@pytest.mark.parametrize("devices, flags, want", [
+    (8, {}, dict(run=2, data=4, fsdp=1, model=1)),  # the test variant: batch 8
+    (8, {"mesh.model": 2}, dict(run=2, data=2, fsdp=1, model=2)),
+    (8, {"mesh.fsdp": 4}, dict(run=2, data=1, fsdp=4, model=1)),
+    (8, {"warp.runs": 3}, dict(run=1, data=8, fsdp=1, model=1)),  # runs take turns
+    (32, {"rl.batch_size": 32}, dict(run=2, data=16, fsdp=1, model=1)),
+    (32, {"mesh.data": 2, "mesh.model": 2}, dict(run=2, data=2, fsdp=4, model=2)),
+    (1, {}, dict(run=1, data=1, fsdp=1, model=1)),
+])
+def test_mesh_shape_splits_each_runs_devices(devices, flags, want):
+    config = get_config("test")
+    for field, value in flags.items():
+        section, key = field.split(".")
+        config[section][key] = value
+    assert setup.mesh_shape(config, devices) == want
 
 
 def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
@@ -145,6 +170,7 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     config.rl.batch_size, config.rl.max_new_tokens, config.rl.learning_rate = 4, 4, 1e-3
     config.rl.stop_pieces = ("as",)  # ends a completion, besides eos and <end_of_turn>
     config.task.chat = True  # an instruction-tuned policy: prompts in chat turns
+    assert setup.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
     prepared = setup.prepare(config, tmp_path)
     assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
     assert prepared.eval_texts[0] == data.chat_prompt((texts * 4)[-4])  # the held-out 4
@@ -154,7 +180,7 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     config.model.tokenizer = str(tmp_path / "tokenizer.model")
     config.warp.update(dict(iterations=1, steps=2, eta_grid=(0.0, 1.0),
                             baselines=("reinforce_sft",)))
-    config.eval.every, config.eval.samples = 2, 2
+    config.eval.every = 2
     result = warp.run(config, tmp_path / "out")
     assert [eta for eta, _, _ in result.front] == [0.0, 1.0]
     records = json.loads((tmp_path / "out" / "pareto_front.json").read_text())

@@ -47,6 +47,48 @@ def _fail(field: str, value: Any, valid: str) -> None:
     raise ValueError(f"config.{field} = {value!r}: {valid}")
 
 
+def mesh_shape(c, num_devices: int) -> dict[str, int]:
+    """The mesh `{run, data, fsdp, model}` of the experiment on `num_devices` devices.
+
+    `run` is `warp.runs` where it divides the devices (else 1: the runs then take turns on
+    the whole mesh). Of each run's devices, `mesh.model` split the weights tensor-parallel and
+    the rest are `data` x `fsdp`: as given, with one of them 0 what the other leaves, with both
+    0 all `data` (weights replicated). Both split each step's `rl.batch_size` prompts, so it
+    must be a multiple of their product; `fsdp` also splits the weights and optimizer state.
+    """
+    m = c.mesh
+    for field in ("data", "fsdp", "model"):
+        value = m[field]
+        if not isinstance(value, int) or value < (1 if field == "model" else 0):
+            _fail(f"mesh.{field}", value, "must be a positive int" + (
+                "" if field == "model" else " (or 0: what the other axes leave)"))
+    runs = c.warp.runs if num_devices % c.warp.runs == 0 else 1
+    per_run = num_devices // runs
+    if per_run % m.model:
+        _fail("mesh.model", m.model, f"must divide the {per_run} device(s) of each run "
+              f"({num_devices} device(s), {runs} run(s) at a time)")
+    rest = per_run // m.model
+    if m.data and m.fsdp:
+        data, fsdp = m.data, m.fsdp
+    elif m.data or m.fsdp:
+        given = m.data or m.fsdp
+        if rest % given:
+            field = "mesh.data" if m.data else "mesh.fsdp"
+            _fail(field, given, f"must divide the {rest} device(s) of each run left by "
+                  f"mesh.model = {m.model}")
+        data, fsdp = (given, rest // given) if m.data else (rest // given, given)
+    else:
+        data, fsdp = rest, 1
+    if data * fsdp * m.model != per_run:
+        _fail("mesh", (m.data, m.fsdp, m.model), f"data x fsdp x model must be the {per_run} "
+              f"device(s) of each run ({num_devices} device(s), {runs} run(s) at a time)")
+    if c.rl.batch_size % (data * fsdp):
+        _fail("rl.batch_size", c.rl.batch_size, f"must be a multiple of mesh data x fsdp = "
+              f"{data} x {fsdp}, the devices that split each run's prompts ({per_run} per run; "
+              f"mesh.model takes devices that do not)")
+    return {"run": runs, "data": data, "fsdp": fsdp, "model": m.model}
+
+
 def validate_config(c) -> None:
     """Raises `ValueError` naming the first bad field, before anything is written."""
     if c.task.name not in ("reviews", "prompts"):
@@ -97,6 +139,7 @@ def validate_config(c) -> None:
     if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
+    mesh_shape(c, len(jax.devices()))
 
 
 def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:

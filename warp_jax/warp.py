@@ -16,14 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from warp_jax import evaluation, merging, reinforce, rewards, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups
 from warp_jax.report import write_outputs
-from warp_jax.setup import Setup, prepare, validate_config
+from warp_jax.setup import Setup, mesh_shape, prepare, validate_config
 
 
 @dataclasses.dataclass
@@ -60,10 +59,7 @@ class _Runner:
         self.ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
         self.logger = _Logger(workdir)
         (workdir / "records").mkdir(exist_ok=True)
-        n = len(jax.devices())
-        runs = config.warp.runs if n % config.warp.runs == 0 else 1
-        data = int(np.gcd(n // runs, config.rl.batch_size))
-        self.mesh = sharding.make_mesh(run=runs, data=data, fsdp=n // runs // data)
+        self.mesh = sharding.make_mesh(**mesh_shape(config, len(jax.devices())))
         self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
         self.sft = self.put(setup.sft_params)
         rm_cfg, rm_params = setup.reward_model

@@ -73,6 +73,11 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.warp.baselines = ("reinforce_sft", "reinforce_ema", "lerp")  # compared methods
     c.warp.export_eta = 1.0  # the point of the final front saved in HF format
 
+    c.mesh = ml_collections.ConfigDict()  # how each run's devices split (warp.runs: `run`)
+    c.mesh.data = 0  # data-parallel devices (0: what fsdp and model leave)
+    c.mesh.fsdp = 0  # devices sharding weights and batch (0: what data and model leave)
+    c.mesh.model = 1  # tensor-parallel devices (heads, MLP, vocabulary)
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 25  # RL steps between evaluations (and checkpoints)
     c.eval.samples = 8  # completions per held-out prompt
@@ -94,7 +99,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
                          learning_rate=1e-6, warmup_steps=100, grad_clip=0.0))
         c.warp.steps = 9000 if variant == "gemma_7b_paper" else 2000
         c.warp.iterations = 5 if variant == "gemma_7b_paper" else 2
-        c.eval.every, c.eval.samples = 100, 1
+        c.eval.every, c.eval.samples = 100, 2
+        c.mesh.data = 1  # every device of a run shards the weights (FSDP)
     else:
         raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b or "
                          "gemma_7b_paper")
