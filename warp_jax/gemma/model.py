@@ -262,11 +262,16 @@ class Gemma(nn.Module):
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
 
+def _constrain(x, logical_axes):
+    """`x` constrained to its logical axes where the caller set sharding rules for all of them
+    (`warp_jax.sharding.activation_sharding`); unchanged otherwise (no rules, or rules of
+    other names)."""
+    return nn.with_logical_constraint(x, logical_axes,
+                                      fallback=nn.spmd.RulesFallback.NO_CONSTRAINT)
+
+
 def _residual(x_BTD):
-    """The residual stream, constrained to its logical axes where the caller set sharding
-    rules for them (`warp_jax.sharding.activation_sharding`); unchanged otherwise."""
-    return nn.with_logical_constraint(x_BTD, ("activation_batch", "activation_length",
-                                              "activation_embed"))
+    return _constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None,
@@ -298,7 +303,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
 
     embedding = _param(module, "input_embedding", nn.initializers.normal(cfg.embed_dim**-0.5),
                        (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd).astype(dt)
-    table = nn.with_logical_constraint(embedding, ("activation_vocab", "activation_embed"))
+    table = _constrain(embedding, ("activation_vocab", "activation_embed"))
     x = _residual(table[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt))
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
     rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
