@@ -27,15 +27,17 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Activations: the batch over the data-parallel axes, everything else whole on each device.
+# Activations: the batch over the data-parallel axes, positions and features whole on each
+# device; the embedding table at the lookup keeps whole rows (its vocabulary axis as it is).
 ACTIVATION_RULES = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
                     ("activation_embed", None), ("activation_vocab", PartitionSpec.UNCONSTRAINED))
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
-    """Within it, the model's residual stream is constrained to `ACTIVATION_RULES` on `mesh`
-    (trace under it the jitted functions that run the model on sharded params)."""
+    """Within it, the model's residual stream and its embedding table at the lookup are
+    constrained to `ACTIVATION_RULES` on `mesh` (trace under it the jitted functions that run
+    the model on sharded params; without it the model sets no constraint)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         yield
 
