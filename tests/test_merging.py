@@ -216,6 +216,25 @@ def test_dtype_structure_and_namespace_preserved(trees):
                    for x in jax.tree.leaves(fn()))
 
 
+def test_float64_numpy_leaves_are_merged_in_float64(trees):
+    init, policies = trees
+    init, policies = _f64(init), [_f64(p) for p in policies[:3]]
+    w = (0.5, 0.3, 0.2)
+    out = merging.slerp_tree(init, policies, w)
+    want = _ref_slerp(init["embed"].ravel(), [p["embed"].ravel() for p in policies], list(w))
+    assert out["embed"].dtype == np.float64
+    np.testing.assert_allclose(out["embed"].ravel(), want, rtol=1e-12)
+    for got, want in (
+        (merging.liti_tree(init, policies[0], 0.3), 0.7 * init["embed"] + 0.3 * policies[0]["embed"]),
+        (merging.ema_update(init, policies[0], 0.01),
+         0.99 * init["embed"] + 0.01 * policies[0]["embed"]),
+        (merging.lerp_tree(init, policies, w),
+         init["embed"] + sum(wm * (p["embed"] - init["embed"]) for wm, p in zip(w, policies))),
+    ):
+        assert got["embed"].dtype == np.float64
+        np.testing.assert_allclose(got["embed"], want, rtol=1e-12)
+
+
 def test_jit_matches_eager(trees):
     init, policies = trees
     def j(t):

@@ -2,8 +2,9 @@
 
 Every function takes pytrees of `jax.Array` or `numpy.ndarray` leaves (numpy in, numpy out;
 anything else goes through `jax.numpy`), returns the structure and leaf dtypes of `init` (or
-`ema`), computes in float32, works under `jax.jit` and keeps the input sharding: merges are
-elementwise, and the only reductions are the per-group dot products that SLERP needs.
+`ema`), computes in float32 (float64 leaves in float64), works under `jax.jit` and keeps the
+input sharding: merges are elementwise, and the only reductions are the per-group dot products
+that SLERP needs.
 
 References:
   Ramé et al., "WARP: On the Benefits of Weight Averaged Rewarded Policies", 2024.
@@ -175,18 +176,18 @@ def liti_tree(init: PyTree, merged: PyTree, eta: float) -> PyTree:
 def _slerp_coefficients(gram, w, xp):
     """Coefficients `c[..., m]` of the recursive SLERP, from the Gram matrix `[..., M, M]`."""
     num = gram.shape[-1]
-    eye = xp.eye(num, dtype=np.float32)
+    eye = xp.eye(num, dtype=gram.dtype)
     c = xp.broadcast_to(eye[0], gram.shape[:-1])
     total = w[0]
     for m in range(1, num):
         total = total + w[m]
-        lam = xp.where(total > 0, w[m] / xp.where(total > 0, total, 1.0), 0.0)
+        lam = xp.where(total > 0, w[m] / xp.where(total > 0, total, 1.0), 0.0).astype(gram.dtype)
         gc = xp.einsum("...ij,...j->...i", gram, c)
         alpha, beta = _slerp_pair(
             xp.sum(c * gc, axis=-1), gram[..., m, m], gc[..., m], lam, xp
         )
         c = alpha[..., None] * c + beta[..., None] * xp.broadcast_to(eye[m], c.shape)
-    return c.astype(np.float32)
+    return c
 
 
 def _slerp_pair(sq_norm_1, sq_norm_2, dot, lam, xp):
@@ -354,4 +355,8 @@ def _namespace(leaves):
 
 
 def _f32(x, xp):
-    return x.astype(np.float32, copy=False) if xp is np else jnp.asarray(x, jnp.float32)
+    """`x` in float32, or in float64 if it is float64 (and JAX's x64 mode allows it)."""
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    if xp is np:
+        return x.astype(dtype, copy=False)
+    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(dtype))
