@@ -232,6 +232,19 @@ def test_second_call_does_not_recompile_and_host_rewards_match(policy, step_fns)
                                    atol=1e-6)
 
 
+def test_init_names_params_that_fit_neither_one_run_nor_the_stack(policy):
+    cfg, params, _ = policy
+    _, init = reinforce.make_train_step(cfg, RL, _toy_reward, num_runs=2)
+    with pytest.raises(ValueError, match=r"params\['final_norm'\]\['scale'\]: shape \(3, 64\), "
+                       r"expected \(64,\) or \(2, 64\) for 2 stacked runs"):
+        init(jax.tree.map(lambda x: jnp.stack([x] * 3), params))
+    half = {**params, "final_norm": jax.tree.map(lambda x: jnp.stack([x, x]), params["final_norm"])}
+    with pytest.raises(ValueError, match="mix one run's shapes and 2 stacked"):
+        init(half)
+    with pytest.raises(ValueError, match=r"missing \[\"\['final_norm'\]\['scale'\]\"\]"):
+        init({k: v for k, v in params.items() if k != "final_norm"})
+
+
 def _close(a, b, tol=1e-5):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol),
                  _copy(a), _copy(b))
@@ -267,8 +280,9 @@ def test_stacked_runs_on_the_run_axis_equal_separate_runs(policy, step_fns, axes
     stacked_step, stacked_init = reinforce.make_train_step(cfg, RL, _toy_reward, mesh=mesh,
                                                            num_runs=2)
     runs_prompts = tuple(jnp.stack([x, x[::-1]]) for x in prompts)  # per-run prompt order
-    state = stacked_init(jax.tree.map(lambda x: jnp.stack([x, x]), params))
+    state = stacked_init(params)  # every run starts from params
     assert state.params["final_norm"]["scale"].sharding.spec[0] == "run"
+    _close(stacked_init(jax.tree.map(lambda x: jnp.stack([x, x]), params)), state)
     keys = jax.random.split(jax.random.key(7), 2)
     for _ in range(2):
         state, metrics = stacked_step(state, runs_prompts, keys)

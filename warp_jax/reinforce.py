@@ -19,6 +19,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,6 +284,9 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     Returns:
       The step, and `init(params) -> state` that builds the (stacked) state already sharded.
+      With `num_runs`, `init` takes M stacked params (one init per run) or one run's params,
+      which every run starts from (copied inside the jitted init, straight into the `run`
+      sharding). Params that fit neither raise `ValueError` naming the leaf.
     """
     host = getattr(reward_fn, "host", False)
     rollout = functools.partial(_rollout, cfg=cfg, rl=rl)
@@ -305,7 +309,9 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     else:
         fused_v, rollout_v, update_v = fused, rollout, update
 
-    shard = _Shardings(cfg, rl, mesh, num_runs)
+    boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0),
+                           jnp.zeros((1, 1), jnp.int32))["params"]
+    shard = _Shardings(boxed, rl, mesh, num_runs)
     compiled: dict[tuple[str, bool], Any] = {}
 
     def jitted(name, fn, with_init):
@@ -340,21 +346,63 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         return jitted("update", update_v, with_init)(state, batch, reward, init_params)
 
     init_fn = functools.partial(init_state, rl=rl)
-    init = jax.jit(jax.vmap(init_fn) if num_runs else init_fn,
-                   **({} if mesh is None else dict(out_shardings=shard.state)))
+    out = {} if mesh is None else dict(out_shardings=shard.state)
+    init_one = jax.jit(init_fn, **out)
+    if num_runs:
+        init_stacked = jax.jit(jax.vmap(init_fn), **out)
+        # One set of params is broadcast inside the program, so that the M copies only ever
+        # exist sharded over `run` (an eager stack would hold all M on every device first).
+        init_shared = jax.jit(lambda p: jax.vmap(init_fn)(jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (num_runs, *x.shape)), p)), **out)
+    shapes = _param_shapes(boxed)
+
+    def init(params):
+        if _is_stacked(params, shapes, num_runs):
+            return init_stacked(params)
+        return init_shared(params) if num_runs else init_one(params)
+
     return train_step, init
+
+
+def _param_shapes(boxed) -> dict[str, tuple[int, ...]]:
+    """One run's param shapes, by leaf path, from the abstract boxed params."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return {jax.tree_util.keystr(path): tuple(nn.unbox(x).shape) for path, x in leaves}
+
+
+def _is_stacked(params, shapes: dict[str, tuple[int, ...]], num_runs: int | None) -> bool:
+    """Whether `params` has a leading `[num_runs]` axis; raises `ValueError` if it is neither
+    one run's params nor `num_runs` stacked ones."""
+    got = {jax.tree_util.keystr(path): np.shape(x)
+           for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    missing, extra = sorted(shapes.keys() - got.keys()), sorted(got.keys() - shapes.keys())
+    if missing or extra:
+        raise ValueError(f"params do not match the model config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    kinds = set()
+    for path, shape in got.items():
+        if shape == shapes[path]:
+            kinds.add("one")
+        elif num_runs and shape == (num_runs, *shapes[path]):
+            kinds.add("stacked")
+        else:
+            stacked = f" or {(num_runs, *shapes[path])} for {num_runs} stacked runs" \
+                if num_runs else ""
+            raise ValueError(f"params{path}: shape {shape}, expected {shapes[path]}{stacked}")
+    if len(kinds) > 1:
+        raise ValueError(f"params mix one run's shapes and {num_runs} stacked runs' shapes")
+    return kinds == {"stacked"}
 
 
 class _Shardings:
     """The shardings of the train step's inputs and outputs on a mesh (None without one)."""
 
-    def __init__(self, cfg, rl, mesh, num_runs):
+    def __init__(self, boxed, rl, mesh, num_runs):
         if mesh is None:
             self.state = self.params = self.prompts = self.keys = self.batch = None
             self.rewards = self.metrics = None
             return
-        boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0),
-                               jnp.zeros((1, 1), jnp.int32))["params"]
         abstract = jax.eval_shape(lambda p: init_state(p, rl), boxed)
         prefix = [("run", num_runs)] if num_runs else []
         run = sharding.run_axis(mesh, num_runs)

@@ -126,7 +126,7 @@ class _Runner:
         """Trains len(seeds) stacked runs from `init`; returns their final policies."""
         num_runs = len(seeds)
         step_fn, init_fn = self.step_fn(anchor, num_runs)
-        state = init_fn(jax.tree.map(lambda x: jnp.stack([x] * num_runs), init))
+        state = init_fn(init)  # every run starts from `init`
         start = self.ckpt.latest_step(stage) or 0
         records = []
         if start:
