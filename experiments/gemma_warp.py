@@ -10,6 +10,9 @@ Completions end at the tokenizer's </s> and at any piece in --config.rl.stop_pie
 instruction-tuned Gemma (variants gemma_2b / gemma_7b_paper), --config.task.chat=True wraps
 each prompt in Gemma's chat turns and ends completions at <end_of_turn>. --config.mesh.data,
 .fsdp and .model split each run's devices (the M runs take one slice of the mesh each).
+
+On a multi-host TPU pod slice, run the same command on every host with --distributed
+(launch/tpu.sh does); elsewhere give --coordinator_address, --num_processes and --process_id.
 """
 
 import pathlib
@@ -18,7 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from warp_jax import host, warp
+from warp_jax import host, sharding, warp
 
 _BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
@@ -45,15 +48,20 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    f = flags.FLAGS
+    cluster = (f.coordinator_address, f.num_processes, f.process_id)
+    if f.distributed or any(x is not None for x in cluster):
+        sharding.initialize_distributed(*cluster)
     workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
         result = warp.run(flags.FLAGS.config, workdir)
     except ValueError as e:
         _fail(e)
-    print(f"final front (eta, proxy reward, KL): "
-          f"{[(eta, round(r, 3), round(kl, 2)) for eta, r, kl in result.front]}")
-    print(f"outputs in {workdir}: pareto_front.json, pareto_front.png, summary.md, "
-          "metrics.jsonl, tensorboard/, final_policy/")
+    if sharding.is_main_process():
+        print(f"final front (eta, proxy reward, KL): "
+              f"{[(eta, round(r, 3), round(kl, 2)) for eta, r, kl in result.front]}")
+        print(f"outputs in {workdir}: pareto_front.json, pareto_front.png, summary.md, "
+              "metrics.jsonl, tensorboard/, final_policy/")
 
 
 def cli() -> None:
@@ -66,7 +74,15 @@ def cli() -> None:
             "experiment config file, optionally with :variant", lock_config=True)
     except _BAD_FLAG as e:
         _fail(e)
-    flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints")
+    flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints (with several "
+                        "processes: a directory that every process sees)")
+    flags.DEFINE_bool("distributed", False, "join a multi-process job (one process per host of "
+                      "a TPU pod slice; on Cloud TPU the processes find each other)")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where JAX does not "
+                        "detect the cluster (implies --distributed)")
+    flags.DEFINE_integer("num_processes", None, "the number of processes (with "
+                         "--coordinator_address)")
+    flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -3,7 +3,9 @@
 #
 #   launch/tpu.sh create            # create the TPU VM (skipped if it exists)
 #   launch/tpu.sh setup             # copy this checkout to every worker and install it
-#   launch/tpu.sh run ARGS...       # python -m experiments.gemma_warp ARGS on every worker
+#   launch/tpu.sh run ARGS...       # python -m experiments.gemma_warp --distributed ARGS on
+#                                   # every worker (one JAX process per host; --workdir must be
+#                                   # a directory all workers see, e.g. a gcsfuse mount)
 #   launch/tpu.sh delete            # tear the VM down
 #
 # Settings come from the environment: TPU_NAME, ZONE, ACCELERATOR (e.g. v5litepod-16),
@@ -33,9 +35,9 @@ case "${1:-}" in
             .venv/bin/pip install -q "jax[tpu]>=0.10.2,<0.11" -e .' ;;
   run)
     shift
-    on_all "cd ~/warp_jax && .venv/bin/python -m experiments.gemma_warp $*" ;;
+    on_all "cd ~/warp_jax && .venv/bin/python -m experiments.gemma_warp --distributed $*" ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    sed -n '2,12p' "$0"; exit 2 ;;
+    sed -n '2,14p' "$0"; exit 2 ;;
 esac

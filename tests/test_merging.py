@@ -224,12 +224,12 @@ def test_float64_numpy_leaves_are_merged_in_float64(trees):
     want = _ref_slerp(init["embed"].ravel(), [p["embed"].ravel() for p in policies], list(w))
     assert out["embed"].dtype == np.float64
     np.testing.assert_allclose(out["embed"].ravel(), want, rtol=1e-12)
+    x0, x1 = init["embed"], policies[0]["embed"]
     for got, want in (
-        (merging.liti_tree(init, policies[0], 0.3), 0.7 * init["embed"] + 0.3 * policies[0]["embed"]),
-        (merging.ema_update(init, policies[0], 0.01),
-         0.99 * init["embed"] + 0.01 * policies[0]["embed"]),
+        (merging.liti_tree(init, policies[0], 0.3), 0.7 * x0 + 0.3 * x1),
+        (merging.ema_update(init, policies[0], 0.01), 0.99 * x0 + 0.01 * x1),
         (merging.lerp_tree(init, policies, w),
-         init["embed"] + sum(wm * (p["embed"] - init["embed"]) for wm, p in zip(w, policies))),
+         x0 + sum(wm * (p["embed"] - x0) for wm, p in zip(w, policies, strict=True))),
     ):
         assert got["embed"].dtype == np.float64
         np.testing.assert_allclose(got["embed"], want, rtol=1e-12)

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,10 +146,13 @@ def test_mesh_shape_splits_each_runs_devices(devices, flags, want):
     assert setup.mesh_shape(config, devices) == want
 
 
-def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
-    """The gemma_2b path (local policy, tokenizer, prompts and reward model), at toy size."""
+@pytest.fixture(scope="module")
+def local_variant(tmp_path_factory):
+    """The gemma_2b path (local policy, tokenizer, prompts and reward model) at toy size: the
+    files, and the config overrides (section.field: value) that point at them."""
     from warp_jax.gemma.tokenizer import Tokenizer
 
+    tmp_path = tmp_path_factory.mktemp("local")
     texts = [f"the {a} was {b}" for a in ("film", "plot", "cast") for b in ("good", "bad")]
     Tokenizer.train(texts * 20, vocab_size=24).save(tmp_path / "plain.model")
     tokenizer = Tokenizer.train(texts * 20, vocab_size=26, special_pieces=data.CHAT_PIECES)
@@ -161,15 +165,36 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     transformers.Gemma2ForSequenceClassification(transformers.Gemma2Config(
         **small, num_labels=1, pad_token_id=0)).save_pretrained(tmp_path / "rm")
     (tmp_path / "prompts.txt").write_text("\n".join(texts * 4))
+    overrides = {
+        "model.hf_dir": str(tmp_path / "policy"),
+        "model.tokenizer": str(tmp_path / "tokenizer.model"),
+        "task.prompts": str(tmp_path / "prompts.txt"), "reward.hf_dir": str(tmp_path / "rm"),
+        "model.dtype": "float32", "task.prompt_len": 6, "task.eval_prompts": 4,
+        "rl.batch_size": 4, "rl.max_new_tokens": 4, "rl.learning_rate": 1e-2,
+        "rl.stop_pieces": ("as",),  # ends a completion, besides eos and <end_of_turn>
+        "task.chat": True,  # an instruction-tuned policy: prompts in chat turns
+        "warp.iterations": 1, "warp.steps": 2, "warp.eta_grid": (0.0, 1.0),
+        "warp.baselines": ("reinforce_sft",), "eval.every": 2}
+    return tmp_path, tokenizer, texts, overrides
+
+
+def _local_config(overrides):
     config = get_config("gemma_2b")
-    config.model.hf_dir, config.model.tokenizer = str(tmp_path / "policy"), str(
-        tmp_path / "tokenizer.model")
-    config.task.prompts, config.reward.hf_dir = str(tmp_path / "prompts.txt"), str(tmp_path / "rm")
-    config.model.dtype = "float32"
-    config.task.prompt_len, config.task.eval_prompts = 6, 4
-    config.rl.batch_size, config.rl.max_new_tokens, config.rl.learning_rate = 4, 4, 1e-3
-    config.rl.stop_pieces = ("as",)  # ends a completion, besides eos and <end_of_turn>
-    config.task.chat = True  # an instruction-tuned policy: prompts in chat turns
+    for field, value in overrides.items():
+        section, key = field.split(".")
+        config[section][key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def local_run(local_variant):
+    tmp_path, _, _, overrides = local_variant
+    return tmp_path / "out", warp.run(_local_config(overrides), tmp_path / "out")
+
+
+def test_local_checkpoint_variant_runs_on_hf_files(local_variant, local_run):
+    tmp_path, tokenizer, texts, overrides = local_variant
+    config = _local_config(overrides)
     assert setup.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
     prepared = setup.prepare(config, tmp_path)
     assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
@@ -177,13 +202,89 @@ def test_local_checkpoint_variant_runs_on_hf_files(tmp_path):
     config.model.tokenizer = str(tmp_path / "plain.model")
     with pytest.raises(ValueError, match=r"config.task.chat = True: '<start_of_turn>' is not"):
         setup.prepare(config, tmp_path)
-    config.model.tokenizer = str(tmp_path / "tokenizer.model")
-    config.warp.update(dict(iterations=1, steps=2, eta_grid=(0.0, 1.0),
-                            baselines=("reinforce_sft",)))
-    config.eval.every = 2
-    result = warp.run(config, tmp_path / "out")
+    out, result = local_run
     assert [eta for eta, _, _ in result.front] == [0.0, 1.0]
-    records = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
+    records = json.loads((out / "pareto_front.json").read_text())
     assert {r["method"] for r in records} == {"reinforce_sft", "warp_run", "warp"}
     assert all(r["oracle_reward"] is None for r in records)
-    assert (tmp_path / "out" / "final_policy" / "model.safetensors").exists()
+    assert (out / "final_policy" / "model.safetensors").exists()
+
+
+def _two_processes(workdir, variant, overrides):
+    """The main job as two processes of 4 CPU devices each: a 2-host pod slice in miniature,
+    each process holding one run's slice of the mesh."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    flags = [f"--config.{k}={v if isinstance(v, str) else repr(v)}" for k, v in overrides.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    logs = workdir.parent / f"{workdir.name}_logs"
+    logs.mkdir()
+    procs = []
+    for i in range(2):  # to files: a full pipe would stall a process, and with it the other
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "experiments.gemma_warp",
+                 f"--config={ROOT}/experiments/configs/gemma_warp.py:{variant}", *flags,
+                 f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                 "--num_processes=2", f"--process_id={i}"],
+                cwd=ROOT, env=env, stdout=out, stderr=err, text=True))
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=900) == 0, (logs / f"{i}.err").read_text()[-3000:]
+    outs = [(logs / f"{i}.out").read_text() for i in range(2)]
+    assert "final front" in outs[0] and "final front" not in outs[1]  # process 0 reports
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one_process(local_variant, local_run, tmp_path):
+    """The local-checkpoint path in two processes gives one 8-device process's outputs."""
+    _two_processes(tmp_path / "out", "gemma_2b", local_variant[3])
+    tmp_path = tmp_path / "out"
+    reference, _ = local_run
+
+    def close(a, b):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert np.isclose(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True), (
+                    k, a[k], b[k])
+            else:
+                assert a[k] == b[k], (k, a[k], b[k])
+
+    for name in ("pareto_front.json", "records/iter1.json"):
+        got, want = (json.loads((d / name).read_text()) for d in (tmp_path, reference))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            close(a, b)
+    got, want = _metrics(tmp_path), _metrics(reference)
+    assert len(got) == len(want) == 6  # written once: 2 baseline steps, 2 steps x 2 runs
+    for a, b in zip(got, want, strict=True):
+        close(a, b)
+    policy = [transformers.AutoModelForCausalLM.from_pretrained(d / "final_policy").state_dict()
+              for d in (tmp_path, reference)]
+    for name, tensor in policy[1].items():
+        np.testing.assert_allclose(policy[0][name].numpy(), tensor.numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
+def test_the_demo_runs_in_two_processes(tmp_path):
+    """The built-in task in two processes: its tokenizer, SFT policy and reward model are made
+    alike in both and checkpointed once; every output is written once, by process 0."""
+    overrides = {"sft.steps": 20, "reward.steps": 10, "warp.iterations": 1, "warp.steps": 3,
+                 "warp.baselines": ("reinforce_sft", "lerp")}
+    tmp_path = tmp_path / "out"
+    _two_processes(tmp_path, "test", overrides)
+    for name in ("pareto_front.json", "pareto_front.png", "summary.md", "tokenizer.model",
+                 "final_policy/model.safetensors", "records/iter1_geometry.json"):
+        assert (tmp_path / name).exists(), name
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "baseline_reinforce_sft", "iter1", "reward_model", "sft"]
+    assert len(_metrics(tmp_path)) == 3 + 3 * 2
+    records = json.loads((tmp_path / "pareto_front.json").read_text())
+    assert {r["method"] for r in records} == {"reinforce_sft", "warp_run", "warp", "lerp"}
+    for r in records:
+        assert np.isfinite([r["kl"], r["proxy_reward"], r["oracle_reward"]]).all()

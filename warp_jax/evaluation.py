@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warp_jax import reinforce, sampling
+from warp_jax import reinforce, sampling, sharding
 from warp_jax.gemma import GemmaConfig
 
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
@@ -35,6 +35,13 @@ def _sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens
     return tokens, mask, out.tokens, out.mask, kl
 
 
+@functools.cache
+def _jitted(fn: Callable) -> Callable:
+    """A jittable reward as one program (run op by op, every op on arrays that span several
+    processes would be a program of its own, with its own collectives)."""
+    return jax.jit(fn)
+
+
 def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
                     rewards: Mapping[str, Callable], *, max_new_tokens: int,
@@ -47,22 +54,20 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
     host rewards (`host = True`) on the decoded arrays.
     """
-    tokens, mask, completion, cmask, kl = _sample_and_kl(
+    out = _sample_and_kl(
         params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
         max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
         eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None)  # static: hashable
+    host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
-    result["kl"], result["kl_se"] = _mean_se(np.asarray(kl))
-    host_batch = None
+    result["kl"], result["kl_se"] = _mean_se(host_out[4])
     for name, fn in rewards.items():
         if getattr(fn, "host", False):
-            host_batch = host_batch or tuple(np.asarray(x) for x in (tokens, mask, completion,
-                                                                     cmask))
-            values = fn(*host_batch)
+            values = fn(*host_out[:4])
         else:
-            values = np.asarray(fn(tokens, mask, completion, cmask))
+            values = sharding.to_host(_jitted(fn)(*out[:4]))
         result[name], result[f"{name}_se"] = _mean_se(values)
-    result["completions"] = (np.asarray(completion), np.asarray(cmask))
+    result["completions"] = host_out[2:4]
     return result
 
 
@@ -70,7 +75,8 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
     """Per group (transformer block): the cosine between the first two runs' task vectors
     and the ratio of their norms, and the same for the full weights (the paper's Fig. 11).
 
-    Accumulated in float64 over chunks of each tensor, so it holds no copy of a tree.
+    Accumulated in float64 over chunks of each tensor, so it holds no copy of a tree (in
+    every process: they all call it together).
     Leaves whose group label is None are reported under their own path.
     """
     if len(policies) < 2:
@@ -81,7 +87,7 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
                                          jax.tree.leaves(policies[0]),
                                          jax.tree.leaves(policies[1]), strict=True):
         key = label if label is not None else jax.tree_util.keystr(path)
-        base, a, b = (np.asarray(x).ravel() for x in (base, a, b))
+        base, a, b = (sharding.to_host(x).ravel() for x in (base, a, b))
         for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
             window = slice(start, start + _CHUNK)
             x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))

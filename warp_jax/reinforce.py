@@ -339,10 +339,14 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     def step(state, prompts, rng, init_params):
         with_init = init_params is not None
+        if mesh is not None and jax.process_count() > 1:  # host data onto the global mesh
+            prompts, rng = sharding.to_mesh((prompts, rng), (shard.prompts, shard.keys))
         if not host:
             return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params)
         batch = jitted("rollout", rollout_v, False)(state, prompts, rng)
-        reward = np.asarray(reward_fn(*(np.asarray(x) for x in batch)), np.float32)
+        reward = np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
+        if mesh is not None and jax.process_count() > 1:
+            reward = sharding.to_mesh(reward, shard.rewards)
         return jitted("update", update_v, with_init)(state, batch, reward, init_params)
 
     init_fn = functools.partial(init_state, rl=rl)

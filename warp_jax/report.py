@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from warp_jax import evaluation, merging
+from warp_jax import evaluation, sharding
 from warp_jax.gemma import hf
 
 _LABELS = {"reinforce_sft": "REINFORCE, SFT anchor", "reinforce_ema": "REINFORCE, EMA anchor",
@@ -21,16 +21,20 @@ _KEYS = ("method", "iteration", "run", "step", "eta", "proxy_reward", "proxy_rew
 
 def write_outputs(workdir: pathlib.Path, config, setup, records: list[dict], runner,
                   merged_final: Any) -> None:
+    """Every process computes (they sample together); process 0 writes."""
     records = [{k: r.get(k) for k in _KEYS} for r in records]
-    (workdir / "pareto_front.json").write_text(json.dumps(records, indent=1))
     rewards = [k for k in ("proxy_reward", "oracle_reward") if records[0].get(k) is not None]
-    _plot(workdir / "pareto_front.png", records, rewards, config)
-    final = merging.liti_tree(runner.sft, merged_final, config.warp.export_eta)
-    out_dir = workdir / "final_policy"
-    hf.save_hf(jax.device_get(final), setup.cfg, out_dir)
-    setup.tokenizer.save(out_dir / "tokenizer.model")
+    final = runner.liti(runner.sft, merged_final, config.warp.export_eta)
+    final_host = sharding.to_host(final)
     samples = {name: _samples(params, runner, setup, config)
                for name, params in (("SFT", runner.sft), ("WARP", final))}
+    if not sharding.is_main_process():
+        return
+    (workdir / "pareto_front.json").write_text(json.dumps(records, indent=1))
+    _plot(workdir / "pareto_front.png", records, rewards, config)
+    out_dir = workdir / "final_policy"
+    hf.save_hf(final_host, setup.cfg, out_dir)
+    setup.tokenizer.save(out_dir / "tokenizer.model")
     _summary(workdir / "summary.md", records, rewards, config, samples)
 
 

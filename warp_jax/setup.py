@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from warp_jax import data, rewards, sampling, sft
+from warp_jax import data, rewards, sampling, sft, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -186,11 +186,13 @@ def _boxed(cfg: GemmaConfig):
 def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     corpus = data.review_corpus(c.task.corpus_size, c.seed)
     path = workdir / "tokenizer.model"
-    if path.exists():
-        tokenizer = Tokenizer(path)
-    else:
-        tokenizer = Tokenizer.train(corpus, c.task.vocab_size)
-        tokenizer.save(path)
+    missing = not path.exists()
+    sharding.barrier("tokenizer looked up")  # every process looks before process 0 writes
+    if missing:
+        if sharding.is_main_process():
+            Tokenizer.train(corpus, c.task.vocab_size).save(path)
+        sharding.barrier("tokenizer saved")
+    tokenizer = Tokenizer(path)
     end_ids = _end_ids(c, tokenizer)
     cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
                                   dtype=c.model.dtype, param_dtype=c.model.dtype,
@@ -198,12 +200,16 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     boxed = _boxed(cfg)
     init = nn.unbox(Gemma(cfg).init(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))[
         "params"])
+    # Several processes train the SFT policy and the reward model alike, each on its own
+    # devices, and checkpoint them as one global array.
     if ckpt.latest_step("sft") is not None:
-        sft_params = ckpt.restore("sft", init)
+        sft_params = ckpt.restore("sft", sharding.host_local_to_global(init))
     else:
         sft_params, _ = sft.train_lm(cfg, init, tokenizer, corpus, steps=c.sft.steps,
                                      batch_size=c.sft.batch_size, max_len=32,
-                                     learning_rate=c.sft.learning_rate, seed=c.seed)
+                                     learning_rate=c.sft.learning_rate, seed=c.seed,
+                                     progress=sharding.is_main_process())
+        sft_params = sharding.host_local_to_global(sft_params)
         ckpt.save("sft", 0, sft_params)
 
     train_texts = data.review_prompts(c.task.num_prompts, c.seed + 1)
@@ -211,13 +217,13 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     oracle = vader_oracle(tokenizer) if c.reward.oracle == "vader" else None
     rm_like = {**sft_params, "score": jnp.zeros((cfg.embed_dim,), cfg.param_dtype)}
     if ckpt.latest_step("reward_model") is not None:
-        rm_params = ckpt.restore("reward_model", rm_like)
+        rm_params = ckpt.restore("reward_model", sharding.host_local_to_global(rm_like))
     else:
         if oracle is None:
             raise ValueError("config.reward.oracle = '': the built-in task trains its reward "
                              "model on oracle labels; set it to 'vader'")
-        rm_params = _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_like,
-                                        train_texts, oracle)
+        rm_params = sharding.host_local_to_global(_train_reward_model(
+            c, cfg, tokenizer, end_ids, sft_params, rm_like, train_texts, oracle))
         ckpt.save("reward_model", 0, rm_params)
     return Setup(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
                  data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
@@ -232,7 +238,7 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
     out = sampling.sample(sft_params, cfg, tokens, mask, jax.random.key(c.seed + 3),
                           c.rl.max_new_tokens, temperature=1.0, eos_id=end_ids)
-    completion, cmask = np.asarray(out.tokens), np.asarray(out.mask)
+    completion, cmask = sharding.to_host((out.tokens, out.mask))
     scores = np.asarray(oracle(tokens, mask, completion, cmask)).reshape(-1, 2)
     seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
                                                           completion.shape[1])
@@ -249,7 +255,8 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     n = len(keep)
     held_out = np.arange(n) < max(1, n // 10)
     train_rows = np.flatnonzero(~held_out)
-    for _ in tqdm(range(c.reward.steps), desc="reward model", unit="step"):
+    for _ in tqdm(range(c.reward.steps), desc="reward model", unit="step",
+                  disable=not sharding.is_main_process()):
         rows = rng.choice(train_rows, size=min(c.reward.batch_size, len(train_rows)),
                           replace=False)
         state, _ = step(state, (chosen[rows], chosen_mask[rows], rejected[rows],
@@ -257,8 +264,9 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     rows = np.flatnonzero(held_out)
     metrics = evaluate(state.params, (chosen[rows], chosen_mask[rows], rejected[rows],
                                       rejected_mask[rows]))
-    print(f"reward model: {len(train_rows)} oracle-labelled pairs, held-out accuracy "
-          f"{float(metrics['accuracy']):.3f} on {len(rows)}")
+    if sharding.is_main_process():
+        print(f"reward model: {len(train_rows)} oracle-labelled pairs, held-out accuracy "
+              f"{float(metrics['accuracy']):.3f} on {len(rows)}")
     return state.params
 
 

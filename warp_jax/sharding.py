@@ -1,4 +1,5 @@
-"""The device mesh (axes run, data, fsdp, model) and the one table of logical-axis rules."""
+"""The device mesh (axes run, data, fsdp, model), the one table of logical-axis rules, and
+multi-process (multi-host) start-up and data movement."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("run", "data", "fsdp", "model")
@@ -120,3 +122,65 @@ def batch_sharding(mesh: Mesh, ndim: int, num_runs: int | None = None) -> NamedS
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins this process to a multi-process JAX job (one process per host of a TPU pod slice).
+
+    Call it first, before anything touches a device. On Cloud TPU, Slurm and the other
+    clusters that `jax.distributed.initialize` detects, every argument may be None; elsewhere
+    (e.g. several CPU processes on one machine) pass all three. CPU processes exchange data
+    through gloo and run one program at a time: with several in flight, their collectives
+    could wait on each other across processes.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the job's shared outputs (process 0)."""
+    return jax.process_index() == 0
+
+
+def to_host(tree: Any) -> Any:
+    """`tree` as NumPy arrays holding every element, in every process: arrays that span other
+    processes' devices are gathered (every process must call this together)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def to_mesh(tree: Any, shardings: Any) -> Any:
+    """Host data (the same in every process) or local arrays as global arrays with
+    `shardings`; arrays already spanning other processes are left as they are."""
+    def one(x, sh):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(
+                np.asarray(jax.random.key_data(x)), sh), impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sh)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (returns at once in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def host_local_to_global(tree: Any) -> Any:
+    """Arrays that every process computed alike on its own devices, as global arrays
+    replicated over all devices (what checkpoints and computations over the whole job take);
+    unchanged in a one-process job."""
+    if jax.process_count() == 1:
+        return tree
+    everywhere = NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(to_host(x), everywhere), tree)

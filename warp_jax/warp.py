@@ -9,6 +9,7 @@ same `pareto_front.json` as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -34,23 +35,28 @@ class WarpResult:
 
 
 class _Logger:
-    """Training metrics to `metrics.jsonl` and TensorBoard."""
+    """Training metrics to `metrics.jsonl` and TensorBoard (from process 0 only)."""
 
     def __init__(self, workdir: pathlib.Path):
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._on = sharding.is_main_process()
+        if self._on:
+            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def log(self, stage: str, run: int, step: int, metrics: dict[str, float]) -> None:
+        if not self._on:
+            return
         self._jsonl.write(json.dumps({"stage": stage, "run": run, "step": step, **metrics})
                           + "\n")
         for name, value in metrics.items():
             self._tb.add_scalar(f"{stage}/run{run}/{name}", value, step)
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._tb.close()
+        if self._on:
+            self._jsonl.close()
+            self._tb.close()
 
 
 class _Runner:
@@ -72,6 +78,13 @@ class _Runner:
             self.rewards["oracle_reward"] = setup.oracle
         self.groups = (block_groups(setup.sft_params) if config.warp.granularity == "layer"
                        else None)
+        # The merges and the unstacking of a run as one program each, with the params'
+        # sharding out (op by op, every op on arrays spanning processes is its own program).
+        out = dict(out_shardings=self.param_sharding)
+        self.slerp = jax.jit(functools.partial(merging.slerp_tree, groups=self.groups), **out)
+        self.lerp = jax.jit(merging.lerp_tree, **out)
+        self.liti = jax.jit(merging.liti_tree, **out)
+        self._unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
 
     def put(self, params):
@@ -116,8 +129,10 @@ class _Runner:
         return [r for r in records if upto is None or r.get("step", 0) <= upto]
 
     def save_records(self, stage: str, records: list[dict]) -> None:
+        """Every process writes the same records (its own temporary file, then an atomic
+        rename), so each finds them on resume, on a shared directory or its own disk."""
         path = self._records(stage)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{jax.process_index()}.tmp")
         tmp.write_text(json.dumps(records, indent=1))
         os.replace(tmp, path)
 
@@ -139,11 +154,12 @@ class _Runner:
         def flush():
             if pending is not None:
                 step, metrics = pending
-                metrics = jax.device_get(metrics)
+                metrics = sharding.to_host(metrics)
                 for m in range(num_runs):
                     self.logger.log(stage, m, step, {k: float(v[m]) for k, v in metrics.items()})
 
-        for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps):
+        for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
+                      disable=not sharding.is_main_process()):
             prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(s, t) for s in seeds),
                                                        strict=True))
             keys = jnp.stack([jax.random.fold_in(jax.random.key(s), t) for s in seeds])
@@ -163,7 +179,7 @@ class _Runner:
         return [self.unstack(state.params, m) for m in range(num_runs)]
 
     def unstack(self, stacked, m: int):
-        return self.put(jax.tree.map(lambda x: x[m], stacked))
+        return self._unstack(stacked, m)
 
     def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
@@ -171,7 +187,7 @@ class _Runner:
         if records is None:
             records = []
             for eta in etas:
-                point = self.evaluate(merging.liti_tree(self.sft, merged, eta))
+                point = self.evaluate(self.liti(self.sft, merged, eta))
                 records.append({"method": method, "iteration": iteration, "run": None,
                                 "step": None, "eta": eta, **point})
             self.save_records(stage, records)
@@ -206,17 +222,18 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
         # A finished stage is restored from its last checkpoint rather than trained again.
         policies = runner.train(stage, init, "ema", seeds, c.warp.steps, "warp_run", i)
         records += runner.load_records(stage)
-        merged = merging.slerp_tree(init, policies, groups=runner.groups)
+        merged = runner.slerp(init, policies)
         merged_all.append(merged)
         records += runner.front(f"{stage}_front", merged, "warp", i, c.warp.eta_grid)
         if "lerp" in c.warp.baselines and i == 1:
-            records += runner.front(f"{stage}_lerp_front", merging.lerp_tree(init, policies),
+            records += runner.front(f"{stage}_lerp_front", runner.lerp(init, policies),
                                     "lerp", i, c.warp.eta_grid)
         geometry = (evaluation.task_vector_stats(init, policies, block_groups(init))
                     if len(policies) > 1 else {})
-        (workdir / "records" / f"{stage}_geometry.json").write_text(json.dumps(geometry,
-                                                                               indent=1))
-        init = merging.liti_tree(init, merged, c.warp.eta)
+        if sharding.is_main_process():
+            (workdir / "records" / f"{stage}_geometry.json").write_text(
+                json.dumps(geometry, indent=1))
+        init = runner.liti(init, merged, c.warp.eta)
         inits.append(init)
 
     runner.ckpt.close()
