@@ -51,7 +51,13 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     cluster = (f.coordinator_address, f.num_processes, f.process_id)
     if f.distributed or any(x is not None for x in cluster):
-        sharding.initialize_distributed(*cluster)
+        if f.coordinator_address and None in cluster:
+            _fail(ValueError("--coordinator_address needs --num_processes and --process_id"))
+        try:
+            sharding.initialize_distributed(*cluster)
+        except ValueError as e:  # no cluster detected, or a bad address
+            _fail(ValueError(f"--distributed: {e} (give --coordinator_address, "
+                             "--num_processes and --process_id)"))
     workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
         result = warp.run(flags.FLAGS.config, workdir)

@@ -107,6 +107,12 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
     assert err.strip().splitlines() == [
         "error: 'betaa' Did you mean \"beta\" instead of \"betaa\"?"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    proc = _main(tmp_path, "--num_processes=2")  # no cluster to detect, no coordinator
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: --distributed: coordinator_address should be defined. (give "
+        "--coordinator_address, --num_processes and --process_id)")
     bad = get_config("test")
     bad.task.chat = True  # the built-in task has no chat turns
     with pytest.raises(ValueError, match=r"config.task.chat = True: applies to task 'prompts'"):
