@@ -53,6 +53,28 @@ def test_scores_match_transformers_with_padding(name, config_cls, extra):
         np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+def test_model_reward_passes_its_params_to_jitted_code_as_arguments():
+    """A closure's arrays would be baked into the program as constants: a 7B reward model
+    copied into every compiled train step and replicated on every device."""
+    from warp_jax import reinforce
+    from warp_jax.gemma import GemmaConfig
+
+    cfg = GemmaConfig.from_preset("tiny", vocab_size=16, num_layers=1)
+    params = nn.unbox(rewards.RewardModel(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool))["params"])
+    reward = rewards.model_reward(cfg, params)
+    leaves, treedef = reinforce.reward_arrays(reward)
+    assert len(leaves) == len(jax.tree.leaves(params))
+    batch = (jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), bool), jnp.full((2, 2), 5),
+             jnp.ones((2, 2), bool))
+    call = jax.jit(lambda leaves, batch: reinforce.call_reward(None, treedef, leaves, batch))
+    np.testing.assert_allclose(call(leaves, batch), reward(*batch), rtol=1e-6)
+    weights = 'constant dense<"0x'  # how StableHLO spells a literal array
+    assert weights not in call.lower(leaves, batch).as_text()
+    assert weights in jax.jit(lambda b: reward(*b)).lower(batch).as_text()  # the closure
+    assert reinforce.reward_arrays(lambda *batch: batch[0][:, 0]) == ([], None)
+
+
 def test_a_multi_label_head_is_rejected():
     cfg = hf.config_from_hf(transformers.GemmaConfig(
         vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

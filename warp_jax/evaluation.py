@@ -42,6 +42,19 @@ def _jitted(fn: Callable) -> Callable:
     return jax.jit(fn)
 
 
+@functools.partial(jax.jit, static_argnames=("treedef",))
+def _pytree_reward(leaves, batch, *, treedef):
+    """A reward that is a pytree of arrays (a model's params), which come in as arguments."""
+    return reinforce.call_reward(None, treedef, leaves, batch)
+
+
+def _device_reward(fn: Callable, batch) -> jax.Array:
+    leaves, treedef = reinforce.reward_arrays(fn)
+    if treedef is None:
+        return _jitted(fn)(*batch)
+    return _pytree_reward(leaves, batch, treedef=treedef)
+
+
 def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
                     rewards: Mapping[str, Callable], *, max_new_tokens: int,
@@ -65,7 +78,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
         if getattr(fn, "host", False):
             values = fn(*host_out[:4])
         else:
-            values = sharding.to_host(_jitted(fn)(*out[:4]))
+            values = sharding.to_host(_device_reward(fn, out[:4]))
         result[name], result[f"{name}_se"] = _mean_se(values)
     result["completions"] = host_out[2:4]
     return result

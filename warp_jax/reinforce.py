@@ -290,20 +290,22 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     """
     host = getattr(reward_fn, "host", False)
     rollout = functools.partial(_rollout, cfg=cfg, rl=rl)
+    reward_leaves, reward_def = reward_arrays(reward_fn)
 
     def update(state, batch, reward, init_params):
         logp_anchor = _score(state, batch, cfg=cfg, rl=rl)
         return _update(state, batch, reward, logp_anchor, init_params, cfg=cfg, rl=rl)
 
-    def fused(state, prompts, rng, init_params):
+    def fused(state, prompts, rng, init_params, leaves):
         batch = rollout(state, prompts, rng)
-        return update(state, batch, reward_fn(*batch), init_params)
+        return update(state, batch, call_reward(reward_fn, reward_def, leaves, batch),
+                      init_params)
 
     if num_runs:
         # Constraints inside the model split the stacked axis over `run` where it is split.
         run = sharding.run_axis(mesh, num_runs)[0] if mesh is not None else None
         vmap = functools.partial(jax.vmap, spmd_axis_name=run)
-        fused_v = vmap(fused, in_axes=(0, 0, 0, None))
+        fused_v = vmap(fused, in_axes=(0, 0, 0, None, None))
         rollout_v = vmap(rollout)
         update_v = vmap(update, in_axes=(0, 0, 0, None))
     else:
@@ -312,6 +314,13 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0),
                            jnp.zeros((1, 1), jnp.int32))["params"]
     shard = _Shardings(boxed, rl, mesh, num_runs)
+    reward_shardings = None
+    if mesh is not None:  # the reward's arrays in their sharding on the mesh, else replicated
+        reward_shardings = [
+            x.sharding if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
+            and x.sharding.mesh == mesh else sharding.replicated(mesh) for x in reward_leaves]
+        reward_leaves = [jax.device_put(x, sh)
+                         for x, sh in zip(reward_leaves, reward_shardings, strict=True)]
     compiled: dict[tuple[str, bool], Any] = {}
 
     def jitted(name, fn, with_init):
@@ -319,7 +328,8 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         if key not in compiled:
             init_sh = shard.params if with_init else None
             if name == "fused":
-                kw = dict(in_shardings=(shard.state, shard.prompts, shard.keys, init_sh),
+                kw = dict(in_shardings=(shard.state, shard.prompts, shard.keys, init_sh,
+                                        reward_shardings),
                           out_shardings=(shard.state, shard.metrics))
             elif name == "rollout":
                 kw = dict(in_shardings=(shard.state, shard.prompts, shard.keys),
@@ -342,7 +352,8 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         if mesh is not None and jax.process_count() > 1:  # host data onto the global mesh
             prompts, rng = sharding.to_mesh((prompts, rng), (shard.prompts, shard.keys))
         if not host:
-            return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params)
+            return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params,
+                                                      reward_leaves)
         batch = jitted("rollout", rollout_v, False)(state, prompts, rng)
         reward = np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
         if mesh is not None and jax.process_count() > 1:
@@ -366,6 +377,21 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         return init_shared(params) if num_runs else init_one(params)
 
     return train_step, init
+
+
+def reward_arrays(reward_fn: Callable) -> tuple[list, Any]:
+    """`(leaves, treedef)` of a reward that is a pytree of arrays (`rewards.ModelReward`: its
+    params), or `([], None)` for any other callable. Jitted code takes those arrays as
+    arguments (see `call_reward`) instead of baking them in as constants."""
+    leaves, treedef = jax.tree.flatten(reward_fn)
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+        return leaves, treedef
+    return [], None
+
+
+def call_reward(reward_fn: Callable, treedef: Any, leaves: list, batch) -> jax.Array:
+    """`reward_fn(*batch)`, rebuilt from the `leaves` passed in when `treedef` is given."""
+    return (reward_fn if treedef is None else jax.tree.unflatten(treedef, leaves))(*batch)
 
 
 def _param_shapes(boxed) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ completion_mask) -> [B]` (e.g. `model_reward`), or a host callable with `host = 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -118,19 +119,32 @@ class TextReward:
         return scores
 
 
-def model_reward(cfg: GemmaConfig, params: Any) -> Callable:
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
+                   meta_fields=["cfg"])
+@dataclasses.dataclass(frozen=True)
+class ModelReward:
     """A jittable reward: the `RewardModel` score of prompt + completion.
+
+    A pytree whose leaves are the reward model's params, so that jitted code (the train
+    step, the evaluation) takes them as arguments, in their sharding, rather than baking
+    them into the program as constants, as it would a closure's arrays.
+    """
+
+    cfg: GemmaConfig
+    params: Any
+
+    def __call__(self, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+        tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+        return RewardModel(self.cfg).apply({"params": self.params}, tokens, mask)
+
+
+def model_reward(cfg: GemmaConfig, params: Any) -> ModelReward:
+    """A jittable reward: the `RewardModel` score of prompt + completion (see `ModelReward`).
 
     The reward model must share the policy's tokenizer; otherwise wrap it in a `TextReward`.
     """
-    model = RewardModel(cfg)
-
-    def reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
-        tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
-        mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-        return model.apply({"params": params}, tokens, mask)
-
-    return reward
+    return ModelReward(cfg, params)
 
 
 class RMState(NamedTuple):
