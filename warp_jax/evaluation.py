@@ -35,24 +35,17 @@ def _sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens
     return tokens, mask, out.tokens, out.mask, kl
 
 
-@functools.cache
-def _jitted(fn: Callable) -> Callable:
+@functools.partial(jax.jit, static_argnames=("fn", "treedef"))
+def _jitted_reward(leaves, batch, *, fn, treedef):
     """A jittable reward as one program (run op by op, every op on arrays that span several
-    processes would be a program of its own, with its own collectives)."""
-    return jax.jit(fn)
-
-
-@functools.partial(jax.jit, static_argnames=("treedef",))
-def _pytree_reward(leaves, batch, *, treedef):
-    """A reward that is a pytree of arrays (a model's params), which come in as arguments."""
-    return reinforce.call_reward(None, treedef, leaves, batch)
+    processes would be a program of its own, with its own collectives); a pytree reward's
+    arrays come in as arguments (`reinforce.reward_arrays`)."""
+    return reinforce.call_reward(fn, treedef, leaves, batch)
 
 
 def _device_reward(fn: Callable, batch) -> jax.Array:
     leaves, treedef = reinforce.reward_arrays(fn)
-    if treedef is None:
-        return _jitted(fn)(*batch)
-    return _pytree_reward(leaves, batch, treedef=treedef)
+    return _jitted_reward(leaves, batch, fn=fn if treedef is None else None, treedef=treedef)
 
 
 def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,

@@ -349,14 +349,14 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     def step(state, prompts, rng, init_params):
         with_init = init_params is not None
-        if mesh is not None and jax.process_count() > 1:  # host data onto the global mesh
+        if mesh is not None:  # host data onto a mesh that spans several processes
             prompts, rng = sharding.to_mesh((prompts, rng), (shard.prompts, shard.keys))
         if not host:
             return jitted("fused", fused_v, with_init)(state, prompts, rng, init_params,
                                                       reward_leaves)
         batch = jitted("rollout", rollout_v, False)(state, prompts, rng)
         reward = np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
-        if mesh is not None and jax.process_count() > 1:
+        if mesh is not None:
             reward = sharding.to_mesh(reward, shard.rewards)
         return jitted("update", update_v, with_init)(state, batch, reward, init_params)
 

@@ -158,7 +158,11 @@ def to_host(tree: Any) -> Any:
 
 def to_mesh(tree: Any, shardings: Any) -> Any:
     """Host data (the same in every process) or local arrays as global arrays with
-    `shardings`; arrays already spanning other processes are left as they are."""
+    `shardings`; arrays already spanning other processes are left as they are. Unchanged in a
+    one-process job, where `jax.jit` places its inputs itself."""
+    if jax.process_count() == 1:
+        return tree
+
     def one(x, sh):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return x

@@ -84,7 +84,7 @@ class _Runner:
         self.slerp = jax.jit(functools.partial(merging.slerp_tree, groups=self.groups), **out)
         self.lerp = jax.jit(merging.lerp_tree, **out)
         self.liti = jax.jit(merging.liti_tree, **out)
-        self._unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
+        self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
 
     def put(self, params):
@@ -177,9 +177,6 @@ class _Runner:
                 self.ckpt.save(stage, t + 1, state)
         self.ckpt.wait()
         return [self.unstack(state.params, m) for m in range(num_runs)]
-
-    def unstack(self, stacked, m: int):
-        return self._unstack(stacked, m)
 
     def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
