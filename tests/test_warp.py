@@ -114,6 +114,11 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
         "error: --distributed: coordinator_address should be defined. (give "
         "--coordinator_address, --num_processes and --process_id)")
     bad = get_config("test")
+    bad.model.hf_dir = str(tmp_path)  # the built-in task would silently not read it
+    with pytest.raises(ValueError, match=r"config.model.hf_dir = '.*': is read by task 'prompts' "
+                                         r"only \(add --config.task.name=prompts"):
+        warp.run(bad, tmp_path)
+    bad.model.hf_dir = ""
     bad.task.chat = True  # the built-in task has no chat turns
     with pytest.raises(ValueError, match=r"config.task.chat = True: applies to task 'prompts'"):
         warp.run(bad, tmp_path)

@@ -96,11 +96,15 @@ def validate_config(c) -> None:
     if c.task.chat and c.task.name != "prompts":
         _fail("task.chat", c.task.chat, "applies to task 'prompts' (an instruction-tuned "
               "checkpoint); the built-in task has no chat turns")
-    if c.task.name == "prompts":
-        for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
-            section, key = field.split(".")
-            if not c[section][key] or not os.path.exists(c[section][key]):
-                _fail(field, c[section][key], "this variant needs an existing local path")
+    for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
+        section, key = field.split(".")
+        path = c[section][key]
+        if c.task.name == "prompts" and (not path or not os.path.exists(path)):
+            _fail(field, path, "this variant needs an existing local path")
+        if c.task.name == "reviews" and path:  # would be ignored: the run would not be theirs
+            _fail(field, path, "is read by task 'prompts' only (add --config.task.name=prompts, "
+                  "or start from variant gemma_2b); the built-in task 'reviews' trains its own "
+                  "tokenizer, policy and reward model")
     positive = {"warp.iterations": c.warp.iterations, "warp.runs": c.warp.runs,
                 "warp.steps": c.warp.steps, "eval.every": c.eval.every,
                 "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
