@@ -235,6 +235,8 @@ def test_bad_arguments(setup):
         sampling.sample(params, cfg, tokens, mask, key, N, top_k=2.5)
     with pytest.raises(ValueError, match=r"\[B, P\]"):
         sampling.sample(params, cfg, tokens, mask[:, :3], key, N)
+    with pytest.raises(ValueError, match="prompt_tokens must hold integer token ids, got float32"):
+        sampling.sample(params, cfg, tokens.astype(jnp.float32), mask, key, N)
     for eos in (cfg.vocab_size, [], [1, -1], 1.0, "1"):
         with pytest.raises(ValueError, match="eos_id"):
             sampling.sample(params, cfg, tokens, mask, key, N, eos_id=eos)

@@ -80,7 +80,10 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
         a row without a prompt token or a prompt token outside the vocabulary.
     """
     given = (prompt_tokens, prompt_mask)
-    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask)
+    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must hold integer token ids, got {prompt_tokens.dtype}")
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [B, P]")
