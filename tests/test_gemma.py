@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.ad_checkpoint import print_saved_residuals
 
 from warp_jax import merging, sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig, block_groups, hf, init_cache
@@ -296,6 +297,26 @@ def test_logits_to_keep_are_the_last_positions_of_the_full_forward(case):
     for bad in (0, T + 1):
         with pytest.raises(ValueError, match=rf"logits_to_keep must be in \[1, {T}\]"):
             model.apply({"params": params}, *args, logits_to_keep=bad)
+
+
+def test_remat_keeps_only_the_blocks_outputs_for_the_backward_pass(capsys):
+    cfg = GemmaConfig.from_preset("tiny", num_layers=3)
+    params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    saved, grads = {}, {}
+    for remat in (False, True):
+        def loss(p, remat=remat):
+            logits, _ = Gemma(cfg, remat=remat).apply({"params": p}, tokens, logits_to_keep=4)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+
+        print_saved_residuals(loss, params)
+        saved[remat] = capsys.readouterr().out
+        grads[remat] = jax.grad(loss)(params)
+    chex.assert_trees_all_close(grads[True], grads[False], rtol=1e-6, atol=1e-7)
+    inside = ("Attention.__call__", "MLP.__call__")
+    assert all(name in saved[False] for name in inside)
+    assert not any(name in saved[True] for name in inside)
+    assert saved[True].count("(Block.__call__)") == cfg.num_layers
 
 
 def test_a_position_bound_gives_the_same_logits(case):

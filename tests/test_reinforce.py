@@ -272,13 +272,17 @@ def test_sharded_step_equals_single_device(policy, step_fns, capfd):
 
 # Every mesh axis, and what `warp.run` picks for a small batch on 8 devices: without the
 # model's activation constraints, the vmapped embedding lookup is fully rematerialised.
-@pytest.mark.parametrize("axes", [dict(run=2, fsdp=2, model=2), dict(run=2, data=2, fsdp=2)])
-def test_stacked_runs_on_the_run_axis_equal_separate_runs(policy, step_fns, axes, capfd):
+@pytest.mark.parametrize("axes, microbatches", [(dict(run=2, fsdp=2, model=2), 1),
+                                                (dict(run=2, data=2, fsdp=2), 1),
+                                                (dict(run=2, data=2, fsdp=2), 2)])
+def test_stacked_runs_on_the_run_axis_equal_separate_runs(policy, step_fns, axes, microbatches,
+                                                          capfd):
     cfg, params, prompts = policy
     step, init = step_fns["ema"]
     mesh = sharding.make_mesh(**axes)
-    stacked_step, stacked_init = reinforce.make_train_step(cfg, RL, _toy_reward, mesh=mesh,
-                                                           num_runs=2)
+    stacked_step, stacked_init = reinforce.make_train_step(
+        cfg, dataclasses.replace(RL, microbatches=microbatches), _toy_reward, mesh=mesh,
+        num_runs=2)
     runs_prompts = tuple(jnp.stack([x, x[::-1]]) for x in prompts)  # per-run prompt order
     state = stacked_init(params)  # every run starts from params
     assert state.params["final_norm"]["scale"].sharding.spec[0] == "run"
@@ -293,3 +297,49 @@ def test_stacked_runs_on_the_run_axis_equal_separate_runs(policy, step_fns, axes
         _close(jax.tree.map(lambda x, m=m: x[m], state), ref)
         _close(jax.tree.map(lambda x, m=m: x[m], metrics), ref_metrics)
     assert REMAT not in capfd.readouterr().err
+
+
+def test_microbatches_and_remat_take_the_same_step_in_less_memory(policy, step_fns, capfd):
+    cfg, params, prompts = policy
+    step, init = step_fns["ema"]
+    lean = dataclasses.replace(RL, microbatches=2, remat=True)
+    lean_step, lean_init = reinforce.make_train_step(cfg, lean, _toy_reward)
+    mesh = sharding.make_mesh(fsdp=2, model=4)  # one prompt (2 rows) per microbatch
+    sharded_step, sharded_init = reinforce.make_train_step(
+        cfg, dataclasses.replace(RL, microbatches=4), _toy_reward, mesh=mesh)
+    ref, state, sharded = init(params), lean_init(params), sharded_init(params)
+    for i in range(3):
+        ref, ref_metrics = step(ref, prompts, jax.random.key(i), params)
+        state, metrics = lean_step(state, prompts, jax.random.key(i), params)
+        sharded, sharded_metrics = sharded_step(sharded, prompts, jax.random.key(i), params)
+    for got, got_metrics in ((state, metrics), (sharded, sharded_metrics)):
+        _close(got, ref)
+        _close(got_metrics, ref_metrics)
+    assert REMAT not in capfd.readouterr().err
+
+    # The update's activations: one microbatch's at a time.
+    rows, n = 32, 32
+    rng = np.random.default_rng(1)
+    batch = (jnp.asarray(rng.integers(3, 16, (rows, 3)), jnp.int32), jnp.ones((rows, 3), bool),
+             jnp.asarray(rng.integers(3, 16, (rows, n)), jnp.int32), jnp.ones((rows, n), bool))
+    args = (reinforce.init_state(params, RL), batch, jnp.ones((rows,)), -jnp.ones((rows, n)),
+            None)
+
+    def temp_bytes(microbatches):
+        rl = dataclasses.replace(RL, microbatches=microbatches, max_new_tokens=n)
+        update = jax.jit(lambda *a: reinforce._update(*a, cfg=cfg, rl=rl))
+        return update.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(4) < 0.5 * temp_bytes(1)
+
+
+def test_microbatches_must_split_the_prompts_into_whole_groups(policy):
+    cfg, params, prompts = policy
+    with pytest.raises(ValueError, match="microbatches must be a positive int, got 0"):
+        dataclasses.replace(RL, microbatches=0)
+    with pytest.raises(ValueError, match="needs a per-prompt baseline"):
+        dataclasses.replace(RL, microbatches=2, baseline="mean")
+    step, init = reinforce.make_train_step(cfg, dataclasses.replace(RL, microbatches=3),
+                                           _toy_reward)
+    with pytest.raises(ValueError, match="microbatches = 3 does not divide the 4 prompts"):
+        step(init(params), prompts, jax.random.key(0))

@@ -131,6 +131,11 @@ def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_
                                          r"is not a piece"):
         warp.run(bad, tmp_path / "new")
     bad.rl.stop_pieces = ()
+    bad.rl.microbatches = 3  # 8 prompts a step
+    with pytest.raises(ValueError, match=r"config.rl.microbatches = 3: must divide "
+                                         r"rl.batch_size \(8 prompts\)"):
+        warp.run(bad, tmp_path)
+    bad.rl.microbatches = 1
     bad.mesh.model = 3  # 8 devices, 2 runs: 4 devices each
     with pytest.raises(ValueError, match=r"config.mesh.model = 3: must divide the 4 device"):
         warp.run(bad, tmp_path)

@@ -148,6 +148,8 @@ class RLConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8  # optax's default; the paper does not give one
+    microbatches: int = 1  # the gradient accumulated over this many slices of the prompts
+    remat: bool = False  # rematerialise each block in the backward pass (`Gemma.remat`)
 
     def __post_init__(self):
         if self.eos_id is not None and not isinstance(self.eos_id, numbers.Integral):
@@ -163,6 +165,12 @@ class RLConfig:
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.warmup_steps < 0:
             raise ValueError("RLConfig.num_samples and max_new_tokens must be positive and "
                              "warmup_steps non-negative")
+        if not (isinstance(self.microbatches, numbers.Integral) and self.microbatches >= 1):
+            raise ValueError(f"RLConfig.microbatches must be a positive int, got "
+                             f"{self.microbatches!r}")
+        if self.microbatches > 1 and self.baseline == "mean":
+            raise ValueError("RLConfig.microbatches > 1 needs a per-prompt baseline ('rloo' or "
+                             "'none'): the 'mean' baseline averages over the whole batch")
         if not 0 <= self.mu <= 1:
             raise ValueError(f"RLConfig.mu must be in [0, 1], got {self.mu}")
         if (self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0
@@ -194,15 +202,17 @@ def init_state(params: Any, rl: RLConfig) -> RLState:
 
 
 def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mask,
-                        completion, completion_mask, temperature: float = 1.0):
+                        completion, completion_mask, temperature: float = 1.0,
+                        remat: bool = False):
     """Token log-probs `[B, N]` of completions under `softmax(logits / temperature)` and the
-    entropy `[B, N]` of that distribution, from one forward pass over prompt + completion."""
+    entropy `[B, N]` of that distribution, from one forward pass over prompt + completion
+    (`remat`: its blocks rematerialised in a backward pass)."""
     # The last completion token predicts nothing we need, so it is not fed; the vocabulary
     # projection (the costliest matmul) and the last block's queries and MLP run on the N
     # positions that predict the completion only.
     seq = jnp.concatenate([prompt_tokens, completion[:, :-1]], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, completion_mask[:, :-1]], axis=1)
-    logits, _ = Gemma(cfg).apply({"params": params}, seq, left_padded_positions(seq_mask),
+    logits, _ = Gemma(cfg, remat).apply({"params": params}, seq, left_padded_positions(seq_mask),
                                  seq_mask, logits_to_keep=completion.shape[1],
                                  max_position=seq.shape[1] - 1)
     logits = logits / temperature
@@ -226,21 +236,60 @@ def _score(state: RLState, batch, *, cfg: GemmaConfig, rl: RLConfig):
                                rl.temperature)[0]
 
 
+def _to_microbatches(rows, microbatches: int, num_samples: int):
+    """Row-major arrays `[P * K, ...]` (the K samples of a prompt consecutive) as
+    `[microbatches, P * K / microbatches, ...]`: microbatch i holds prompts i, i + m, i + 2m,
+    ... with all their samples, so a row-sharded batch splits without moving data between
+    devices and every RLOO group stays whole."""
+    prompts = rows[0].shape[0] // num_samples
+    if prompts % microbatches:
+        raise ValueError(f"microbatches = {microbatches} does not divide the {prompts} prompts "
+                         "of a step")
+
+    def split(x):
+        x = x.reshape(prompts // microbatches, microbatches, num_samples, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0).reshape(microbatches, -1, *x.shape[3:])
+
+    return jax.tree.map(split, rows)
+
+
+def _from_microbatches(rows, num_samples: int):
+    """The inverse of `_to_microbatches`."""
+    def merge(x):
+        m = x.shape[0]
+        x = x.reshape(m, -1, num_samples, *x.shape[2:])
+        return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[3:])
+
+    return jax.tree.map(merge, rows)
+
+
 def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: GemmaConfig,
             rl: RLConfig):
-    tokens, mask, completion, cmask = batch
-    score = lambda p: completion_logprobs(cfg, p, tokens, mask, completion, cmask,  # noqa: E731
-                                          rl.temperature)
+    cmask = batch[3]
     beta = 0.0 if rl.anchor == "none" else rl.beta
 
-    def loss_fn(params):
-        logp, entropy = score(params)
+    def loss_fn(params, rows):
+        tokens, mask, completion, cmask, reward, logp_anchor = rows
+        logp, entropy = completion_logprobs(cfg, params, tokens, mask, completion, cmask,
+                                            rl.temperature, rl.remat)
         r_beta = kl_regularized_reward(reward, logp, logp_anchor, cmask, beta)
         loss = reinforce_loss(logp, cmask, advantages(r_beta, rl.baseline, rl.num_samples))
-        return loss, (logp, r_beta, entropy)
+        # Microbatches of equal size: their mean losses average to the batch's.
+        return loss / rl.microbatches, (logp, r_beta, entropy)
 
-    (loss, (logp, r_beta, entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    rows = (*batch, reward, logp_anchor)
+    if rl.microbatches == 1:
+        (loss, (logp, r_beta, entropy)), grads = grad_fn(state.params, rows)
+    else:  # one microbatch's activations at a time, its gradient added to the sum
+        def accumulate(total, rows):
+            (loss, aux), grads = grad_fn(state.params, rows)
+            return jax.tree.map(jnp.add, total, (loss, grads)), aux
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), aux = jax.lax.scan(
+            accumulate, zeros, _to_microbatches(rows, rl.microbatches, rl.num_samples))
+        logp, r_beta, entropy = _from_microbatches(aux, rl.num_samples)
     updates, opt_state = make_optimizer(rl).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = merging.ema_update(state.ema_params, params, rl.mu) if rl.anchor == "ema" \
@@ -258,7 +307,7 @@ def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: Gem
         "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32),
     }
     if init_params is not None:
-        logp_init, _ = score(init_params)
+        logp_init, _ = completion_logprobs(cfg, init_params, *batch, rl.temperature)
         metrics["kl_init"] = jnp.mean(sequence_logprob(logp - logp_init, cmask))
     return new, metrics
 

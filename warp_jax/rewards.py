@@ -35,9 +35,11 @@ class RewardModel(nn.Module):
     state at each row's last True of `mask` (`hf.params_from_hf` reads them from
     `GemmaForSequenceClassification`-style checkpoints with `num_labels=1`). Positions count
     from each row's first real token, so left padding does not change a score.
+    `remat=True` rematerialises each block in the backward pass (see `Gemma`).
     """
 
     cfg: GemmaConfig
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:

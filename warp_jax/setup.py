@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from warp_jax import data, rewards, sampling, sft, sharding
+from warp_jax import data, reinforce, rewards, sampling, sft, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -109,6 +109,7 @@ def validate_config(c) -> None:
                 "warp.steps": c.warp.steps, "eval.every": c.eval.every,
                 "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
                 "rl.max_new_tokens": c.rl.max_new_tokens, "rl.num_samples": c.rl.num_samples,
+                "rl.microbatches": c.rl.microbatches,
                 "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len}
     for field, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -136,8 +137,16 @@ def validate_config(c) -> None:
               "e.g. ('<end_of_turn>',)")
     if c.rl.temperature <= 0:
         _fail("rl.temperature", c.rl.temperature, "must be positive")
+    if c.rl.baseline not in reinforce.BASELINES:
+        _fail("rl.baseline", c.rl.baseline, f"use one of {reinforce.BASELINES}")
     if c.rl.baseline == "rloo" and c.rl.num_samples < 2:
         _fail("rl.num_samples", c.rl.num_samples, "the RLOO baseline needs >= 2")
+    if c.rl.batch_size % c.rl.microbatches:
+        _fail("rl.microbatches", c.rl.microbatches, f"must divide rl.batch_size "
+              f"({c.rl.batch_size} prompts)")
+    if c.rl.microbatches > 1 and c.rl.baseline == "mean":
+        _fail("rl.microbatches", c.rl.microbatches, "needs a per-prompt baseline (rl.baseline "
+              "'rloo' or 'none'): 'mean' averages over the whole batch")
     if c.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", c.model.dtype, "use 'float32' or 'bfloat16'")
     if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:

@@ -96,7 +96,8 @@ class _Runner:
             beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature,
             eos_id=self.setup.end_ids, learning_rate=r.learning_rate,
-            warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps)
+            warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps,
+            microbatches=r.microbatches, remat=r.remat)
 
     def step_fn(self, anchor: str, num_runs: int):
         key = (anchor, num_runs)

@@ -62,6 +62,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.rl.warmup_steps = 10
     c.rl.grad_clip = 1.0  # global-norm clipping; 0 disables it
     c.rl.adam_eps = 1e-8
+    c.rl.microbatches = 1  # the update's gradient summed over this many slices of the prompts
+    c.rl.remat = False  # recompute each block's activations in the backward pass
 
     c.warp = ml_collections.ConfigDict()
     c.warp.iterations = 2  # I
@@ -96,7 +98,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.task.prompt_len = 256
         c.reward.oracle = ""
         c.rl.update(dict(mu=0.01, batch_size=128 // c.rl.num_samples, max_new_tokens=320,
-                         learning_rate=1e-6, warmup_steps=100, grad_clip=0.0))
+                         learning_rate=1e-6, warmup_steps=100, grad_clip=0.0,
+                         remat=True))  # 128 sequences of 576 tokens: activations dominate
         c.warp.steps = 9000 if variant == "gemma_7b_paper" else 2000
         c.warp.iterations = 5 if variant == "gemma_7b_paper" else 2
         c.eval.every, c.eval.samples = 100, 2

@@ -242,9 +242,14 @@ class Gemma(nn.Module):
 
     Returns:
       float32 logits `[B, T, V]` (`[B, n, V]`) and the updated cache (None without one).
+
+    `Gemma(cfg, remat=True)` rematerialises each block in the backward pass: a gradient keeps
+    only the blocks' inputs, not their activations, for one more forward pass of compute.
+    Same params, same outputs.
     """
 
     cfg: GemmaConfig
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None,
@@ -276,7 +281,8 @@ def _residual(x_BTD):
 
 def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None,
            max_position=None):
-    """The decoder body, declaring Gemma's params on `module` (shared with the reward model).
+    """The decoder body, declaring Gemma's params on `module` (shared with the reward model);
+    `module.remat` rematerialises each block in the backward pass.
 
     With `keep`, only the last `keep` tokens' hidden states are returned, and the last block
     runs its queries, MLP and residual stream on those tokens alone (its keys and values, like
@@ -311,9 +317,11 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind], max_position)
              for kind in dict.fromkeys(cfg.attention_types)}
     last = len(cfg.attention_types) - 1
+    # `keep` (argument 6, counting the module) sizes arrays, so it stays static.
+    block = nn.remat(Block, static_argnums=(6,)) if module.remat else Block
     for i, attention_type in enumerate(cfg.attention_types):
         layer_cache = None if cache is None else cache[f"layer_{i}"]
-        x, layer_cache = Block(cfg, attention_type, name=f"layer_{i}", parent=module)(
+        x, layer_cache = block(cfg, attention_type, name=f"layer_{i}", parent=module)(
             x, ropes[attention_type], slots, key_mask, layer_cache, keep if i == last else None)
         x = _residual(x)
         if cache is not None:
