@@ -230,12 +230,6 @@ def _rollout(state: RLState, prompts, rng, *, cfg: GemmaConfig, rl: RLConfig):
     return tokens, mask, out.tokens, out.mask
 
 
-def _score(state: RLState, batch, *, cfg: GemmaConfig, rl: RLConfig):
-    """The anchor's token log-probs of the sampled completions."""
-    return completion_logprobs(cfg, jax.lax.stop_gradient(state.ema_params), *batch,
-                               rl.temperature)[0]
-
-
 def _to_microbatches(rows, microbatches: int, num_samples: int):
     """Row-major arrays `[P * K, ...]` (the K samples of a prompt consecutive) as
     `[microbatches, P * K / microbatches, ...]`: microbatch i holds prompts i, i + m, i + 2m,
@@ -263,8 +257,27 @@ def _from_microbatches(rows, num_samples: int):
     return jax.tree.map(merge, rows)
 
 
+def _logprobs(cfg: GemmaConfig, rl: RLConfig, params, batch):
+    """Token log-probs `[B, N]` of the completions under constant `params`, one microbatch's
+    logits at a time."""
+    def score(rows):
+        return completion_logprobs(cfg, jax.lax.stop_gradient(params), *rows, rl.temperature)[0]
+
+    if rl.microbatches == 1:
+        return score(batch)
+    return _from_microbatches(
+        jax.lax.map(score, _to_microbatches(batch, rl.microbatches, rl.num_samples)),
+        rl.num_samples)
+
+
+def _score(state: RLState, batch, *, cfg: GemmaConfig, rl: RLConfig):
+    """The anchor's token log-probs of the sampled completions."""
+    return _logprobs(cfg, rl, state.ema_params, batch)
+
+
 def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: GemmaConfig,
             rl: RLConfig):
+    """`r_beta`, the policy gradient, Adam and the EMA update."""
     cmask = batch[3]
     beta = 0.0 if rl.anchor == "none" else rl.beta
 
@@ -307,7 +320,7 @@ def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: Gem
         "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32),
     }
     if init_params is not None:
-        logp_init, _ = completion_logprobs(cfg, init_params, *batch, rl.temperature)
+        logp_init = _logprobs(cfg, rl, init_params, batch)
         metrics["kl_init"] = jnp.mean(sequence_logprob(logp - logp_init, cmask))
     return new, metrics
 
