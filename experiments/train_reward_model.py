@@ -6,6 +6,8 @@ r"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss
 `prefs.jsonl` holds one `{"prompt", "chosen", "rejected"}` object per line. A held-out split
 (`--eval-fraction`) reports loss and accuracy as training goes; checkpoints go to
 `WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one.
+The trained model is written to `WORKDIR/hf` as a Hugging Face `*ForSequenceClassification`
+(`num_labels=1`): WARP's `--config.reward.hf_dir`, or transformers, read it.
 """
 
 from __future__ import annotations
@@ -120,8 +122,10 @@ def run(args) -> dict[str, float]:
         metrics = {k: float(v) for k, v in evaluate(state.params, eval_batch).items()}
     checkpoints.wait()
     checkpoints.close()
+    hf.save_hf(jax.device_get(state.params), cfg, workdir / "hf")
     print(f"held-out ({len(held_out)} pairs): accuracy {metrics['accuracy']:.3f}, "
           f"Bradley-Terry loss {metrics['loss']:.4f}")
+    print(f"reward model (Hugging Face, for --config.reward.hf_dir): {workdir / 'hf'}")
     return metrics
 
 

@@ -21,7 +21,7 @@ GEMMA2_EXTRA = dict(sliding_window=3, query_pre_attn_scalar=16, attn_logit_softc
     ("Gemma3TextForSequenceClassification", transformers.Gemma3TextConfig,
      dict(sliding_window=3, query_pre_attn_scalar=16)),
 ])
-def test_scores_match_transformers_with_padding(name, config_cls, extra):
+def test_scores_match_transformers_with_padding(name, config_cls, extra, tmp_path):
     hf_config = config_cls(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            intermediate_size=64, num_labels=1, pad_token_id=0, **extra)
@@ -51,6 +51,15 @@ def test_scores_match_transformers_with_padding(name, config_cls, extra):
     assert sorted(back) == sorted(state)
     for key, value in state.items():
         np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+    hf.save_hf(params, cfg, tmp_path)  # what WARP's reward.hf_dir and transformers read
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(saved).__name__ == name and saved.config.num_labels == 1
+    with torch.no_grad():
+        again = saved(input_ids=torch.from_numpy(tokens),
+                      attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                      position_ids=torch.from_numpy(np.maximum(np.cumsum(mask, 1) - 1, 0))
+                      ).logits[:, 0].numpy()
+    np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_model_reward_passes_its_params_to_jitted_code_as_arguments():

@@ -4,8 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from experiments import train_reward_model
+from warp_jax import rewards
+from warp_jax.gemma import hf
+from warp_jax.gemma.tokenizer import Tokenizer
 
 GOOD, BAD = ("great", "lovely", "superb", "fun"), ("awful", "dull", "boring", "bad")
 
@@ -27,8 +32,26 @@ def test_trains_reports_held_out_accuracy_and_resumes(tmp_path, capsys):
             "3e-3", "--max-len", "12"]
     metrics = train_reward_model.run(train_reward_model._parser().parse_args(argv))
     assert metrics["accuracy"] > 0.9
-    assert "held-out (20 pairs): accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out (20 pairs): accuracy" in out
+    assert f"reward model (Hugging Face, for --config.reward.hf_dir): {tmp_path / 'rm' / 'hf'}" \
+        in out
     assert (tmp_path / "rm" / "checkpoints" / "reward_model" / "60").exists()
+    # The exported model scores the held-out pairs as the trained params do.
+    tokenizer = Tokenizer(tmp_path / "rm" / "tokenizer.model")
+    pairs = rewards.read_preferences(data)[:8]
+    chosen_tokens, chosen_mask, *_ = rewards.encode_pairs(tokenizer, pairs, 12)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm" / "hf").eval()
+    cfg = hf.config_from_hf(model.config)
+    params = hf.params_from_hf(tmp_path / "rm" / "hf", cfg)
+    ours = rewards.RewardModel(cfg).apply({"params": params}, chosen_tokens, chosen_mask)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(np.asarray(chosen_tokens, np.int64)),
+                    attention_mask=torch.from_numpy(np.asarray(chosen_mask, np.int64)),
+                    position_ids=torch.from_numpy(np.maximum(np.cumsum(chosen_mask, 1) - 1, 0))
+                    ).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
     train_reward_model.run(train_reward_model._parser().parse_args(
         [*argv[:-8], "--steps", "70", *argv[-6:]]))
     assert "resumed from step 60" in capsys.readouterr().out

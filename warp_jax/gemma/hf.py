@@ -24,6 +24,9 @@ from warp_jax.gemma.config import GemmaConfig
 _PREFIX = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?")
 _HF_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
             "gemma3": "Gemma3ForCausalLM"}
+_HF_REWARD_ARCH = {"gemma": "GemmaForSequenceClassification",
+                   "gemma2": "Gemma2ForSequenceClassification",
+                   "gemma3": "Gemma3TextForSequenceClassification"}
 _MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -216,7 +219,10 @@ def params_to_hf(params: Mapping[str, Any], cfg: GemmaConfig, *,
 
 
 def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.PathLike) -> None:
-    """Writes `config.json` and safetensors (sharded past 5 GiB) that transformers loads."""
+    """Writes `config.json` and safetensors (sharded past 5 GiB) that transformers loads: a
+    `*ForCausalLM`, or for reward-model params (with `score`) a `*ForSequenceClassification`
+    with `num_labels=1` (what `AutoModelForSequenceClassification` and WARP's
+    `reward.hf_dir` read)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = params_to_hf(params, cfg, include_lm_head=False)
@@ -239,7 +245,10 @@ def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.Pat
         total = sum(v.nbytes for v in state.values())
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config_to_hf(cfg).to_json_file(directory / "config.json")
+    hf_config = config_to_hf(cfg)
+    if "score" in params:
+        hf_config.architectures, hf_config.num_labels = [_HF_REWARD_ARCH[cfg.family]], 1
+    hf_config.to_json_file(directory / "config.json")
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
