@@ -110,7 +110,10 @@ def run(args) -> dict[str, float]:
     metrics = {}
     bar = tqdm(range(int(state.step), args.steps), desc="reward model", unit="step")
     for step in bar:
-        idx = rng.choice(len(train), size=min(args.batch_size, len(train)), replace=False)
+        # Each step's batch depends on (seed, step) only, so a resumed run draws what an
+        # uninterrupted one would.
+        idx = np.random.default_rng([args.seed, step]).choice(
+            len(train), size=min(args.batch_size, len(train)), replace=False)
         batch = rewards.encode_pairs(tokenizer, [train[i] for i in idx], args.max_len)
         state, train_metrics = step_fn(state, batch)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -52,9 +52,12 @@ def test_trains_reports_held_out_accuracy_and_resumes(tmp_path, capsys):
                     position_ids=torch.from_numpy(np.maximum(np.cumsum(chosen_mask, 1) - 1, 0))
                     ).logits[:, 0].numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
-    train_reward_model.run(train_reward_model._parser().parse_args(
+    resumed = train_reward_model.run(train_reward_model._parser().parse_args(
         [*argv[:-8], "--steps", "70", *argv[-6:]]))
     assert "resumed from step 60" in capsys.readouterr().out
+    straight = train_reward_model.run(train_reward_model._parser().parse_args(
+        [*argv[:3], str(tmp_path / "straight"), *argv[4:-8], "--steps", "70", *argv[-6:]]))
+    assert resumed == pytest.approx(straight, rel=1e-6)
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys):
