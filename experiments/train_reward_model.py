@@ -7,7 +7,9 @@ r"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss
 (`--eval-fraction`) reports loss and accuracy as training goes; checkpoints go to
 `WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one.
 The trained model is written to `WORKDIR/hf` as a Hugging Face `*ForSequenceClassification`
-(`num_labels=1`): WARP's `--config.reward.hf_dir`, or transformers, read it.
+(`num_labels=1`): WARP's `--config.reward.hf_dir`, or transformers, read it. The weights and
+Adam moments are sharded over the devices (`--fsdp`, `--model`); `--remat` trades compute for
+activation memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from warp_jax import rewards
+from warp_jax import rewards, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="what to do with a malformed jsonl line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", type=int, default=0,
+                   help="devices that shard the weights and split the batch (0: all the "
+                        "devices --model leaves)")
+    p.add_argument("--model", type=int, default=1,
+                   help="tensor-parallel devices (heads, MLP, vocabulary)")
+    p.add_argument("--remat", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory)")
     return p
 
 
@@ -60,6 +69,21 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
+def _mesh(args, batch_size: int):
+    """The device mesh: `--model` tensor-parallel devices times `--fsdp` ones."""
+    devices = jax.device_count()
+    if args.model < 1 or devices % args.model:
+        raise ValueError(f"--model {args.model} must divide the {devices} devices")
+    fsdp = args.fsdp or devices // args.model
+    if fsdp < 1 or fsdp * args.model > devices:
+        raise ValueError(f"--fsdp {fsdp} x --model {args.model} needs {fsdp * args.model} "
+                         f"devices; {devices} available")
+    if batch_size % fsdp:
+        raise ValueError(f"the batch of {batch_size} pairs must be a multiple of --fsdp "
+                         f"{fsdp} (the devices that split it)")
+    return sharding.make_mesh(fsdp=fsdp, model=args.model)
 
 
 def run(args) -> dict[str, float]:
@@ -99,8 +123,10 @@ def run(args) -> dict[str, float]:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
                          f"{cfg.vocab_size}")
 
+    batch_size = min(args.batch_size, len(train))
     optimizer = optax.adam(args.learning_rate)
-    step_fn, evaluate, init = rewards.make_reward_train_step(cfg, optimizer)
+    step_fn, evaluate, init = rewards.make_reward_train_step(
+        cfg, optimizer, mesh=_mesh(args, batch_size), remat=args.remat)
     state = init(params)
     start = checkpoints.latest_step("reward_model")
     if start is not None:
@@ -112,8 +138,8 @@ def run(args) -> dict[str, float]:
     for step in bar:
         # Each step's batch depends on (seed, step) only, so a resumed run draws what an
         # uninterrupted one would.
-        idx = np.random.default_rng([args.seed, step]).choice(
-            len(train), size=min(args.batch_size, len(train)), replace=False)
+        idx = np.random.default_rng([args.seed, step]).choice(len(train), size=batch_size,
+                                                              replace=False)
         batch = rewards.encode_pairs(tokenizer, [train[i] for i in idx], args.max_len)
         state, train_metrics = step_fn(state, batch)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -72,3 +72,13 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
         train_reward_model.main(["--data", str(data), "--workdir", str(tmp_path / "rm"),
                                  "--eval-fraction", "1.5"])
     assert "--eval-fraction must be in (0, 1)" in capsys.readouterr().err
+    _write_pairs(data, 40)
+    for flags, message in ((["--batch-size", "12"], "the batch of 12 pairs must be a multiple "
+                            "of --fsdp 8 (the devices that split it)"),
+                           (["--model", "3"], "--model 3 must divide the 8 devices"),
+                           (["--fsdp", "8", "--model", "2"], "--fsdp 8 x --model 2 needs 16 "
+                            "devices; 8 available")):
+        with pytest.raises(SystemExit):
+            train_reward_model.main(["--data", str(data), "--workdir", str(tmp_path / "rm"),
+                                     "--tokenizer-vocab", "30", *flags])
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]

@@ -163,9 +163,9 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[Preference], max_len: int):
     return (*chosen, *rejected)
 
 
-def _bt_loss_and_accuracy(params, batch, cfg):
+def _bt_loss_and_accuracy(params, batch, cfg, remat=False):
     chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = batch
-    model = RewardModel(cfg)
+    model = RewardModel(cfg, remat)
     both = model.apply({"params": params}, jnp.concatenate([chosen_tokens, rejected_tokens]),
                        jnp.concatenate([chosen_mask, rejected_mask]))
     chosen, rejected = jnp.split(both, 2)
@@ -173,17 +173,20 @@ def _bt_loss_and_accuracy(params, batch, cfg):
 
 
 def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransformation,
-                           mesh: Mesh | None = None):
+                           mesh: Mesh | None = None, remat: bool = False):
     """Bradley–Terry training of a `RewardModel`, jitted (sharded like the policy on `mesh`).
 
     Returns `(train_step, evaluate, init)`: `train_step(state, batch) -> (state, metrics)`,
     `evaluate(params, batch) -> metrics` (loss, accuracy) and `init(params) -> state`, where
-    `batch` is `encode_pairs`' four arrays.
+    `batch` is `encode_pairs`' four arrays. On a mesh, a training batch is split by rows over
+    `data` x `fsdp`, so its size must be a multiple of theirs; `evaluate` takes the whole
+    batch on every device, so any size works. `remat` rematerialises each block in the
+    backward pass (see `Gemma`).
     """
 
     def step(state: RMState, batch):
         (loss, accuracy), grads = jax.value_and_grad(_bt_loss_and_accuracy, has_aux=True)(
-            state.params, batch, cfg)
+            state.params, batch, cfg, remat)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = RMState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         return new, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
@@ -206,5 +209,5 @@ def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransforma
     out = sharding.replicated(mesh)
     return (jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, out),
                     donate_argnums=0),
-            jax.jit(evaluate, in_shardings=(params_sh, batch_sh), out_shardings=out),
+            jax.jit(evaluate, in_shardings=(params_sh, (out,) * 4), out_shardings=out),
             jax.jit(init, out_shardings=state_sh))
