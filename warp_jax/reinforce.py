@@ -212,9 +212,9 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
     # positions that predict the completion only.
     seq = jnp.concatenate([prompt_tokens, completion[:, :-1]], axis=1)
     seq_mask = jnp.concatenate([prompt_mask, completion_mask[:, :-1]], axis=1)
-    logits, _ = Gemma(cfg, remat).apply({"params": params}, seq, left_padded_positions(seq_mask),
-                                 seq_mask, logits_to_keep=completion.shape[1],
-                                 max_position=seq.shape[1] - 1)
+    logits, _ = Gemma(cfg, remat).apply(
+        {"params": params}, seq, left_padded_positions(seq_mask), seq_mask,
+        logits_to_keep=completion.shape[1], max_position=seq.shape[1] - 1)
     logits = logits / temperature
     lse = jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
     probs = jnp.exp(jax.lax.stop_gradient(logits) - lse[..., None])
