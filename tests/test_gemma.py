@@ -240,6 +240,28 @@ def test_save_hf_loads_in_transformers(case, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, reread, params)
 
 
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 3 from 4B up ships as `Gemma3ForConditionalGeneration`: the text decoder is read
+    from its `model.language_model.*` tensors (the vision tower is skipped) and gives the
+    logits transformers gives for text-only input."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+    model.save_pretrained(tmp_path)
+    cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert cfg.family == "gemma3" and cfg.vocab_size == 300 and cfg.use_qk_norm
+    params = hf.params_from_hf(tmp_path, cfg)
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=5)
+    ours, _ = Gemma(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                               jnp.asarray(mask))
+    assert _max_rel_err(ours, _hf_logits(model, tokens, mask, positions), mask) < 1e-4
+
+
 def test_sharded_forward_equals_unsharded():
     cfg = GemmaConfig.from_preset("tiny_gemma2")
     model = Gemma(cfg)
