@@ -208,7 +208,7 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     tokenizer = Tokenizer(path)
     end_ids = _end_ids(c, tokenizer)
     cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
-                                  dtype=c.model.dtype, param_dtype=c.model.dtype,
+                                  dtype=c.model.dtype, param_dtype="float32",
                                   **dict(c.model.overrides))
     boxed = _boxed(cfg)
     init = nn.unbox(Gemma(cfg).init(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))[
@@ -288,8 +288,10 @@ def _local(c) -> Setup:
 
     tokenizer = Tokenizer(c.model.tokenizer)
     end_ids = _end_ids(c, tokenizer)
+    # The policy's weights stay float32 (see reinforce.make_train_step); the reward model is
+    # frozen, so its weights take the compute dtype.
     cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.model.hf_dir)).replace(
-        dtype=c.model.dtype, param_dtype=c.model.dtype)
+        dtype=c.model.dtype, param_dtype="float32")
     sft_params = hf.params_from_hf(c.model.hf_dir, cfg)
     rm_cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.reward.hf_dir)).replace(
         dtype=c.model.dtype, param_dtype=c.model.dtype)

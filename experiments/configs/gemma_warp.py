@@ -24,7 +24,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
                                                    "mlp_dim": 128})  # preset field overrides
     c.model.hf_dir = ""  # a local Hugging Face Gemma checkpoint: the SFT policy
     c.model.tokenizer = ""  # its SentencePiece tokenizer.model
-    c.model.dtype = "float32"  # compute and parameter dtype
+    c.model.dtype = "float32"  # compute dtype; the policy's weights and Adam state stay float32
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "reviews"  # "reviews" (built-in) or "prompts" (c.task.prompts)
