@@ -29,6 +29,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m experiments.benchmarks.merging
 	$(PY) -m experiments.benchmarks.sampling
 	$(PY) -m experiments.benchmarks.train_step
+	$(PY) -m experiments.benchmarks.update_memory --sizes tiny,100m
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
