@@ -35,7 +35,10 @@ case "${1:-}" in
             .venv/bin/pip install -q "jax[tpu]>=0.10.2,<0.11" -e .' ;;
   run)
     shift
-    on_all "cd ~/warp_jax && .venv/bin/python -m experiments.gemma_warp --distributed $*" ;;
+    # Each argument quoted for the workers' shell, so that spaces, quotes and parentheses in
+    # config overrides (e.g. --config.rl.stop_pieces="('<end_of_turn>',)") arrive intact.
+    args=$(printf ' %q' "$@")
+    on_all "cd ~/warp_jax && .venv/bin/python -m experiments.gemma_warp --distributed${args}" ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
