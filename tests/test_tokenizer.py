@@ -31,9 +31,16 @@ def test_encode_batch_left_pads_and_decode_round_trips(tok):
 
 
 def test_max_len_keeps_the_end_and_eos_stops_decoding(tok, tmp_path):
-    tokens, mask = tok.encode_batch(["the old movie was dull and slow"], max_len=4)
+    text = "the old movie was dull and slow"
+    tokens, mask = tok.encode_batch([text], max_len=4)
     assert tokens.shape == (1, 4) and mask.all()
+    ids = tok.encode(text)
+    assert tokens[0].tolist() == [tok.bos_id, *ids[-3:]]  # BOS first, then the end
     assert tok.decode(tokens[0]).endswith("slow")
+    tokens, _ = tok.encode_batch([text], max_len=4, add_bos=False)
+    assert tokens[0].tolist() == ids[-4:]
+    tokens, _ = tok.encode_batch([text], max_len=4, add_eos=True)
+    assert tokens[0].tolist() == [tok.bos_id, *ids[-2:], tok.eos_id]
     ids = [*tok.encode("the movie was fun", add_bos=False), tok.eos_id, *tok.encode("sad")]
     assert tok.decode(ids) == "the movie was fun"
     tok.save(tmp_path / "t.model")

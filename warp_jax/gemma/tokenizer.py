@@ -79,15 +79,16 @@ class Tokenizer:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded int32 tokens `[B, T]` and their bool mask (False on padding).
 
-        `T` is the longest encoding, or `max_len`, keeping the last `max_len` tokens of longer
-        texts (the end of a prompt is what the model continues).
+        `T` is the longest encoding, or `max_len`. A longer text keeps its BOS (Gemma expects
+        it first) and its last tokens (the end of a prompt is what the model continues).
         """
         encoded = [self.encode(t, add_bos, add_eos) for t in texts]
         width = max_len or max((len(e) for e in encoded), default=1)
         tokens = np.full((len(encoded), width), self.pad_id, np.int32)
         mask = np.zeros((len(encoded), width), bool)
         for row, ids in enumerate(encoded):
-            ids = ids[-width:]
+            if len(ids) > width:
+                ids = ids[:1] + ids[len(ids) - width + 1:] if add_bos else ids[-width:]
             tokens[row, width - len(ids):] = ids
             mask[row, width - len(ids):] = True
         return tokens, mask
