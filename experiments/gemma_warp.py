@@ -9,7 +9,9 @@ policy (Hugging Face safetensors) to the workdir; rerunning with the same workdi
 Completions end at the tokenizer's </s> and at any piece in --config.rl.stop_pieces. For an
 instruction-tuned Gemma (variants gemma_2b / gemma_7b_paper), --config.task.chat=True wraps
 each prompt in Gemma's chat turns and ends completions at <end_of_turn>. --config.mesh.data,
-.fsdp and .model split each run's devices (the M runs take one slice of the mesh each).
+.fsdp and .model split each run's devices (the M runs take one slice of the mesh each);
+--config.rl.microbatches and --config.rl.remat cut the update's activation memory. The policy
+trains in float32 weights; --config.model.dtype is the compute dtype.
 
 On a multi-host TPU pod slice, run the same command on every host with --distributed
 (launch/tpu.sh does); elsewhere give --coordinator_address, --num_processes and --process_id.
