@@ -96,6 +96,8 @@ def run(args) -> dict[str, float]:
     order = rng.permutation(len(pairs))
     n_eval = max(1, int(len(pairs) * args.eval_fraction))
     held_out, train = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    batch_size = min(args.batch_size, len(train))
+    mesh = _mesh(args, batch_size)  # a mesh that does not fit fails before anything is written
 
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -123,10 +125,9 @@ def run(args) -> dict[str, float]:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
                          f"{cfg.vocab_size}")
 
-    batch_size = min(args.batch_size, len(train))
     optimizer = optax.adam(args.learning_rate)
-    step_fn, evaluate, init = rewards.make_reward_train_step(
-        cfg, optimizer, mesh=_mesh(args, batch_size), remat=args.remat)
+    step_fn, evaluate, init = rewards.make_reward_train_step(cfg, optimizer, mesh=mesh,
+                                                             remat=args.remat)
     state = init(params)
     start = checkpoints.latest_step("reward_model")
     if start is not None:

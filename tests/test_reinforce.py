@@ -1,6 +1,7 @@
 """REINFORCE maths against brute-force enumeration and the formulas, in float64 numpy."""
 
 import dataclasses
+import functools
 import itertools
 import warnings
 
@@ -328,13 +329,8 @@ def test_microbatches_and_remat_take_the_same_step_in_less_memory(policy, step_f
 
     def temp_bytes(microbatches):
         rl = dataclasses.replace(RL, microbatches=microbatches, max_new_tokens=n)
-
-        def update(state, batch, reward, init_params):
-            logp_anchor = reinforce._score(state, batch, cfg=cfg, rl=rl)
-            return reinforce._update(state, batch, reward, logp_anchor, init_params, cfg=cfg,
-                                     rl=rl)
-
-        return jax.jit(update).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        update = jax.jit(functools.partial(reinforce._score_and_update, cfg=cfg, rl=rl))
+        return update.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(4) < 0.5 * temp_bytes(1)
 

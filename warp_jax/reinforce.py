@@ -326,6 +326,14 @@ def _update(state: RLState, batch, reward, logp_anchor, init_params, *, cfg: Gem
     return new, metrics
 
 
+def _score_and_update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig,
+                      rl: RLConfig):
+    """The step after sampling and scoring by the reward: the anchor's log-probs, then
+    `_update`."""
+    return _update(state, batch, reward, _score(state, batch, cfg=cfg, rl=rl), init_params,
+                   cfg=cfg, rl=rl)
+
+
 def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
                     mesh: Mesh | None = None, num_runs: int | None = None):
     """Builds `train_step(state, prompts, rng, init_params=None) -> (state, metrics)`.
@@ -363,9 +371,7 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     rollout = functools.partial(_rollout, cfg=cfg, rl=rl)
     reward_leaves, reward_def = reward_arrays(reward_fn)
 
-    def update(state, batch, reward, init_params):
-        logp_anchor = _score(state, batch, cfg=cfg, rl=rl)
-        return _update(state, batch, reward, logp_anchor, init_params, cfg=cfg, rl=rl)
+    update = functools.partial(_score_and_update, cfg=cfg, rl=rl)
 
     def fused(state, prompts, rng, init_params, leaves):
         batch = rollout(state, prompts, rng)

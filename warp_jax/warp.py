@@ -67,7 +67,7 @@ class _Runner:
         (workdir / "records").mkdir(exist_ok=True)
         self.mesh = sharding.make_mesh(**mesh_shape(config, len(jax.devices())))
         self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
-        self.sft = self.put(setup.sft_params)
+        self.sft = jax.device_put(setup.sft_params, self.param_sharding)
         rm_cfg, rm_params = setup.reward_model
         rm_boxed = jax.eval_shape(rewards.RewardModel(rm_cfg).init, jax.random.key(0),
                                   jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
@@ -86,9 +86,6 @@ class _Runner:
         self.liti = jax.jit(merging.liti_tree, **out)
         self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
-
-    def put(self, params):
-        return jax.device_put(params, self.param_sharding)
 
     def rl_config(self, anchor: str) -> reinforce.RLConfig:
         r = self.config.rl

@@ -15,6 +15,7 @@ default (`--default-malloc` leaves glibc as it is).
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -47,17 +48,13 @@ def _bench(name: str, repeats: int) -> list[dict]:
     out = []
     for microbatches, remat in SETTINGS:
         rl = dataclasses.replace(base, microbatches=microbatches, remat=remat)
-
-        def update(state, batch, reward, rl=rl):
-            logp_anchor = reinforce._score(state, batch, cfg=cfg, rl=rl)
-            return reinforce._update(state, batch, reward, logp_anchor, None, cfg=cfg, rl=rl)
-
-        compiled = jax.jit(update).lower(state, batch, reward).compile()
-        jax.block_until_ready(compiled(state, batch, reward))
+        update = functools.partial(reinforce._score_and_update, cfg=cfg, rl=rl)
+        compiled = jax.jit(update).lower(state, batch, reward, None).compile()
+        jax.block_until_ready(compiled(state, batch, reward, None))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            jax.block_until_ready(compiled(state, batch, reward))
+            jax.block_until_ready(compiled(state, batch, reward, None))
             times.append(time.perf_counter() - start)
         out.append(dict(config=name, microbatches=microbatches, remat=remat,
                         temp=compiled.memory_analysis().temp_size_in_bytes,
