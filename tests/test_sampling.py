@@ -1,5 +1,8 @@
 """The sampler against full forward passes of the same model and transformers' warpers."""
 
+import dataclasses
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -185,6 +188,24 @@ def test_second_call_does_not_recompile(setup):
     before = sampling._sample._cache_size()
     sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.9)
     assert sampling._sample._cache_size() == before
+
+
+def test_bfloat16_decode_loop_reads_its_matrices_in_bfloat16(setup):
+    """Float32 weights computed in bfloat16 are cast once, before the loop: each decode step
+    then reads 2 bytes per weight, not 4 and a conversion (1.6x the tok/s on an H200)."""
+    cfg, params, tokens, mask, _ = setup
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    text = sampling._sample.lower(
+        params, tokens, mask, jax.random.key(0), jnp.float32(0.9), jnp.float32(1.0),
+        jnp.asarray([-1], jnp.int32), cfg=cfg, max_new_tokens=N, greedy=False, top_k=None,
+        use_top_p=False).as_text()
+    loops = [line for line in text.splitlines() if "stablehlo.while" in line]
+    carried = set(re.findall(r"tensor<([\dx]+)x(f32|bf16)>", max(loops, key=len)))
+    matrices = {"x".join(map(str, x.shape)) for x in jax.tree.leaves(params) if x.ndim >= 2}
+    assert {shape for shape, dtype in carried if dtype == "bf16"} >= matrices
+    assert not {shape for shape, dtype in carried if dtype == "f32"} & matrices
+    norm_scales = {str(x.shape[0]) for x in jax.tree.leaves(params) if x.ndim == 1}
+    assert norm_scales <= {shape for shape, dtype in carried if dtype == "f32"}  # kept as is
 
 
 def test_sharded_equals_unsharded(setup):

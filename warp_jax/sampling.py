@@ -161,6 +161,7 @@ def _check_prompts(tokens_BP, mask_BP, vocab_size):
 def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids_E, *, cfg,
             max_new_tokens, greedy, top_k, use_top_p):
     model = Gemma(cfg)
+    params = _matrices_in_compute_dtype(params, cfg)
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     logits, cache = model.apply({"params": params}, prompt_tokens,
@@ -215,6 +216,23 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids
 
     s = jax.lax.while_loop(cond, body, state)
     return SampleOutput(s.tokens, s.logprobs, s.mask)
+
+
+def _matrices_in_compute_dtype(params, cfg: GemmaConfig):
+    """`params` with every floating matrix (ndim >= 2) cast to `cfg.dtype` where that is
+    narrower. The model casts exactly these at each use; cast once before the decode loop, a
+    step reads each weight at the compute dtype's width (float32 weights computed in
+    bfloat16: half the weight traffic, and no conversion per step) with the same values, so
+    the samples and log-probs are unchanged. The norm scales stay: the model reads them in
+    float32. Costs one copy of the matrices in that dtype while sampling."""
+    dt = jnp.dtype(cfg.dtype)
+
+    def cast(w):
+        narrower = (jnp.issubdtype(w.dtype, jnp.floating)
+                    and jnp.finfo(dt).bits < jnp.finfo(w.dtype).bits)
+        return w.astype(dt) if w.ndim >= 2 and narrower else w
+
+    return jax.tree.map(cast, params)
 
 
 _CHUNK = 128  # vocabulary entries per block of the two-level inverse CDF
