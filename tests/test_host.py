@@ -1,5 +1,6 @@
 """`host.retain_freed_memory`: a freed large block is reused, not page-faulted back in."""
 
+import os
 import subprocess
 import sys
 
@@ -23,9 +24,9 @@ print(ok, faults_of_a_fresh_256mb_block())
 """
 
 
-def _faults(mode):
+def _faults(mode, platforms="cpu"):
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
-                         check=True).stdout.split()
+                         check=True, env={**os.environ, "JAX_PLATFORMS": platforms}).stdout.split()
     return out[0] == "True", int(out[1])
 
 
@@ -37,3 +38,10 @@ def test_a_freed_block_is_reused_instead_of_faulted_back():
     pages = 256 * 2**20 // 4096
     assert default > pages // 2  # glibc unmapped the block: every page faults again
     assert retained < pages // 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_memory_is_returned_as_usual_where_jax_runs_on_an_accelerator():
+    ok, faults = _faults("retain", platforms="cuda,cpu")
+    assert not ok
+    assert faults > 256 * 2**20 // 4096 // 2
