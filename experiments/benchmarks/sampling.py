@@ -3,6 +3,7 @@
     python -m experiments.benchmarks.sampling [--repeats 5] [--sizes tiny,100m]
                                               [--top-k K] [--top-p P] [--family gemma2]
                                               [--batch B] [--prompt P] [--new N]
+                                              [--dtype bfloat16] [--torch-device cuda]
 
 Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
 restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
@@ -11,8 +12,14 @@ of these paired ratios. `--family gemma2` / `gemma3` gives the sizes Gemma 2's (
 local/global attention, soft-caps) or Gemma 3's (5:1 local/global, QK-norm) features, with a
 sliding window of 32, shorter than the sequences; transformers then runs Gemma 2 with eager
 attention, which it needs for the soft-caps. Utilisation compares the achieved FLOP/s (2 FLOPs
-per weight per token, prefill and decode) with a measured float32 matmul, and the decode's
-weight traffic (every weight read once per step) with a measured numpy copy.
+per weight per token, prefill and decode) with a measured matmul in the compute dtype, and the
+decode's weight traffic (every weight read once per step, at the compute dtype's width) with a
+measured copy (numpy on CPU, a jitted copy on an accelerator).
+
+`--dtype bfloat16` computes in bfloat16 on both sides: warp_jax from float32 weights (as the
+trained policy keeps them), transformers from the same weights in bfloat16. PyTorch runs where
+JAX does (`--torch-device auto`: CUDA when JAX runs on a GPU), and on a GPU both sides compute
+float32 matmuls in TensorFloat-32.
 """
 
 import argparse
@@ -47,15 +54,41 @@ FAMILIES = {
 PROMPT, NEW, TEMPERATURE = 16, 48, 0.9
 
 
-def _matmul_flops() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
+def _matmul_flops(dtype: str = "float32") -> float:
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     start = time.perf_counter()
     for _ in range(10):
         out = f(a)
     out.block_until_ready()
-    return 10 * 2 * 2048**3 / (time.perf_counter() - start)
+    return 10 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where PyTorch runs (auto: CUDA when JAX runs on a GPU)")
+
+
+def _torch_device(args: argparse.Namespace) -> torch.device:
+    """PyTorch's device for `--torch-device`. On CUDA, both sides compute float32 matmuls in
+    TensorFloat-32, so that they do the same arithmetic."""
+    choice = args.torch_device
+    if choice == "auto":
+        choice = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --torch-device cuda: PyTorch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+    return torch.device(choice)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Waits for PyTorch's queued work on `device`, so that a timer sees all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
@@ -71,16 +104,28 @@ def _set_malloc(args: argparse.Namespace) -> str:
 
 
 def _copy_bandwidth() -> float:
-    x = np.ones(64 * 2**20, np.float32)
-    y = np.empty_like(x)
-    np.copyto(y, x)
+    """Bytes read and written per second by a copy: numpy's on CPU (XLA:CPU's is no faster),
+    a jitted one of a 1 GiB array on an accelerator."""
+    if jax.default_backend() == "cpu":
+        x = np.ones(64 * 2**20, np.float32)
+        y = np.empty_like(x)
+        np.copyto(y, x)
+        start = time.perf_counter()
+        for _ in range(10):
+            np.copyto(y, x)
+        return 10 * 2 * x.nbytes / (time.perf_counter() - start)
+    x = jnp.ones(256 * 2**20, jnp.float32)
+    copy = jax.jit(lambda v: v + 1)
+    copy(x).block_until_ready()
     start = time.perf_counter()
     for _ in range(10):
-        np.copyto(y, x)
+        out = copy(x)
+    out.block_until_ready()
     return 10 * 2 * x.nbytes / (time.perf_counter() - start)
 
 
-def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k, top_p):
+def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k, top_p,
+           device):
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     params = nn.unbox(params)
@@ -89,6 +134,7 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
         hf.config_to_hf(cfg), attn_implementation=attention).eval()
     torch_model.load_state_dict({k: torch.tensor(v) for k, v in
                                  hf.params_to_hf(params, cfg).items()})
+    torch_model.to(device=device, dtype=getattr(torch, cfg.dtype))
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(batch, prompt)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
@@ -101,13 +147,17 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
                               temperature=TEMPERATURE, top_k=top_k, top_p=top_p)
         return jax.block_until_ready(out)
 
+    t_tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    t_mask = torch.from_numpy(mask.astype(np.int64)).to(device)
+
     def theirs():
         with torch.no_grad():
-            return torch_model.generate(
-                input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=True,
+            out = torch_model.generate(
+                input_ids=t_tokens, attention_mask=t_mask, do_sample=True,
                 temperature=TEMPERATURE, top_k=top_k or 0, top_p=top_p or 1.0,
                 max_new_tokens=new, min_new_tokens=new, pad_token_id=cfg.pad_id)
+        _synchronize(device)
+        return out
 
     start = time.perf_counter()
     ours(0)
@@ -128,7 +178,7 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
     ratio = statistics.median(p[1] / p[0] for p in pairs)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     flops = 2 * n_params * batch * (prompt + new)
-    weight_bytes = 4 * n_params * new
+    weight_bytes = jnp.dtype(cfg.dtype).itemsize * n_params * new  # the sampler's cast weights
     return dict(name=name, params=n_params, batch=batch, ours=batch * new / t_ours,
                 hf=batch * new / t_hf, ratio=ratio, compile=compile_s,
                 flops=flops / t_ours / peak_flops, bw=weight_bytes / t_ours / bandwidth)
@@ -147,27 +197,32 @@ def main() -> None:
                         help="batch for every size (default: 32 tiny, 8 100m)")
     parser.add_argument("--prompt", type=int, default=PROMPT, help="prompt length")
     parser.add_argument("--new", type=int, default=NEW, help="new tokens per row")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of both sides (warp_jax's weights stay float32)")
+    _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
     for flag in ("batch", "prompt", "new"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     malloc = _set_malloc(args)
+    device = _torch_device(args)
     torch.manual_seed(0)
-    peak, bandwidth = _matmul_flops(), _copy_bandwidth()
-    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-    print(f"measured: f32 matmul {peak / 1e9:.1f} GFLOP/s, numpy copy {bandwidth / 1e9:.1f} GB/s;"
-          f" family {args.family}, prompt {args.prompt}, {args.new} new tokens,"
+    peak, bandwidth = _matmul_flops(args.dtype), _copy_bandwidth()
+    print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"on {device} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}")
+    print(f"measured: {args.dtype} matmul {peak / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f}"
+          f" GB/s; family {args.family}, prompt {args.prompt}, {args.new} new tokens,"
           f" temperature {TEMPERATURE}, top-k {args.top_k},"
           f" top-p {args.top_p}, {args.repeats} pairs;"
           f" {malloc}")
     rows = []
     for name in args.sizes.split(","):
         fields, batch = SIZES[name]
-        cfg = GemmaConfig(**fields, **FAMILIES[args.family])
+        cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
         rows.append(_bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
-                           peak, bandwidth, args.top_k, args.top_p))
+                           peak, bandwidth, args.top_k, args.top_p, device))
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

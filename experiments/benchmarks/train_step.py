@@ -1,6 +1,7 @@
 """REINFORCE train-step throughput, and the policy-gradient update against PyTorch.
 
     python -m experiments.benchmarks.train_step [--repeats 5] [--sizes tiny,100m]
+                                                [--torch-device cuda]
 
 Part 1, the whole WARP step split into its phases (each jitted on its own here, so they can
 be timed; the reward is a constant): sampling K completions, scoring (the EMA anchor's
@@ -15,7 +16,8 @@ goes first; the ratio is the median of the paired ratios. Model FLOP utilisation
 matmul FLOPs the computation needs (`_forward_flops`: 2 per weight per token forward, 4
 backward) against a measured float32 matmul. Both run in one process; by default glibc
 keeps freed memory for reuse (`warp_jax.host`), which speeds up both; `--default-malloc`
-leaves it as it is.
+leaves it as it is. PyTorch runs where JAX does (`--torch-device auto`: CUDA when JAX runs on
+a GPU, where both compute float32 matmuls in TensorFloat-32).
 """
 
 import argparse
@@ -31,7 +33,14 @@ import optax
 import torch
 import transformers
 
-from experiments.benchmarks.sampling import _add_malloc_flag, _matmul_flops, _set_malloc
+from experiments.benchmarks.sampling import (
+    _add_device_flag,
+    _add_malloc_flag,
+    _matmul_flops,
+    _set_malloc,
+    _synchronize,
+    _torch_device,
+)
 from warp_jax import reinforce
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
@@ -62,7 +71,7 @@ def _timed(fn, *args):
     return time.perf_counter() - start, out
 
 
-def _bench(name, fields, batch, repeats, peak):
+def _bench(name, fields, batch, repeats, peak, device):
     cfg = GemmaConfig(**fields)
     rl = reinforce.RLConfig(num_samples=2, max_new_tokens=NEW, learning_rate=1e-6)
     params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
@@ -122,9 +131,9 @@ def _bench(name, fields, batch, repeats, peak):
 
     model = transformers.GemmaForCausalLM(hf.config_to_hf(cfg))
     model.load_state_dict({k: torch.tensor(v) for k, v in hf.params_to_hf(params, cfg).items()})
-    model.train()
+    model.to(device).train()
     torch_opt = torch.optim.Adam(model.parameters(), lr=1e-6)
-    t_seq, t_adv = torch.from_numpy(tokens_np), torch.from_numpy(adv_np)
+    t_seq, t_adv = torch.from_numpy(tokens_np).to(device), torch.from_numpy(adv_np).to(device)
 
     def torch_step():
         # As in warp_jax, the vocabulary projection runs on the positions that predict the
@@ -139,6 +148,7 @@ def _bench(name, fields, batch, repeats, peak):
     def timed_torch_step():
         start = time.perf_counter()
         torch_step()
+        _synchronize(device)
         return time.perf_counter() - start
 
     pairs = []
@@ -165,15 +175,17 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help=f"comma list of {sorted(SIZES)}")
+    _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
     malloc = _set_malloc(args)
+    device = _torch_device(args)
     torch.manual_seed(0)
     peak = _matmul_flops()
-    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} GFLOP/s; "
-          f"{PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
-    rows = [_bench(n, *SIZES[n], args.repeats, peak) for n in args.sizes.split(",")]
+    print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"on {device} ({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} "
+          f"GFLOP/s; {PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
+    rows = [_bench(n, *SIZES[n], args.repeats, peak, device) for n in args.sizes.split(",")]
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
