@@ -130,7 +130,7 @@ def main() -> None:
     print(f"\n| {'merge':<32} | {'seconds':>8} | {'GB/s':>7} | {'vs copy':>7} | note")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 9}|{'-' * 9}|------")
     for name, seconds, gbs, ratio, note in rows:
-        print(f"| {name:<32} | {seconds:8.3f} | {gbs:7.2f} | {ratio:7.0%} | {note}")
+        print(f"| {name:<32} | {seconds:8.4f} | {gbs:7.2f} | {ratio:7.0%} | {note}")
 
 
 if __name__ == "__main__":
