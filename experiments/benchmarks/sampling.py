@@ -217,19 +217,17 @@ def main() -> None:
           f" temperature {TEMPERATURE}, top-k {args.top_k},"
           f" top-p {args.top_p}, {args.repeats} pairs;"
           f" {malloc}")
-    rows = []
-    for name in args.sizes.split(","):
-        fields, batch = SIZES[name]
-        cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
-        rows.append(_bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
-                           peak, bandwidth, args.top_k, args.top_p, device))
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for name in args.sizes.split(","):  # each row as soon as it is measured
+        fields, batch = SIZES[name]
+        cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
+        r = _bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
+                   peak, bandwidth, args.top_k, args.top_p, device)
         print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['ours']:.0f} | "
               f"{r['hf']:.0f} | {r['ratio']:.1f}x | {r['compile']:.1f} | {r['flops']:.0%} | "
-              f"{r['bw']:.0%} |")
+              f"{r['bw']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def _bench(name, fields, batch, repeats, peak, device):
                      donate_argnums=0)
     reward = jnp.zeros((batch,), jnp.float32)
     batch_data = sample(state, jax.random.key(0))
-    state, _ = update(state, batch_data, reward, score(state, batch_data))
+    # The warm-up finishes before any timer starts: the first timed sampling would wait for it.
+    state, _ = jax.block_until_ready(update(state, batch_data, reward, score(state, batch_data)))
     phases = {"sampling": [], "scoring": [], "update": []}
     for r in range(repeats):
         t, batch_data = _timed(sample, state, jax.random.key(r + 1))
@@ -185,12 +186,15 @@ def main() -> None:
     print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} "
           f"GFLOP/s; {PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
-    rows = [_bench(n, *SIZES[n], args.repeats, peak, device) for n in args.sizes.split(",")]
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for name in args.sizes.split(","):  # the phases' row as soon as a size is measured
+        r = _bench(name, *SIZES[name], args.repeats, peak, device)
         print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['step_tok']:.0f} | "
-              f"{r['mfu']:.0%} | {r['sampling']:.3f} | {r['scoring']:.3f} | {r['update']:.3f} |")
+              f"{r['mfu']:.0%} | {r['sampling']:.3f} | {r['scoring']:.3f} | {r['update']:.3f} |",
+              flush=True)
+        rows.append(r)
     print("\n| config | PG update, warp_jax tok/s | PyTorch tok/s | ratio (median) | MFU |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
