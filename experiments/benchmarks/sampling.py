@@ -66,6 +66,15 @@ def _matmul_flops(dtype: str = "float32") -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - start)
 
 
+def _sizes(parser: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """The comma list `--sizes`, each checked against `known` (a usage error otherwise)."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--sizes: unknown {unknown}; choose from {sorted(known)}")
+    return names
+
+
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where PyTorch runs (auto: CUDA when JAX runs on a GPU)")
@@ -202,6 +211,7 @@ def main() -> None:
     _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
+    sizes = _sizes(parser, args.sizes, SIZES)
     for flag in ("batch", "prompt", "new"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
@@ -220,7 +230,7 @@ def main() -> None:
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    for name in args.sizes.split(","):  # each row as soon as it is measured
+    for name in sizes:  # each row as soon as it is measured
         fields, batch = SIZES[name]
         cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
         r = _bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,

@@ -38,6 +38,7 @@ from experiments.benchmarks.sampling import (
     _add_malloc_flag,
     _matmul_flops,
     _set_malloc,
+    _sizes,
     _synchronize,
     _torch_device,
 )
@@ -179,6 +180,7 @@ def main() -> None:
     _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
+    sizes = _sizes(parser, args.sizes, SIZES)
     malloc = _set_malloc(args)
     device = _torch_device(args)
     torch.manual_seed(0)
@@ -189,7 +191,7 @@ def main() -> None:
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []
-    for name in args.sizes.split(","):  # the phases' row as soon as a size is measured
+    for name in sizes:  # the phases' row as soon as a size is measured
         r = _bench(name, *SIZES[name], args.repeats, peak, device)
         print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['step_tok']:.0f} | "
               f"{r['mfu']:.0%} | {r['sampling']:.3f} | {r['scoring']:.3f} | {r['update']:.3f} |",

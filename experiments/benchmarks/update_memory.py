@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks.sampling import _add_malloc_flag, _set_malloc
+from experiments.benchmarks.sampling import _add_malloc_flag, _set_malloc, _sizes
 from experiments.benchmarks.train_step import NEW, PROMPT, SIZES
 from warp_jax import reinforce
 from warp_jax.gemma import Gemma, GemmaConfig
@@ -69,12 +69,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny", help=f"comma list of {sorted(SIZES)}")
     _add_malloc_flag(parser)
     args = parser.parse_args()
+    sizes = _sizes(parser, args.sizes, SIZES)
     malloc = _set_malloc(args).removesuffix(", for both")
-    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}); {PROMPTS * 2} sequences of "
+    print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}); {PROMPTS * 2} sequences of "
           f"{PROMPT}+{NEW} tokens; median of {args.repeats}; {malloc}")
     print("\n| config | microbatches | remat | temporary MB | vs plain | update s | vs plain |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for name in args.sizes.split(","):
+    for name in sizes:
         rows = _bench(name, args.repeats)
         plain = rows[0]
         for r in rows:
