@@ -27,19 +27,22 @@ _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax
 def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`.
 
-    Keys and values are stored head-major, `[B, K, S, H]`, the layout attention reads (a
-    decode step would otherwise transpose the whole cache), and `[B, S, H]` when there is one
-    KV head (multi-query): XLA:CPU copies a loop-carried cache with a size-1 axis several
-    times per decode step.
+    Values are stored head-major, `[B, K, S, H]`, and keys head-major with the slots last,
+    `[B, K, H, S]`: the layouts in which attention's two matmuls read them without a
+    transpose (XLA:CPU runs the scores matmul against `[H, S]` keys about twice as fast as
+    against `[S, H]` ones). There is no K axis when there is one KV head (multi-query):
+    XLA:CPU copies a loop-carried cache with a size-1 axis several times per decode step.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, *_kv_heads(cfg.num_kv_heads), max_len, cfg.head_dim)
+    heads = _kv_heads(cfg.num_kv_heads)
+    k_shape = (batch_size, *heads, cfg.head_dim, max_len)
+    v_shape = (batch_size, *heads, max_len, cfg.head_dim)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
     }
     for i in range(cfg.num_layers):
-        cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        cache[f"layer_{i}"] = {"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
     return cache
 
 
@@ -156,30 +159,31 @@ class Attention(nn.Module):
         q = apply_rope(q, *(table[:, first:] for table in rope))
         key = apply_rope(key, *rope)
 
-        kv_shape = (b, *_kv_heads(k), t, h)  # [B, K, T, H], or [B, T, H] when K = 1
-        key = key.transpose(0, 2, 1, 3).reshape(kv_shape)
-        value = value.transpose(0, 2, 1, 3).reshape(kv_shape)
+        # [B, K, H, T] keys and [B, K, T, H] values, without the K axis when K = 1.
+        key = key.transpose(0, 2, 3, 1).reshape(b, *_kv_heads(k), h, t)
+        value = value.transpose(0, 2, 1, 3).reshape(b, *_kv_heads(k), t, h)
         new_cache = None
         if cache is not None:
-            start = (0,) * (len(kv_shape) - 2) + (slots_T[0], 0)
-            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
+            lead = (0,) * (key.ndim - 2)
+            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype),
+                                               (*lead, 0, slots_T[0]))
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
-                                                 start)
+                                                 (*lead, slots_T[0], 0))
             new_cache = {"k": key, "v": value}
-        slots_S, slots_T = jnp.arange(key.shape[-2]), slots_T[first:]
+        slots_S, slots_T = jnp.arange(key.shape[-1]), slots_T[first:]
         allowed_TS = slots_S[None, :] <= slots_T[:, None]
         if self.attention_type == "local":
             allowed_TS &= slots_T[:, None] - slots_S[None, :] < cfg.sliding_window
         mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
 
         # Head-major batched matmuls, the G query heads of a KV head stacked along the rows
-        # ([B, K, G*T, H] x [B, K, S, H]): XLA:CPU runs these about twice as fast as einsums
+        # ([B, K, G*T, H] x [B, K, H, S]): XLA:CPU runs these about twice as fast as einsums
         # that leave T outside the heads.
         g = n // k
         heads = "BK" if k > 1 else "B"  # the batch axes of the attention matmuls
         q_BKMH = (q * cfg.query_scale).reshape(b, tq, k, g, h).transpose(0, 2, 3, 1, 4)
         q_BKMH = q_BKMH.reshape(b, *_kv_heads(k), g * tq, h)
-        logits = jnp.einsum(f"{heads}MH,{heads}SH->{heads}MS", q_BKMH, key.astype(dt))
+        logits = jnp.einsum(f"{heads}MH,{heads}HS->{heads}MS", q_BKMH, key.astype(dt))
         logits = _softcap(logits.astype(jnp.float32), cfg.attn_logit_softcap)
         logits = jnp.where(mask_BTS[:, None, None], logits.reshape(b, k, g, tq, -1), _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, *_kv_heads(k), g * tq, -1)
