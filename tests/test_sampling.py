@@ -13,7 +13,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warp_jax import sampling, sharding
+from warp_jax import cpu_kernels, sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig
 
 B, P, N = 4, 7, 8
@@ -42,9 +42,18 @@ def _full_logits(setup, out):
     return np.asarray(logits[:, P - 1:-1])  # the logits that predicted each sampled token
 
 
-def test_logprobs_equal_a_full_forward(setup):
+def _cpu_kernel_cases():
+    """`cpu_kernel` False, and True where the packed CPU matmul can run here."""
+    reason = cpu_kernels.unavailable_reason()
+    return [False, pytest.param(True, marks=pytest.mark.skipif(reason is not None,
+                                                               reason=str(reason)))]
+
+
+@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
+def test_logprobs_equal_a_full_forward(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
-    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(1), N, temperature=0.9)
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(1), N, temperature=0.9,
+                          cpu_kernel=cpu_kernel)
     assert out.tokens.shape == out.logprobs.shape == out.mask.shape == (B, N)
     logits = _full_logits(setup, out) / 0.9
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -53,9 +62,11 @@ def test_logprobs_equal_a_full_forward(setup):
     assert np.asarray(out.mask).all()
 
 
-def test_greedy_takes_the_argmax(setup):
+@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
+def test_greedy_takes_the_argmax(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
-    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0)
+    out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0,
+                          cpu_kernel=cpu_kernel)
     logits = _full_logits(setup, out)
     np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
     want = np.max(np.asarray(jax.nn.log_softmax(logits, axis=-1)), axis=-1)
@@ -176,12 +187,14 @@ def test_eos_masks_the_rest_of_the_row(setup):
             assert m[row].sum() <= most
 
 
-def test_second_call_does_not_recompile(setup):
+@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
+def test_second_call_does_not_recompile(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
-    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N)
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, cpu_kernel=cpu_kernel)
     before = sampling._sample._cache_size()
     other = jax.tree.map(lambda x: x * 1.01, params)
-    sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N)
+    sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N,
+                    cpu_kernel=cpu_kernel)
     assert sampling._sample._cache_size() == before
     # The top-p value is traced too: a new one does not recompile.
     sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.5)
@@ -198,7 +211,7 @@ def test_bfloat16_decode_loop_reads_its_matrices_in_bfloat16(setup):
     text = sampling._sample.lower(
         params, tokens, mask, jax.random.key(0), jnp.float32(0.9), jnp.float32(1.0),
         jnp.asarray([-1], jnp.int32), cfg=cfg, max_new_tokens=N, greedy=False, top_k=None,
-        use_top_p=False).as_text()
+        use_top_p=False, cpu_kernel=False).as_text()
     loops = [line for line in text.splitlines() if "stablehlo.while" in line]
     carried = set(re.findall(r"tensor<([\dx]+)x(f32|bf16)>", max(loops, key=len)))
     matrices = {"x".join(map(str, x.shape)) for x in jax.tree.leaves(params) if x.ndim >= 2}
@@ -273,6 +286,11 @@ def test_bad_arguments(setup):
     sampling.sample(params, cfg, tokens.at[1, 0].set(-1), mask, key, N)
     with pytest.raises(ValueError, match="temperature must be concrete"):
         jax.jit(lambda t: sampling.sample(params, cfg, tokens, mask, key, N, temperature=t))(0.9)
+    with pytest.raises(ValueError, match="cpu_kernel must be True, False or None"):
+        sampling.sample(params, cfg, tokens, mask, key, N, cpu_kernel="yes")
+    with pytest.raises(ValueError, match=r"cpu_kernel=True, but .* cfg.dtype is bfloat16"):
+        sampling.sample(params, dataclasses.replace(cfg, dtype="bfloat16"), tokens, mask, key, N,
+                        cpu_kernel=True)
 
 
 def test_arguments_users_pass_from_numpy_and_jax(setup):

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from warp_jax import cpu_kernels
 from warp_jax.gemma import Gemma, GemmaConfig, init_cache, left_padded_positions
+from warp_jax.gemma.model import packed_matrices
 
 _NEG_INF = -jnp.inf
 
@@ -52,7 +54,8 @@ class _LoopState:
 def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
            rng: jax.Array, max_new_tokens: int, temperature: float = 0.9,
            top_k: int | None = None, top_p: float | None = None,
-           eos_id: int | Sequence[int] | None = None) -> SampleOutput:
+           eos_id: int | Sequence[int] | None = None,
+           cpu_kernel: bool | None = None) -> SampleOutput:
     """Samples `max_new_tokens` continuations of left-padded prompts.
 
     Args:
@@ -73,6 +76,11 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       eos_id: a token id in `[0, vocab_size)`, or several (instruction-tuned Gemmas end a
         turn with `<end_of_turn>`, as their `generation_config.eos_token_id` lists): a row
         stops after emitting one (None: never stops early). One compile per number of ids.
+      cpu_kernel: run the decode loop's matmuls with `warp_jax.cpu_kernels` (about twice
+        XLA:CPU's speed; the weights are packed once per call, a float32 copy of the
+        matrices). None: where JAX runs on one CPU device, `cfg.dtype` is float32 and the
+        kernel is available. True raises `ValueError` where it cannot run. With arrays
+        sharded over several devices it would gather them at every step: leave it off.
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
@@ -107,12 +115,30 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
     greedy = temperature == 0
     top_k = None if top_k in (None, 0) or top_k >= cfg.vocab_size else int(top_k)
     use_top_p = top_p is not None and top_p < 1
+    cpu_kernel = _use_cpu_kernel(cpu_kernel, cfg)
     return _sample(params, prompt_tokens, prompt_mask.astype(bool), rng,
                    jnp.float32(1.0 if greedy else temperature),
                    jnp.float32(top_p if use_top_p else 1.0),
                    jnp.asarray(eos_ids or (-1,), jnp.int32),
                    cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
-                   use_top_p=use_top_p)
+                   use_top_p=use_top_p, cpu_kernel=cpu_kernel)
+
+
+def _use_cpu_kernel(requested: bool | None, cfg: GemmaConfig) -> bool:
+    """Whether the decode loop uses the packed CPU matmul (`sample`'s `cpu_kernel`)."""
+    if requested is not None and not isinstance(requested, bool):
+        raise ValueError(f"cpu_kernel must be True, False or None, got {requested!r}")
+    if requested is False:
+        return False
+    if jax.default_backend() != "cpu":
+        why_not = f"JAX runs on {jax.default_backend()}, not the CPU"
+    elif jnp.dtype(cfg.dtype) != jnp.float32:
+        why_not = f"it computes in float32 and cfg.dtype is {jnp.dtype(cfg.dtype)}"
+    else:
+        why_not = cpu_kernels.unavailable_reason()
+    if requested and why_not is not None:
+        raise ValueError(f"cpu_kernel=True, but the packed CPU matmul cannot run: {why_not}")
+    return why_not is None and (requested or jax.device_count() == 1)
 
 
 def end_token_ids(eos_id: Any, vocab_size: int) -> tuple[int, ...]:
@@ -159,14 +185,17 @@ def _check_prompts(tokens_BP, mask_BP, vocab_size):
 
 # top_k is static: it sizes the top-k candidate buffer (`_top_k_candidates`).
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p"))
+                                             "use_top_p", "cpu_kernel"))
 def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids_E, *, cfg,
-            max_new_tokens, greedy, top_k, use_top_p):
+            max_new_tokens, greedy, top_k, use_top_p, cpu_kernel):
     model = Gemma(cfg)
     params = _matrices_in_compute_dtype(params, cfg)
+    variables = {"params": params}
+    if cpu_kernel:
+        variables["packed"] = packed_matrices(params)
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, prompt_tokens,
+    logits, cache = model.apply(variables, prompt_tokens,
                                 left_padded_positions(prompt_mask), prompt_mask, cache,
                                 logits_to_keep=1, max_position=prompt_len - 1)
     # One uniform per row and step, drawn at once: on CPU every `jax.random` call inside the
@@ -211,7 +240,7 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _LoopState):
-        logits, cache = model.apply({"params": params}, s.last[:, None], s.positions[:, None],
+        logits, cache = model.apply(variables, s.last[:, None], s.positions[:, None],
                                     s.live[:, None], s.cache,
                                     max_position=prompt_len + max_new_tokens - 1)
         return record(s, *pick(logits[:, 0], s.step, s.done), cache, s.positions + 1)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from warp_jax import cpu_kernels
 from warp_jax.gemma.config import GemmaConfig
 
 Cache = dict[str, Any]
@@ -72,6 +73,41 @@ def block_groups(params: Any) -> Any:
 
 def _param(module, name, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def packed_matrices(params: Any) -> dict[str, Any]:
+    """The `"packed"` variable collection of `Gemma.apply` for `params`: every block's
+    matrices and the vocabulary projection (the embedding transposed) packed for
+    `cpu_kernels.matmul`, which then runs those matmuls in place of XLA's.
+
+    `Gemma(cfg).apply({"params": params, "packed": packed_matrices(params)}, ...)` computes
+    the same function (float32, to rounding). Costs a float32 copy of the matrices; the
+    sampler packs once per call, before its decode loop.
+    """
+    params = nn.meta.unbox(params)
+    packed: dict[str, Any] = {
+        "output": cpu_kernels.pack(params["input_embedding"], transposed=True)}
+    for name, block in params.items():
+        if not name.startswith("layer_"):
+            continue
+        attn, mlp = block["attn"], block["mlp"]
+        d = attn["q"].shape[0]
+        packed[name] = {
+            "attn": {"q": cpu_kernels.pack(attn["q"].reshape(d, -1)),
+                     "k": cpu_kernels.pack(attn["k"].reshape(d, -1)),
+                     "v": cpu_kernels.pack(attn["v"].reshape(d, -1)),
+                     "o": cpu_kernels.pack(attn["o"].reshape(-1, d))},
+            "mlp": {key: cpu_kernels.pack(mlp[key]) for key in ("gate", "up", "down")},
+        }
+    return packed
+
+
+def _dense(module, name, x_MK, w_KN):
+    """`x_MK @ w_KN`, or the packed CPU kernel's where the caller passed `name` packed
+    (`packed_matrices`)."""
+    if module.has_variable("packed", name):
+        return cpu_kernels.matmul(x_MK, module.get_variable("packed", name)).astype(x_MK.dtype)
+    return x_MK @ w_KN
 
 
 class RMSNorm(nn.Module):
@@ -149,10 +185,10 @@ class Attention(nn.Module):
         first = 0 if keep is None else t - keep  # the first query token
         x_MD = x_BTD.reshape(b * t, d)  # token-major 2-D matmuls: much faster on XLA:CPU
         tq = t - first
-        q = (x_BTD[:, first:].reshape(b * tq, d) @ q_w.astype(dt).reshape(d, n * h))
-        q = q.reshape(b, tq, n, h)
-        key = (x_MD @ k_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
-        value = (x_MD @ v_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
+        q = _dense(self, "q", x_BTD[:, first:].reshape(b * tq, d),
+                   q_w.astype(dt).reshape(d, n * h)).reshape(b, tq, n, h)
+        key = _dense(self, "k", x_MD, k_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
+        value = _dense(self, "v", x_MD, v_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
         if cfg.use_qk_norm:
             q = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q)
             key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
@@ -190,7 +226,8 @@ class Attention(nn.Module):
         out = jnp.einsum(f"{heads}MS,{heads}SH->{heads}MH", probs, value.astype(dt))
         out = out.reshape(b, k, g, tq, h)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * tq, n * h)
-        return (out @ o_w.astype(dt).reshape(n * h, d)).reshape(b, tq, d), new_cache
+        out = _dense(self, "o", out, o_w.astype(dt).reshape(n * h, d))
+        return out.reshape(b, tq, d), new_cache
 
 
 class MLP(nn.Module):
@@ -204,8 +241,9 @@ class MLP(nn.Module):
         up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
         x_ND = x_BTD.reshape(-1, d)
-        hidden = jax.nn.gelu(x_ND @ gate.astype(dt), approximate=True) * (x_ND @ up.astype(dt))
-        return (hidden @ down.astype(dt)).reshape(x_BTD.shape)
+        hidden = (jax.nn.gelu(_dense(self, "gate", x_ND, gate.astype(dt)), approximate=True)
+                  * _dense(self, "up", x_ND, up.astype(dt)))
+        return _dense(self, "down", hidden, down.astype(dt)).reshape(x_BTD.shape)
 
 
 class Block(nn.Module):
@@ -267,7 +305,8 @@ class Gemma(nn.Module):
         x, embedding, cache = decode(self, tokens, positions, attention_mask, cache,
                                      keep=logits_to_keep, max_position=max_position)
         b, t, d = x.shape
-        logits = (x.reshape(b * t, d) @ embedding.T).reshape(b, t, -1).astype(jnp.float32)
+        logits = _dense(self, "output", x.reshape(b * t, d), embedding.T)
+        logits = logits.reshape(b, t, -1).astype(jnp.float32)
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
 

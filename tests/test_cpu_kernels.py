@@ -1,0 +1,90 @@
+"""The packed CPU matmul against numpy, and Gemma with it against Gemma without it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warp_jax import cpu_kernels
+from warp_jax.gemma import Gemma, GemmaConfig, init_cache
+from warp_jax.gemma.model import packed_matrices
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=str(cpu_kernels.unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Jitted pack + matmul, plain and with the matrix given transposed (compiled per shape)."""
+    def run(x, w, transposed):
+        return cpu_kernels.matmul(x, cpu_kernels.pack(w, transposed=transposed))
+
+    return jax.jit(run, static_argnames="transposed")
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 19), k=st.integers(1, 70), n=st.integers(1, 100),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_matmul_equals_numpy(kernels, m, k, n, transposed, seed):
+    """Every row count around the 8-row tiles, column counts around the 32-column panels
+    (the padding of the last panel is never written out), either layout of the matrix."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = kernels(x, w.T if transposed else w, transposed=transposed)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_matmul_uses_both_threads_on_large_shapes(kernels):
+    """Shapes above the threading threshold (8 x 768 x 3072, the 100M model's MLP), where the
+    panels are split between the calling thread and XLA's pool."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 768)).astype(np.float32)
+    w = rng.standard_normal((768, 3072)).astype(np.float32)
+    np.testing.assert_allclose(kernels(x, w, transposed=False), x.astype(np.float64) @ w,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernels(x, np.ascontiguousarray(w.T), transposed=True),
+                               x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_lays_out_panels_of_32_columns():
+    w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)
+    packed = cpu_kernels.pack(jnp.asarray(w))
+    assert packed.panels.shape == (2, 3, cpu_kernels.PANEL) and packed.columns == 40
+    np.testing.assert_array_equal(packed.panels[0], w[:, :32])
+    np.testing.assert_array_equal(packed.panels[1, :, :8], w[:, 32:])
+    np.testing.assert_array_equal(packed.panels[1, :, 8:], 0)  # zero padding
+    transposed = cpu_kernels.pack(jnp.asarray(w.T), transposed=True)
+    np.testing.assert_array_equal(transposed.panels, packed.panels)
+
+
+def test_bad_shapes():
+    packed = cpu_kernels.pack(jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"matmul expects x \[M, 4\]"):
+        cpu_kernels.matmul(jnp.ones((2, 3)), packed)
+    with pytest.raises(ValueError, match="pack expects a matrix"):
+        cpu_kernels.pack(jnp.ones((2, 3, 4)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_gemma3"])
+def test_gemma_with_packed_matrices_equals_gemma(preset):
+    """Every matmul of the decoder (q/k/v/o, the MLP, the vocabulary projection) through the
+    kernel: the same logits and cache, with a cache and without, on boxed params too."""
+    cfg = dataclasses.replace(GemmaConfig.from_preset(preset), vocab_size=100)
+    boxed = Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, cfg.vocab_size)
+    plain = {"params": boxed}
+    packed = {"params": boxed, "packed": packed_matrices(boxed)}
+    apply = jax.jit(Gemma(cfg).apply)
+    np.testing.assert_allclose(apply(packed, tokens)[0], apply(plain, tokens)[0],
+                               rtol=1e-4, atol=1e-4)
+    cache = init_cache(cfg, 3, 8)
+    (got, got_cache), (want, want_cache) = (apply(v, tokens, cache=cache) for v in (packed, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 got_cache, want_cache)

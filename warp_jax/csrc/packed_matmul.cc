@@ -1,0 +1,198 @@
+// y[M, N] = x[M, K] @ w[K, N] on x86-64 CPUs with AVX-512, for the sampler's decode loop.
+//
+// `WarpJaxPack` lays the weights out once as panels `[ceil(N / 32), K, 32]` (zero-padded past
+// N), from `w [K, N]` or from its transpose `[N, K]` (the embedding, for the vocabulary
+// projection). In `WarpJaxPackedMatmul` each panel is a contiguous stream that the
+// micro-kernel reads once per 8 rows of x, holding the 8 x 32 outputs in 16 vector registers.
+// Both split their panels into one chunk per thread of XLA's intra-op pool; the calling thread
+// takes chunks too, so a call finishes even when no pool thread is free.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // output columns per panel: two 16-float vectors
+constexpr int64_t kRows = 8;    // rows of x per micro-kernel call
+// Below this much work (multiply-adds, or floats packed), threads cost more than they save.
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
+// `rows` (1..8) rows of y at columns [0, 32) of one panel; `mask0`/`mask1` select the
+// columns that exist (the last panel may be partly padding).
+template <int kR>
+void MicroKernel(const float* x, int64_t k, const float* panel, float* y, int64_t n,
+                 __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc0[kR], acc1[kR];
+  for (int r = 0; r < kR; ++r) {
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const float* w = panel + i * kPanel;
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * kPanel), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * kPanel + 16), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(w);
+    const __m512 w1 = _mm512_loadu_ps(w + 16);
+    for (int r = 0; r < kR; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * k + i]);
+      acc0[r] = _mm512_fmadd_ps(xr, w0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(xr, w1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < kR; ++r) {
+    _mm512_mask_storeu_ps(y + r * n, mask0, acc0[r]);
+    _mm512_mask_storeu_ps(y + r * n + 16, mask1, acc1[r]);
+  }
+}
+
+using MicroKernelFn = void (*)(const float*, int64_t, const float*, float*, int64_t,
+                               __mmask16, __mmask16);
+constexpr MicroKernelFn kMicroKernels[kRows + 1] = {
+    nullptr,         MicroKernel<1>, MicroKernel<2>, MicroKernel<3>, MicroKernel<4>,
+    MicroKernel<5>,  MicroKernel<6>, MicroKernel<7>, MicroKernel<8>};
+
+__mmask16 ColumnMask(int64_t columns) {
+  columns = std::clamp<int64_t>(columns, 0, 16);
+  return static_cast<__mmask16>((uint32_t{1} << columns) - 1);
+}
+
+struct Matmul {
+  const float* x;
+  const float* panels;
+  float* y;
+  int64_t m, k, n, num_panels;
+
+  // Panels [first, last) for every row of x.
+  void Run(int64_t first, int64_t last) const {
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t left = n - p * kPanel;
+      const __mmask16 mask0 = ColumnMask(left), mask1 = ColumnMask(left - 16);
+      const float* panel = panels + p * k * kPanel;
+      for (int64_t r = 0; r < m; r += kRows) {
+        const int64_t rows = std::min(kRows, m - r);
+        kMicroKernels[rows](x + r * k, k, panel, y + r * n + p * kPanel, n, mask0, mask1);
+      }
+    }
+  }
+};
+
+// Chunks of panels handed out to whichever thread asks next; shared with the pool's tasks,
+// which may start after the call has returned (they then find no chunk left).
+struct Work {
+  std::function<void(int64_t, int64_t)> run;  // panels [first, last)
+  int64_t num_panels, chunks, chunk_size;
+  std::atomic<int64_t> next{0}, finished{0};
+
+  void Drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      run(c * chunk_size, std::min(num_panels, (c + 1) * chunk_size));
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// `run` over all panels, on the pool's threads when there is enough `work_size` (multiply-adds
+// or floats moved) to pay for them.
+void ForPanels(ffi::ThreadPool& pool, int64_t num_panels, int64_t work_size,
+               std::function<void(int64_t, int64_t)> run) {
+  const int64_t threads = std::min(num_panels, std::max<int64_t>(1, pool.num_threads()));
+  if (threads == 1 || work_size < kMinParallelWork) {
+    run(0, num_panels);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->run = std::move(run);
+  work->num_panels = num_panels;
+  work->chunk_size = (num_panels + threads - 1) / threads;
+  work->chunks = (num_panels + work->chunk_size - 1) / work->chunk_size;
+  for (int64_t t = 1; t < work->chunks; ++t) {
+    pool.Schedule([work] { work->Drain(); });
+  }
+  work->Drain();
+  while (work->finished.load(std::memory_order_acquire) < work->chunks) {
+    _mm_pause();
+  }
+}
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel ||
+      pd[1] != xd[1] || yd[0] != xd[0] || pd[0] != (yd[1] + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument(
+        "packed_matmul expects x [M, K], panels [ceil(N / 32), K, 32] and y [M, N]");
+  }
+  const Matmul matmul{x.typed_data(), panels.typed_data(), y->typed_data(),
+                      xd[0],          xd[1],               yd[1],
+                      pd[0]};
+  ForPanels(pool, matmul.num_panels, matmul.m * matmul.k * matmul.n,
+            [matmul](int64_t first, int64_t last) { matmul.Run(first, last); });
+  return ffi::Error::Success();
+}
+
+// Panels [first, last) of `w` ([K, N], or [N, K] when `transposed`), reading `w` in rows.
+void PackPanels(const float* w, float* panels, int64_t k, int64_t n, bool transposed,
+                int64_t first, int64_t last) {
+  for (int64_t p = first; p < last; ++p) {  // the padding past column n
+    const int64_t columns = std::min(kPanel, n - p * kPanel);
+    for (int64_t i = 0; columns < kPanel && i < k; ++i) {
+      std::fill(panels + (p * k + i) * kPanel + columns, panels + (p * k + i + 1) * kPanel, 0.0f);
+    }
+  }
+  if (transposed) {  // row j of w is column j % 32 of panel j / 32
+    for (int64_t j = first * kPanel; j < std::min(n, last * kPanel); ++j) {
+      const float* row = w + j * k;
+      float* column = panels + (j / kPanel) * k * kPanel + j % kPanel;
+      for (int64_t i = 0; i < k; ++i) column[i * kPanel] = row[i];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < k; ++i) {  // row i of w is row i of every panel
+    for (int64_t p = first; p < last; ++p) {
+      std::copy_n(w + i * n + p * kPanel, std::min(kPanel, n - p * kPanel),
+                  panels + (p * k + i) * kPanel);
+    }
+  }
+}
+
+ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> panels,
+                bool transposed) {
+  const auto wd = w.dimensions(), pd = panels->dimensions();
+  const bool matrix = wd.size() == 2;
+  const int64_t k = matrix ? wd[transposed] : -1, n = matrix ? wd[!transposed] : -1;
+  if (k < 0 || pd.size() != 3 || pd[2] != kPanel || pd[1] != k ||
+      pd[0] != (n + kPanel - 1) / kPanel) {
+    return ffi::Error::InvalidArgument(
+        "pack expects w [K, N] ([N, K] transposed) and panels [ceil(N / 32), K, 32]");
+  }
+  const float* src = w.typed_data();
+  float* dst = panels->typed_data();
+  ForPanels(pool, pd[0], k * n, [=](int64_t first, int64_t last) {
+    PackPanels(src, dst, k, n, transposed, first, last);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPack, Pack,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
