@@ -4,6 +4,7 @@
                                               [--top-k K] [--top-p P] [--family gemma2]
                                               [--batch B] [--prompt P] [--new N]
                                               [--dtype bfloat16] [--torch-device cuda]
+                                              [--cpu-kernel auto|on|off]
 
 Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
 restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
@@ -20,6 +21,10 @@ measured copy (numpy on CPU, a jitted copy on an accelerator).
 trained policy keeps them), transformers from the same weights in bfloat16. PyTorch runs where
 JAX does (`--torch-device auto`: CUDA when JAX runs on a GPU), and on a GPU both sides compute
 float32 matmuls in TensorFloat-32.
+
+On a CPU the sampler's decode loop runs its matmuls with `warp_jax.cpu_kernels` (`--cpu-kernel
+auto`, `sample`'s default on one CPU device); `--cpu-kernel off` times XLA's own matmuls, as
+`sample(..., cpu_kernel=False)` runs them. The header says whether the kernel was built.
 """
 
 import argparse
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 import transformers
 
-from warp_jax import host, sampling
+from warp_jax import cpu_kernels, host, sampling
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -52,6 +57,7 @@ FAMILIES = {
                    rope_base=1_000_000.0, rope_local_base=10_000.0),
 }
 PROMPT, NEW, TEMPERATURE = 16, 48, 0.9
+CPU_KERNEL = {"auto": None, "on": True, "off": False}  # --cpu-kernel: sample's cpu_kernel
 
 
 def _matmul_flops(dtype: str = "float32") -> float:
@@ -134,7 +140,7 @@ def _copy_bandwidth() -> float:
 
 
 def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k, top_p,
-           device):
+           device, cpu_kernel):
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     params = nn.unbox(params)
@@ -153,7 +159,8 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
 
     def ours(seed):
         out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), new,
-                              temperature=TEMPERATURE, top_k=top_k, top_p=top_p)
+                              temperature=TEMPERATURE, top_k=top_k, top_p=top_p,
+                              cpu_kernel=cpu_kernel)
         return jax.block_until_ready(out)
 
     t_tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)
@@ -208,6 +215,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=NEW, help="new tokens per row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (warp_jax's weights stay float32)")
+    parser.add_argument("--cpu-kernel", choices=CPU_KERNEL, default="auto",
+                        help="sample's cpu_kernel: the packed CPU matmul in the decode loop "
+                             "(auto: where JAX runs on one CPU device and it is available)")
     _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
@@ -219,6 +229,12 @@ def main() -> None:
     device = _torch_device(args)
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(args.dtype), _copy_bandwidth()
+    cpu_kernel = CPU_KERNEL[args.cpu_kernel]
+    if cpu_kernel is not False:
+        reason = cpu_kernels.unavailable_reason()
+        kernel_note = f"packed CPU matmul: {'unavailable, ' + reason if reason else 'built'}"
+    else:
+        kernel_note = "packed CPU matmul: off"
     print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}")
@@ -226,7 +242,7 @@ def main() -> None:
           f" GB/s; family {args.family}, prompt {args.prompt}, {args.new} new tokens,"
           f" temperature {TEMPERATURE}, top-k {args.top_k},"
           f" top-p {args.top_p}, {args.repeats} pairs;"
-          f" {malloc}")
+          f" {malloc}; {kernel_note} (--cpu-kernel {args.cpu_kernel})")
     print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
           "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
@@ -234,7 +250,7 @@ def main() -> None:
         fields, batch = SIZES[name]
         cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
         r = _bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
-                   peak, bandwidth, args.top_k, args.top_p, device)
+                   peak, bandwidth, args.top_k, args.top_p, device, cpu_kernel)
         print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['ours']:.0f} | "
               f"{r['hf']:.0f} | {r['ratio']:.1f}x | {r['compile']:.1f} | {r['flops']:.0%} | "
               f"{r['bw']:.0%} |", flush=True)
