@@ -52,6 +52,20 @@ def test_matmul_uses_both_threads_on_large_shapes(kernels):
                                x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
 
 
+def test_vmap_runs_one_call_per_item():
+    """As when WARP's M runs are vmapped on one device: batched weights, batched inputs or
+    both."""
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    ws = rng.standard_normal((3, 16, 40)).astype(np.float32)
+    want = np.einsum("bmk,bkn->bmn", xs.astype(np.float64), ws)
+    both = jax.jit(jax.vmap(lambda x, w: cpu_kernels.matmul(x, cpu_kernels.pack(w))))
+    np.testing.assert_allclose(both(xs, ws), want, rtol=1e-5, atol=1e-5)
+    packed = cpu_kernels.pack(jnp.asarray(ws[0]))
+    inputs = jax.jit(jax.vmap(lambda x: cpu_kernels.matmul(x, packed)))
+    np.testing.assert_allclose(inputs(xs), xs @ ws[0], rtol=1e-5, atol=1e-5)
+
+
 def test_pack_lays_out_panels_of_32_columns():
     w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)
     packed = cpu_kernels.pack(jnp.asarray(w))

@@ -14,7 +14,7 @@ compiler (`$CXX`, else `g++`/`c++`); `unavailable_reason()` says why it cannot r
 cannot, and the sampler then uses XLA's matmuls.
 
     packed = cpu_kernels.pack(w_KN)          # once: [ceil(N / 32), K, 32] panels
-    y_MN = cpu_kernels.matmul(x_MK, packed)  # float32, CPU only
+    y_MN = cpu_kernels.matmul(x_MK, packed)  # float32, CPU only; under vmap, one call per item
     logits = cpu_kernels.matmul(x_MD, cpu_kernels.pack(embedding_VD, transposed=True))
 """
 
@@ -57,7 +57,8 @@ def pack(w: jax.Array, transposed: bool = False) -> PackedMatrix:
         raise ValueError(f"pack expects a matrix, got shape {w.shape}")
     k, n = w.shape[::-1] if transposed else w.shape
     out = jax.ShapeDtypeStruct((-(-n // PANEL), k, PANEL), jnp.float32)
-    panels = jax.ffi.ffi_call(_PACK, out)(w.astype(jnp.float32), transposed=transposed)
+    panels = jax.ffi.ffi_call(_PACK, out, vmap_method="sequential")(w.astype(jnp.float32),
+                                                                    transposed=transposed)
     return PackedMatrix(panels, n)
 
 
@@ -67,7 +68,8 @@ def matmul(x_MK: jax.Array, w: PackedMatrix) -> jax.Array:
     if x_MK.ndim != 2 or x_MK.shape[1] != w.panels.shape[1]:
         raise ValueError(f"matmul expects x [M, {w.panels.shape[1]}], got {x_MK.shape}")
     out = jax.ShapeDtypeStruct((x_MK.shape[0], w.columns), jnp.float32)
-    return jax.ffi.ffi_call(_MATMUL, out)(x_MK.astype(jnp.float32), w.panels)
+    return jax.ffi.ffi_call(_MATMUL, out, vmap_method="sequential")(x_MK.astype(jnp.float32),
+                                                                    w.panels)
 
 
 def _check_available() -> None:
