@@ -1,6 +1,9 @@
 """The packed CPU matmul against numpy, and Gemma with it against Gemma without it."""
 
 import dataclasses
+import os
+import platform
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +16,18 @@ from warp_jax import cpu_kernels
 from warp_jax.gemma import Gemma, GemmaConfig, init_cache
 from warp_jax.gemma.model import packed_matrices
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
-                                reason=str(cpu_kernels.unavailable_reason()))
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason=str(cpu_kernels.unavailable_reason()))
+
+
+def test_kernel_builds_where_it_can():
+    """On an x86-64 CPU with AVX-512F and a C++ compiler (CI's machine), the kernel must build:
+    a compile error fails here instead of silently skipping the tests below."""
+    can = (platform.machine() == "x86_64" and "avx512f" in cpu_kernels._cpu_flags().split()
+           and (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")))
+    if not can:
+        pytest.skip("no AVX-512F x86-64 CPU or no C++ compiler here")
+    assert cpu_kernels.unavailable_reason() is None
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +39,7 @@ def kernels():
     return jax.jit(run, static_argnames="transposed")
 
 
+@needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 19), k=st.integers(1, 70), n=st.integers(1, 100),
        transposed=st.booleans(), seed=st.integers(0, 2**16))
@@ -40,6 +54,7 @@ def test_matmul_equals_numpy(kernels, m, k, n, transposed, seed):
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+@needs_kernel
 def test_matmul_uses_both_threads_on_large_shapes(kernels):
     """Shapes above the threading threshold (8 x 768 x 3072, the 100M model's MLP), where the
     panels are split between the calling thread and XLA's pool."""
@@ -52,6 +67,7 @@ def test_matmul_uses_both_threads_on_large_shapes(kernels):
                                x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernel
 def test_vmap_runs_one_call_per_item():
     """As when WARP's M runs are vmapped on one device: batched weights, batched inputs or
     both."""
@@ -66,6 +82,18 @@ def test_vmap_runs_one_call_per_item():
     np.testing.assert_allclose(inputs(xs), xs @ ws[0], rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_several_matrices_in_one_call():
+    """`matmuls`: the threads split the panels of all the matrices (q, k, v of a layer)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 256)).astype(np.float32)
+    ws = [rng.standard_normal((256, n)).astype(np.float32) for n in (256, 64, 40)]
+    got = jax.jit(lambda x, ws: cpu_kernels.matmuls(x, [cpu_kernels.pack(w) for w in ws]))(x, ws)
+    for y, w in zip(got, ws, strict=True):
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_pack_lays_out_panels_of_32_columns():
     w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)
     packed = cpu_kernels.pack(jnp.asarray(w))
@@ -77,6 +105,7 @@ def test_pack_lays_out_panels_of_32_columns():
     np.testing.assert_array_equal(transposed.panels, packed.panels)
 
 
+@needs_kernel
 def test_bad_shapes():
     packed = cpu_kernels.pack(jnp.ones((4, 5)))
     with pytest.raises(ValueError, match=r"matmul expects x \[M, 4\]"):
@@ -85,10 +114,12 @@ def test_bad_shapes():
         cpu_kernels.pack(jnp.ones((2, 3, 4)))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gemma3"])
+@needs_kernel
+@pytest.mark.parametrize("preset", ["tiny", "tiny_gemma2", "tiny_gemma3"])
 def test_gemma_with_packed_matrices_equals_gemma(preset):
     """Every matmul of the decoder (q/k/v/o, the MLP, the vocabulary projection) through the
-    kernel: the same logits and cache, with a cache and without, on boxed params too."""
+    kernel: the same logits and cache, with a cache and without, on boxed params, for each
+    Gemma generation's features."""
     cfg = dataclasses.replace(GemmaConfig.from_preset(preset), vocab_size=100)
     boxed = Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, cfg.vocab_size)

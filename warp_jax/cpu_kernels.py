@@ -15,6 +15,7 @@ cannot, and the sampler then uses XLA's matmuls.
 
     packed = cpu_kernels.pack(w_KN)          # once: [ceil(N / 32), K, 32] panels
     y_MN = cpu_kernels.matmul(x_MK, packed)  # float32, CPU only; under vmap, one call per item
+    q, k, v = cpu_kernels.matmuls(x_MD, [packed_q, packed_k, packed_v])  # one call
     logits = cpu_kernels.matmul(x_MD, cpu_kernels.pack(embedding_VD, transposed=True))
 """
 
@@ -28,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import flax.struct
@@ -64,12 +66,19 @@ def pack(w: jax.Array, transposed: bool = False) -> PackedMatrix:
 
 def matmul(x_MK: jax.Array, w: PackedMatrix) -> jax.Array:
     """`x_MK @ w` in float32 `[M, N]`, on the CPU."""
+    return matmuls(x_MK, [w])[0]
+
+
+def matmuls(x_MK: jax.Array, ws: Sequence[PackedMatrix]) -> list[jax.Array]:
+    """`[x_MK @ w for w in ws]` in one call (a layer's q, k and v: x is read once and the
+    threads split the panels of all of them)."""
     _check_available()
-    if x_MK.ndim != 2 or x_MK.shape[1] != w.panels.shape[1]:
-        raise ValueError(f"matmul expects x [M, {w.panels.shape[1]}], got {x_MK.shape}")
-    out = jax.ShapeDtypeStruct((x_MK.shape[0], w.columns), jnp.float32)
-    return jax.ffi.ffi_call(_MATMUL, out, vmap_method="sequential")(x_MK.astype(jnp.float32),
-                                                                    w.panels)
+    for w in ws:
+        if x_MK.ndim != 2 or x_MK.shape[1] != w.panels.shape[1]:
+            raise ValueError(f"matmul expects x [M, {w.panels.shape[1]}], got {x_MK.shape}")
+    outs = [jax.ShapeDtypeStruct((x_MK.shape[0], w.columns), jnp.float32) for w in ws]
+    call = jax.ffi.ffi_call(_MATMUL, outs, vmap_method="sequential")
+    return list(call(x_MK.astype(jnp.float32), *(w.panels for w in ws)))
 
 
 def _check_available() -> None:

@@ -2,8 +2,9 @@
 //
 // `WarpJaxPack` lays the weights out once as panels `[ceil(N / 32), K, 32]` (zero-padded past
 // N), from `w [K, N]` or from its transpose `[N, K]` (the embedding, for the vocabulary
-// projection). In `WarpJaxPackedMatmul` each panel is a contiguous stream that the
-// micro-kernel reads once per 8 rows of x, holding the 8 x 32 outputs in 16 vector registers.
+// projection). `WarpJaxPackedMatmul` multiplies x by one or several packed matrices: each panel
+// is a contiguous stream that the micro-kernel reads once per 8 rows of x, holding the 8 x 32
+// outputs in 16 vector registers.
 // Both split their panels into one chunk per thread of XLA's intra-op pool; the calling thread
 // takes chunks too, so a call finishes even when no pool thread is free.
 #include <immintrin.h>
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -122,19 +124,41 @@ void ForPanels(ffi::ThreadPool& pool, int64_t num_panels, int64_t work_size,
   }
 }
 
+// y_i = x @ w_i for every packed w_i: one call, the panels of all of them split between the
+// threads (a layer's q, k and v, or its MLP's gate and up, read x once).
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), pd = panels.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel ||
-      pd[1] != xd[1] || yd[0] != xd[0] || pd[0] != (yd[1] + kPanel - 1) / kPanel) {
+                        ffi::RemainingArgs weights, ffi::RemainingRets outputs) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || weights.size() == 0 || weights.size() != outputs.size()) {
     return ffi::Error::InvalidArgument(
-        "packed_matmul expects x [M, K], panels [ceil(N / 32), K, 32] and y [M, N]");
+        "packed_matmul expects x [M, K] and as many packed matrices as outputs");
   }
-  const Matmul matmul{x.typed_data(), panels.typed_data(), y->typed_data(),
-                      xd[0],          xd[1],               yd[1],
-                      pd[0]};
-  ForPanels(pool, matmul.num_panels, matmul.m * matmul.k * matmul.n,
-            [matmul](int64_t first, int64_t last) { matmul.Run(first, last); });
+  std::vector<Matmul> matmuls;
+  std::vector<int64_t> starts = {0};  // each matrix's first panel among all of them
+  int64_t work_size = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto panels = weights.get<ffi::Buffer<ffi::F32>>(i);
+    auto y = outputs.get<ffi::Buffer<ffi::F32>>(i);
+    if (!panels.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("packed_matmul takes and returns float32 buffers");
+    }
+    const auto pd = panels->dimensions(), yd = (*y)->dimensions();
+    if (pd.size() != 3 || yd.size() != 2 || pd[2] != kPanel || pd[1] != xd[1] ||
+        yd[0] != xd[0] || pd[0] != (yd[1] + kPanel - 1) / kPanel) {
+      return ffi::Error::InvalidArgument(
+          "packed_matmul expects x [M, K], panels [ceil(N / 32), K, 32] and y [M, N]");
+    }
+    matmuls.push_back(Matmul{x.typed_data(), panels->typed_data(), (*y)->typed_data(), xd[0],
+                             xd[1], yd[1], pd[0]});
+    starts.push_back(starts.back() + pd[0]);
+    work_size += xd[0] * xd[1] * yd[1];
+  }
+  ForPanels(pool, starts.back(), work_size, [matmuls, starts](int64_t first, int64_t last) {
+    for (size_t i = 0; i < matmuls.size(); ++i) {
+      const int64_t lo = std::max(first, starts[i]), hi = std::min(last, starts[i + 1]);
+      if (lo < hi) matmuls[i].Run(lo - starts[i], hi - starts[i]);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -147,11 +171,18 @@ void PackPanels(const float* w, float* panels, int64_t k, int64_t n, bool transp
       std::fill(panels + (p * k + i) * kPanel + columns, panels + (p * k + i + 1) * kPanel, 0.0f);
     }
   }
-  if (transposed) {  // row j of w is column j % 32 of panel j / 32
-    for (int64_t j = first * kPanel; j < std::min(n, last * kPanel); ++j) {
-      const float* row = w + j * k;
-      float* column = panels + (j / kPanel) * k * kPanel + j % kPanel;
-      for (int64_t i = 0; i < k; ++i) column[i * kPanel] = row[i];
+  if (transposed) {  // row j of w is column j % 32 of panel j / 32; 64 rows of a panel at a time
+    constexpr int64_t kBlock = 64;
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t columns = std::min(kPanel, n - p * kPanel);
+      for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
+        const int64_t i1 = std::min(k, i0 + kBlock);
+        for (int64_t c = 0; c < columns; ++c) {
+          const float* row = w + (p * kPanel + c) * k;
+          float* column = panels + p * k * kPanel + c;
+          for (int64_t i = i0; i < i1; ++i) column[i * kPanel] = row[i];
+        }
+      }
     }
     return;
   }
@@ -187,8 +218,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPack, Pack,
                               ffi::Ffi::Bind()

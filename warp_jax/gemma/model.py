@@ -185,10 +185,15 @@ class Attention(nn.Module):
         first = 0 if keep is None else t - keep  # the first query token
         x_MD = x_BTD.reshape(b * t, d)  # token-major 2-D matmuls: much faster on XLA:CPU
         tq = t - first
-        q = _dense(self, "q", x_BTD[:, first:].reshape(b * tq, d),
-                   q_w.astype(dt).reshape(d, n * h)).reshape(b, tq, n, h)
-        key = _dense(self, "k", x_MD, k_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
-        value = _dense(self, "v", x_MD, v_w.astype(dt).reshape(d, k * h)).reshape(b, t, k, h)
+        if self.has_variable("packed", "q"):  # one kernel call for the three (`_dense`)
+            q, key, value = cpu_kernels.matmuls(
+                x_MD, [self.get_variable("packed", name) for name in ("q", "k", "v")])
+            q = q.astype(dt).reshape(b, t, n, h)[:, first:]
+        else:
+            q = (x_BTD[:, first:].reshape(b * tq, d) @ q_w.astype(dt).reshape(d, n * h))
+            key, value = (x_MD @ w.astype(dt).reshape(d, k * h) for w in (k_w, v_w))
+        q = q.reshape(b, tq, n, h)
+        key, value = (x.astype(dt).reshape(b, t, k, h) for x in (key, value))
         if cfg.use_qk_norm:
             q = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q)
             key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
@@ -241,8 +246,13 @@ class MLP(nn.Module):
         up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
         x_ND = x_BTD.reshape(-1, d)
-        hidden = (jax.nn.gelu(_dense(self, "gate", x_ND, gate.astype(dt)), approximate=True)
-                  * _dense(self, "up", x_ND, up.astype(dt)))
+        if self.has_variable("packed", "gate"):  # one kernel call for the two (`_dense`)
+            gated, linear = cpu_kernels.matmuls(
+                x_ND, [self.get_variable("packed", name) for name in ("gate", "up")])
+            gated, linear = gated.astype(dt), linear.astype(dt)
+        else:
+            gated, linear = x_ND @ gate.astype(dt), x_ND @ up.astype(dt)
+        hidden = jax.nn.gelu(gated, approximate=True) * linear
         return _dense(self, "down", hidden, down.astype(dt)).reshape(x_BTD.shape)
 
 
