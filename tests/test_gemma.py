@@ -154,7 +154,7 @@ def test_logits_match_transformers_on_random_configs(seed):
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_greedy_sampling_matches_transformers_generate(name):
+def test_greedy_sampling_matches_transformers_generate(name, cpu_kernel):
     # Small embeddings, so that the blocks, not the embedding of the last token, pick the
     # next one: the rows then differ from step to step and between the four families.
     model = _hf_model(HF_CONFIGS[name], seed=1, embed_std=0.05)
@@ -162,11 +162,12 @@ def test_greedy_sampling_matches_transformers_generate(name):
     params = hf.params_from_hf(model.state_dict(), cfg)
     tokens, mask, _ = _inputs(cfg.vocab_size)
     n = 10
-    free = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0)
+    free = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0,
+                           cpu_kernel=cpu_kernel)
     # Two end tokens, as instruction-tuned Gemmas have: row 0 stops after 4 tokens at most.
     eos = [int(free.tokens[0, 3]), int(free.tokens[2, 6])]
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0,
-                          eos_id=eos)
+                          eos_id=eos, cpu_kernel=cpu_kernel)
     with torch.no_grad():
         ref = model.generate(
             input_ids=torch.from_numpy(tokens.astype(np.int64)),

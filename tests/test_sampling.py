@@ -13,7 +13,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warp_jax import cpu_kernels, sampling, sharding
+from warp_jax import sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig
 
 B, P, N = 4, 7, 8
@@ -42,14 +42,6 @@ def _full_logits(setup, out):
     return np.asarray(logits[:, P - 1:-1])  # the logits that predicted each sampled token
 
 
-def _cpu_kernel_cases():
-    """`cpu_kernel` False, and True where the packed CPU matmul can run here."""
-    reason = cpu_kernels.unavailable_reason()
-    return [False, pytest.param(True, marks=pytest.mark.skipif(reason is not None,
-                                                               reason=str(reason)))]
-
-
-@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
 def test_logprobs_equal_a_full_forward(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(1), N, temperature=0.9,
@@ -62,7 +54,6 @@ def test_logprobs_equal_a_full_forward(setup, cpu_kernel):
     assert np.asarray(out.mask).all()
 
 
-@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
 def test_greedy_takes_the_argmax(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0,
@@ -187,7 +178,6 @@ def test_eos_masks_the_rest_of_the_row(setup):
             assert m[row].sum() <= most
 
 
-@pytest.mark.parametrize("cpu_kernel", _cpu_kernel_cases())
 def test_second_call_does_not_recompile(setup, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
     sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, cpu_kernel=cpu_kernel)

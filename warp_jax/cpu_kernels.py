@@ -53,7 +53,7 @@ class PackedMatrix:
 def pack(w: jax.Array, transposed: bool = False) -> PackedMatrix:
     """A `[K, N]` matrix `w` (`[N, K]` if `transposed`: `matmul` then multiplies by `w.T`)
     packed for `matmul`, in float32: one copy of the matrix, made by the kernel's own
-    two-thread packer (XLA:CPU's transpose into this layout ran at a quarter of its speed)."""
+    two-thread packer (XLA:CPU's transpose into this layout took about three times as long)."""
     _check_available()
     if w.ndim != 2:
         raise ValueError(f"pack expects a matrix, got shape {w.shape}")

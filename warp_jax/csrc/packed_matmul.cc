@@ -4,9 +4,9 @@
 // N), from `w [K, N]` or from its transpose `[N, K]` (the embedding, for the vocabulary
 // projection). `WarpJaxPackedMatmul` multiplies x by one or several packed matrices: each panel
 // is a contiguous stream that the micro-kernel reads once per 8 rows of x, holding the 8 x 32
-// outputs in 16 vector registers.
-// Both split their panels into one chunk per thread of XLA's intra-op pool; the calling thread
-// takes chunks too, so a call finishes even when no pool thread is free.
+// outputs in 16 vector registers. Both split their panels into one chunk per thread of XLA's
+// intra-op pool; the calling thread takes chunks too, so a call finishes even when no pool
+// thread is free.
 #include <immintrin.h>
 
 #include <algorithm>
