@@ -13,7 +13,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warp_jax import sampling, sharding
+from warp_jax import cpu_kernels, sampling, sharding
 from warp_jax.gemma import Gemma, GemmaConfig
 
 B, P, N = 4, 7, 8
@@ -81,11 +81,11 @@ def _kept_by_sorting(logits, top_k, top_p):
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.7)])
-def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p):
+def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p, cpu_kernel):
     cfg, params, tokens, mask, _ = setup
     for seed in range(3):
         out = sampling.sample(params, cfg, tokens, mask, jax.random.key(seed), N,
-                              temperature=1.0, top_k=top_k, top_p=top_p)
+                              temperature=1.0, top_k=top_k, top_p=top_p, cpu_kernel=cpu_kernel)
         logits = _full_logits(setup, out)
         kept = _kept_by_sorting(logits, top_k, top_p)
         sampled = np.asarray(out.tokens)[..., None]
@@ -303,7 +303,9 @@ def test_arguments_users_pass_from_numpy_and_jax(setup):
         np.testing.assert_array_equal(got, want)
 
 
-def test_draws_follow_the_softmax_and_skip_masked_tokens():
+def test_draws_follow_the_softmax_and_skip_masked_tokens(cpu_kernel):
+    """`sampling._draw`, and the CPU kernel's draw that replaces it (in one row per call, as
+    under vmap, and in one call for all rows)."""
     vocab, draws = 300, 20_000  # 300: not a multiple of the sampler's block size
     rng = np.random.default_rng(0)
     logits = rng.normal(size=vocab).astype(np.float32) * 2
@@ -311,9 +313,14 @@ def test_draws_follow_the_softmax_and_skip_masked_tokens():
     probs = np.exp(logits - logits[np.isfinite(logits)].max())
     probs /= probs.sum()
     uniforms = jax.random.uniform(jax.random.key(0), (draws, 1))
-    tokens, logp = jax.jit(jax.vmap(lambda u: sampling._draw(u, jnp.asarray(logits)[None])))(
-        uniforms)
+    draw = cpu_kernels.draw if cpu_kernel else sampling._draw
+    tokens, logp = jax.jit(jax.vmap(lambda u: draw(u, jnp.asarray(logits)[None])))(uniforms)
     tokens, logp = np.asarray(tokens)[:, 0], np.asarray(logp)[:, 0]
+    if cpu_kernel:  # all rows in one call, the temperature passed to the draw
+        rows = jnp.broadcast_to(jnp.asarray(logits) * 2.0, (draws, vocab))
+        batched = jax.jit(cpu_kernels.draw)(uniforms[:, 0], rows, 0.5)
+        np.testing.assert_array_equal(batched[0], tokens)
+        np.testing.assert_allclose(batched[1], logp, rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(logits[tokens]))
     np.testing.assert_allclose(logp, np.log(probs[tokens]), rtol=1e-4, atol=1e-5)
     freq = np.bincount(tokens, minlength=vocab) / draws

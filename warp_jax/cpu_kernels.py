@@ -1,4 +1,5 @@
-"""A hand-written CPU matmul for the sampler's decode loop, called from XLA through the FFI.
+"""Hand-written CPU kernels for the sampler's decode loop, called from XLA through the FFI: a
+matmul on packed weights, and the token draw.
 
 A decode step multiplies a few rows (the batch) by every weight matrix. XLA:CPU runs such
 matmuls far below what the machine allows: on the 2-core CI machine, 8 rows by a [768, 3072]
@@ -17,6 +18,7 @@ cannot, and the sampler then uses XLA's matmuls.
     y_MN = cpu_kernels.matmul(x_MK, packed)  # float32, CPU only; under vmap, one call per item
     q, k, v = cpu_kernels.matmuls(x_MD, [packed_q, packed_k, packed_v])  # one call
     logits = cpu_kernels.matmul(x_MD, cpu_kernels.pack(embedding_VD, transposed=True))
+    token, logp = cpu_kernels.draw(uniforms_B, logits, 1 / temperature)  # sampling._draw's draw
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import jaxlib
 
 PANEL = 32  # output columns per packed panel (csrc/packed_matmul.cc's kPanel)
 _SOURCE = Path(__file__).with_name("csrc") / "packed_matmul.cc"
-_MATMUL, _PACK = "warp_jax_packed_matmul", "warp_jax_pack"
+_MATMUL, _PACK, _DRAW = "warp_jax_packed_matmul", "warp_jax_pack", "warp_jax_draw"
 
 
 @flax.struct.dataclass
@@ -81,6 +83,24 @@ def matmuls(x_MK: jax.Array, ws: Sequence[PackedMatrix]) -> list[jax.Array]:
     return list(call(x_MK.astype(jnp.float32), *(w.panels for w in ws)))
 
 
+def draw(uniforms_B: jax.Array, logits_BV: jax.Array,
+         scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """One token per row from `softmax(logits * scale)` given one U[0, 1) draw per row, and its
+    log-probability: `sampling._draw`'s two-level inverse CDF (blocks of 128 tokens, then the
+    token; -inf logits are never drawn) in one pass over the logits per row. `scale` (1 /
+    temperature) may be traced."""
+    _check_available()
+    rows = logits_BV.shape[0]
+    if logits_BV.ndim != 2 or uniforms_B.shape != (rows,):
+        raise ValueError(f"draw expects logits [B, V] and uniforms [B], got {logits_BV.shape} "
+                         f"and {uniforms_B.shape}")
+    outs = (jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    call = jax.ffi.ffi_call(_DRAW, outs, vmap_method="sequential")
+    token, logp = call(logits_BV.astype(jnp.float32), uniforms_B.astype(jnp.float32),
+                       jnp.asarray(scale, jnp.float32))
+    return token, logp
+
+
 def _check_available() -> None:
     reason = unavailable_reason()
     if reason is not None:
@@ -107,7 +127,8 @@ def unavailable_reason() -> str | None:
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
         return f"compiling {_SOURCE.name} with {compiler} failed: {str(detail).strip()[-2000:]}"
-    for target, handler in ((_MATMUL, library.WarpJaxPackedMatmul), (_PACK, library.WarpJaxPack)):
+    for target, handler in ((_MATMUL, library.WarpJaxPackedMatmul), (_PACK, library.WarpJaxPack),
+                            (_DRAW, library.WarpJaxDraw)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return None
 

@@ -76,11 +76,12 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       eos_id: a token id in `[0, vocab_size)`, or several (instruction-tuned Gemmas end a
         turn with `<end_of_turn>`, as their `generation_config.eos_token_id` lists): a row
         stops after emitting one (None: never stops early). One compile per number of ids.
-      cpu_kernel: run the decode loop's matmuls with `warp_jax.cpu_kernels` (about twice
-        XLA:CPU's speed; the weights are packed once per call, a float32 copy of the
-        matrices). None: where JAX runs on one CPU device, `cfg.dtype` is float32 and the
-        kernel is available. True raises `ValueError` where it cannot run. With arrays
-        sharded over several devices it would gather them at every step: leave it off.
+      cpu_kernel: run the matmuls and the token draw with `warp_jax.cpu_kernels` (the
+        matmuls at about twice XLA:CPU's speed; the weights are packed once per call, a
+        float32 copy of the matrices). None: where JAX runs on one CPU device, `cfg.dtype`
+        is float32 and the kernel is available. True raises `ValueError` where it cannot
+        run. With arrays sharded over several devices it would gather them at every step:
+        leave it off.
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`.
@@ -208,9 +209,12 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids
             token = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
             token_logp = (jnp.take_along_axis(logits_BV, token[:, None], axis=-1)[:, 0]
                           - jax.nn.logsumexp(logits_BV, axis=-1))
+        elif cpu_kernel and top_k is None and not use_top_p:  # the temperature in the draw
+            token, token_logp = cpu_kernels.draw(uniforms_NB[step], logits_BV, 1.0 / temperature)
         else:
             scaled = _filter(logits_BV / temperature, top_k, top_p if use_top_p else None)
-            token, token_logp = _draw(uniforms_NB[step], scaled)
+            draw = cpu_kernels.draw if cpu_kernel else _draw
+            token, token_logp = draw(uniforms_NB[step], scaled)
         live = ~done_B
         return jnp.where(live, token, cfg.pad_id), jnp.where(live, token_logp, 0.0), live
 

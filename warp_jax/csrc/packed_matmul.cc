@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -212,6 +213,104 @@ ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
+// exp of 16 floats: Cephes' expf polynomial after the reduction x = n ln 2 + r, |r| <= ln 2 / 2,
+// scaled by 2^n with scalef (exp of -inf and of very negative x is 0).
+__m512 Exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t kDrawBlock = 128;  // tokens per block of the two-level inverse CDF
+
+// The first index of `mass[0, n)` at which `before` plus the running sum exceeds `target`,
+// clipped to the last index with mass (rounding may leave the target unreached); -1 if none
+// has mass.
+int64_t FirstAbove(const float* mass, int64_t n, float before, float target) {
+  int64_t last = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (mass[i] > 0.0f) {
+      last = i;
+      before += mass[i];
+      if (before > target) break;
+    }
+  }
+  return last;
+}
+
+// One row of `Draw`: inverse-CDF sampling in two levels, blocks of 128 tokens then the token
+// within the block (as `sampling._draw`), so -inf logits are never drawn. `mass` holds V
+// floats (rounded up to a block), `blocks` one per block.
+void DrawRow(const float* logits, int64_t v, float scale, float u, float* mass, float* blocks,
+             int32_t* token, float* logp) {
+  __m512 top16 = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < v; i += 16) {
+    const __mmask16 in = ColumnMask(v - i);
+    top16 = _mm512_mask_max_ps(top16, in, top16, _mm512_maskz_loadu_ps(in, logits + i));
+  }
+  const float top = _mm512_reduce_max_ps(top16) * scale;
+  const int64_t num_blocks = (v + kDrawBlock - 1) / kDrawBlock;
+  float total = 0.0f;
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = j * kDrawBlock; i < (j + 1) * kDrawBlock; i += 16) {
+      const __mmask16 in = ColumnMask(v - i);
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(in, logits + i),
+                                       _mm512_set1_ps(scale), _mm512_set1_ps(top));
+      const __m512 e = _mm512_maskz_mov_ps(in, Exp16(x));
+      _mm512_storeu_ps(mass + i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    blocks[j] = _mm512_reduce_add_ps(sum);
+    total += blocks[j];
+  }
+  const float target = u * total;
+  const int64_t block = std::max<int64_t>(FirstAbove(blocks, num_blocks, 0.0f, target), 0);
+  float before = 0.0f;
+  for (int64_t j = 0; j < block; ++j) before += blocks[j];
+  const int64_t chosen = block * kDrawBlock +
+      std::max<int64_t>(FirstAbove(mass + block * kDrawBlock, kDrawBlock, before, target), 0);
+  *token = static_cast<int32_t>(chosen);
+  *logp = logits[chosen] * scale - top - std::log(total);
+}
+
+// tokens[b], logps[b] = a draw from softmax(logits[b] * scale) given uniforms[b] in [0, 1).
+ffi::Error Draw(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> uniforms,
+                ffi::Buffer<ffi::F32> scale_buffer, ffi::ResultBuffer<ffi::S32> tokens,
+                ffi::ResultBuffer<ffi::F32> logps) {
+  const auto ld = logits.dimensions();
+  if (ld.size() != 2 || scale_buffer.element_count() != 1 ||
+      uniforms.element_count() != static_cast<size_t>(ld[0]) ||
+      tokens->element_count() != static_cast<size_t>(ld[0]) ||
+      logps->element_count() != static_cast<size_t>(ld[0])) {
+    return ffi::Error::InvalidArgument(
+        "draw expects logits [B, V], uniforms [B], a scalar scale and [B] outputs");
+  }
+  const int64_t rows = ld[0], v = ld[1];
+  const float scale = *scale_buffer.typed_data();
+  const float* l = logits.typed_data();
+  const float* u = uniforms.typed_data();
+  int32_t* t = tokens->typed_data();
+  float* lp = logps->typed_data();
+  ForPanels(pool, rows, rows * v * 16, [=](int64_t first, int64_t last) {
+    const int64_t num_blocks = (v + kDrawBlock - 1) / kDrawBlock;
+    std::vector<float> mass(num_blocks * kDrawBlock), blocks(num_blocks);
+    for (int64_t b = first; b < last; ++b) {
+      DrawRow(l + b * v, v, scale, u[b], mass.data(), blocks.data(), t + b, lp + b);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedMatmul, PackedMatmul,
@@ -227,3 +326,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPack, Pack,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxDraw, Draw,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
