@@ -9,7 +9,8 @@ Log-probabilities are those of the distribution each token was drawn from: `log_
 (so they equal a full forward pass's `log_softmax(logits / temperature)` when neither is set).
 Greedy decoding (`temperature=0`) returns the untempered `log_softmax(logits)` of the argmax.
 Weight matrices wider than the compute dtype (`cfg.dtype`) are cast to it once per call, before
-the decode loop, so that each step reads them at the compute dtype's width.
+the decode loop, so that each step reads them at the compute dtype's width. On one CPU device
+the matmuls and the token draw run in `warp_jax.cpu_kernels` (`sample`'s `cpu_kernel`).
 """
 
 from __future__ import annotations
