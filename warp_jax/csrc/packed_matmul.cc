@@ -166,10 +166,11 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Panels [first, last) of `w` ([K, N], or [N, K] when `transposed`), reading `w` in rows.
 void PackPanels(const float* w, float* panels, int64_t k, int64_t n, bool transposed,
                 int64_t first, int64_t last) {
-  for (int64_t p = first; p < last; ++p) {  // the padding past column n
-    const int64_t columns = std::min(kPanel, n - p * kPanel);
-    for (int64_t i = 0; columns < kPanel && i < k; ++i) {
-      std::fill(panels + (p * k + i) * kPanel + columns, panels + (p * k + i + 1) * kPanel, 0.0f);
+  const int64_t columns = n - (last - 1) * kPanel;  // in the last panel; the others are full
+  if (last * kPanel > n) {  // zero the padding past column n
+    for (int64_t i = 0; i < k; ++i) {
+      float* row = panels + ((last - 1) * k + i) * kPanel;
+      std::fill(row + columns, row + kPanel, 0.0f);
     }
   }
   if (transposed) {  // row j of w is column j % 32 of panel j / 32; 64 rows of a panel at a time

@@ -93,21 +93,20 @@ def packed_matrices(params: Any) -> dict[str, Any]:
         attn, mlp = block["attn"], block["mlp"]
         d = attn["q"].shape[0]
         packed[name] = {
-            "attn": {"q": cpu_kernels.pack(attn["q"].reshape(d, -1)),
-                     "k": cpu_kernels.pack(attn["k"].reshape(d, -1)),
-                     "v": cpu_kernels.pack(attn["v"].reshape(d, -1)),
+            "attn": {**{key: cpu_kernels.pack(attn[key].reshape(d, -1)) for key in "qkv"},
                      "o": cpu_kernels.pack(attn["o"].reshape(-1, d))},
             "mlp": {key: cpu_kernels.pack(mlp[key]) for key in ("gate", "up", "down")},
         }
     return packed
 
 
-def _dense(module, name, x_MK, w_KN):
-    """`x_MK @ w_KN`, or the packed CPU kernel's where the caller passed `name` packed
-    (`packed_matrices`)."""
-    if module.has_variable("packed", name):
-        return cpu_kernels.matmul(x_MK, module.get_variable("packed", name)).astype(x_MK.dtype)
-    return x_MK @ w_KN
+def _dense(module, names, x_MK, ws_KN):
+    """`[x_MK @ w for w in ws_KN]`, or the packed CPU kernel's in one call where the caller
+    passed the matrices `names` packed (`packed_matrices`)."""
+    if module.has_variable("packed", names[0]):
+        packed = [module.get_variable("packed", name) for name in names]
+        return [y.astype(x_MK.dtype) for y in cpu_kernels.matmuls(x_MK, packed)]
+    return [x_MK @ w for w in ws_KN]
 
 
 class RMSNorm(nn.Module):
@@ -185,15 +184,15 @@ class Attention(nn.Module):
         first = 0 if keep is None else t - keep  # the first query token
         x_MD = x_BTD.reshape(b * t, d)  # token-major 2-D matmuls: much faster on XLA:CPU
         tq = t - first
-        if self.has_variable("packed", "q"):  # one kernel call for the three (`_dense`)
-            q, key, value = cpu_kernels.matmuls(
-                x_MD, [self.get_variable("packed", name) for name in ("q", "k", "v")])
-            q = q.astype(dt).reshape(b, t, n, h)[:, first:]
+        if self.has_variable("packed", "q"):  # one kernel call for the three, on every row
+            q, key, value = _dense(self, ["q", "k", "v"], x_MD,
+                                   [w.astype(dt).reshape(d, -1) for w in (q_w, k_w, v_w)])
+            q = q.reshape(b, t, n, h)[:, first:]
         else:
             q = (x_BTD[:, first:].reshape(b * tq, d) @ q_w.astype(dt).reshape(d, n * h))
             key, value = (x_MD @ w.astype(dt).reshape(d, k * h) for w in (k_w, v_w))
         q = q.reshape(b, tq, n, h)
-        key, value = (x.astype(dt).reshape(b, t, k, h) for x in (key, value))
+        key, value = (x.reshape(b, t, k, h) for x in (key, value))
         if cfg.use_qk_norm:
             q = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q)
             key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
@@ -231,7 +230,7 @@ class Attention(nn.Module):
         out = jnp.einsum(f"{heads}MS,{heads}SH->{heads}MH", probs, value.astype(dt))
         out = out.reshape(b, k, g, tq, h)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b * tq, n * h)
-        out = _dense(self, "o", out, o_w.astype(dt).reshape(n * h, d))
+        (out,) = _dense(self, ["o"], out, [o_w.astype(dt).reshape(n * h, d)])
         return out.reshape(b, tq, d), new_cache
 
 
@@ -246,14 +245,10 @@ class MLP(nn.Module):
         up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
         x_ND = x_BTD.reshape(-1, d)
-        if self.has_variable("packed", "gate"):  # one kernel call for the two (`_dense`)
-            gated, linear = cpu_kernels.matmuls(
-                x_ND, [self.get_variable("packed", name) for name in ("gate", "up")])
-            gated, linear = gated.astype(dt), linear.astype(dt)
-        else:
-            gated, linear = x_ND @ gate.astype(dt), x_ND @ up.astype(dt)
+        gated, linear = _dense(self, ["gate", "up"], x_ND, [gate.astype(dt), up.astype(dt)])
         hidden = jax.nn.gelu(gated, approximate=True) * linear
-        return _dense(self, "down", hidden, down.astype(dt)).reshape(x_BTD.shape)
+        (out,) = _dense(self, ["down"], hidden, [down.astype(dt)])
+        return out.reshape(x_BTD.shape)
 
 
 class Block(nn.Module):
@@ -315,7 +310,7 @@ class Gemma(nn.Module):
         x, embedding, cache = decode(self, tokens, positions, attention_mask, cache,
                                      keep=logits_to_keep, max_position=max_position)
         b, t, d = x.shape
-        logits = _dense(self, "output", x.reshape(b * t, d), embedding.T)
+        (logits,) = _dense(self, ["output"], x.reshape(b * t, d), [embedding.T])
         logits = logits.reshape(b, t, -1).astype(jnp.float32)
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
