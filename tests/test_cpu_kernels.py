@@ -1,4 +1,4 @@
-"""The packed CPU matmul against numpy, and Gemma with it against Gemma without it."""
+"""The packed CPU matmul and GeGLU against numpy, and Gemma with it against Gemma without it."""
 
 import dataclasses
 import os
@@ -93,6 +93,52 @@ def test_several_matrices_in_one_call():
         np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
 
 
+def _gelu_tanh(g):
+    """The tanh GELU (transformers' `gelu_pytorch_tanh`), in float64, as `g / (1 + exp(-2y))`:
+    `0.5 g (1 + tanh(y))` loses its digits to cancellation far below zero."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return g / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+
+
+@pytest.fixture(scope="module")
+def geglu():
+    return jax.jit(lambda x, gate, up: cpu_kernels.geglu(x, cpu_kernels.pack(gate),
+                                                         cpu_kernels.pack(up)))
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 19), k=st.integers(1, 70), f=st.integers(1, 100),
+       seed=st.integers(0, 2**16))
+def test_geglu_equals_numpy(geglu, m, k, f, seed):
+    """gelu(x @ gate) * (x @ up) against float64 numpy, around the 8-row tiles and 32-column
+    panels; the pre-activations spread over [-6, 6] and beyond, where the GELU bends."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    gate, up = (rng.standard_normal((k, f)).astype(np.float32) * 3 / np.sqrt(k) for _ in "gu")
+    got = geglu(x, gate, up)
+    x64 = x.astype(np.float64)
+    assert got.shape == (m, f) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _gelu_tanh(x64 @ gate) * (x64 @ up), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_geglu_edges_and_threads(geglu):
+    """The 100M model's MLP shape (above the threading threshold); saturated pre-activations
+    (the GELU is 0 far below zero and the identity far above), NaN and inf passed through."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 768)).astype(np.float32)
+    gate, up = (rng.standard_normal((768, 3072)).astype(np.float32) / 20 for _ in "gu")
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(geglu(x, gate, up), _gelu_tanh(x64 @ gate) * (x64 @ up),
+                               rtol=1e-4, atol=1e-5)
+    g = np.array([[-1e20, -50.0, -10.0, -3.0, 0.0, 3.0, 50.0, 1e20, np.nan, np.inf]], np.float32)
+    got = np.asarray(geglu(g.T, np.ones((1, 1), np.float32), np.ones((1, 1), np.float32)))[:, 0]
+    with np.errstate(over="ignore"):  # 1e40 is inf in float32, as in the kernel
+        want = (_gelu_tanh(g[0].astype(np.float64)) * g[0]).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
+
+
 @needs_kernel
 def test_pack_lays_out_panels_of_32_columns():
     w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)
@@ -112,6 +158,10 @@ def test_bad_shapes():
         cpu_kernels.matmul(jnp.ones((2, 3)), packed)
     with pytest.raises(ValueError, match="pack expects a matrix"):
         cpu_kernels.pack(jnp.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="geglu expects x"):
+        cpu_kernels.geglu(jnp.ones((2, 4)), packed, cpu_kernels.pack(jnp.ones((4, 6))))
+    with pytest.raises(ValueError, match="geglu expects x"):
+        cpu_kernels.geglu(jnp.ones((2, 3)), packed, packed)
 
 
 @needs_kernel

@@ -163,6 +163,73 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// exp of 16 floats: Cephes' expf polynomial after the reduction x = n ln 2 + r, |r| <= ln 2 / 2,
+// scaled by 2^n with scalef (exp of -inf and of very negative x is 0).
+__m512 Exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU, tanh approximation, of 16 floats: 0.5 g (1 + tanh(y)) = g / (1 + exp(-2y)) with
+// y = sqrt(2 / pi) (g + 0.044715 g^3); 0 where y < -44 (NaN stays NaN), past which exp(-2y)
+// saturates (the true value is below float32's smallest normal there).
+__m512 GeluTanh16(__m512 g) {
+  const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+  const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
+                                 _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+  const __m512 e = Exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), y));
+  const __mmask16 live = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-44.0f), _CMP_NLT_UQ);
+  return _mm512_maskz_div_ps(live, g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// hidden[M, F] = gelu_tanh(x @ gate) * (x @ up), Gemma's GeGLU, on packed gate and up: both
+// tiles of a panel are computed, then combined, so neither product is written out.
+ffi::Error PackedGeglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate,
+                       ffi::Buffer<ffi::F32> up, ffi::ResultBuffer<ffi::F32> hidden) {
+  const auto xd = x.dimensions(), gd = gate.dimensions(), ud = up.dimensions(),
+             hd = hidden->dimensions();
+  if (xd.size() != 2 || gd.size() != 3 || hd.size() != 2 || gd[2] != kPanel ||
+      gd[1] != xd[1] || hd[0] != xd[0] || gd[0] != (hd[1] + kPanel - 1) / kPanel ||
+      ud.size() != 3 || ud[0] != gd[0] || ud[1] != gd[1] || ud[2] != gd[2]) {
+    return ffi::Error::InvalidArgument(
+        "packed_geglu expects x [M, K], gate and up panels [ceil(F / 32), K, 32], hidden [M, F]");
+  }
+  const int64_t m = xd[0], k = xd[1], f = hd[1];
+  const float *xs = x.typed_data(), *gs = gate.typed_data(), *us = up.typed_data();
+  float* h = hidden->typed_data();
+  ForPanels(pool, gd[0], 2 * m * k * f, [=](int64_t first, int64_t last) {
+    alignas(64) float g_tile[kRows * kPanel], u_tile[kRows * kPanel];
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t left = f - p * kPanel;
+      const __mmask16 masks[2] = {ColumnMask(left), ColumnMask(left - 16)};
+      for (int64_t r = 0; r < m; r += kRows) {
+        const int64_t rows = std::min(kRows, m - r);
+        kMicroKernels[rows](xs + r * k, k, gs + p * k * kPanel, g_tile, kPanel, 0xFFFF, 0xFFFF);
+        kMicroKernels[rows](xs + r * k, k, us + p * k * kPanel, u_tile, kPanel, 0xFFFF, 0xFFFF);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int half = 0; half < 2; ++half) {
+            const int64_t c = i * kPanel + 16 * half;
+            const __m512 out = _mm512_mul_ps(GeluTanh16(_mm512_load_ps(g_tile + c)),
+                                             _mm512_load_ps(u_tile + c));
+            _mm512_mask_storeu_ps(h + (r + i) * f + p * kPanel + 16 * half, masks[half], out);
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Panels [first, last) of `w` ([K, N], or [N, K] when `transposed`), reading `w` in rows.
 void PackPanels(const float* w, float* panels, int64_t k, int64_t n, bool transposed,
                 int64_t first, int64_t last) {
@@ -212,23 +279,6 @@ ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer
     PackPanels(src, dst, k, n, transposed, first, last);
   });
   return ffi::Error::Success();
-}
-
-// exp of 16 floats: Cephes' expf polynomial after the reduction x = n ln 2 + r, |r| <= ln 2 / 2,
-// scaled by 2^n with scalef (exp of -inf and of very negative x is 0).
-__m512 Exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                        5.0000001201e-1f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  }
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 constexpr int64_t kDrawBlock = 128;  // tokens per block of the two-level inverse CDF
@@ -320,6 +370,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedGeglu, PackedGeglu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPack, Pack,
                               ffi::Ffi::Bind()
