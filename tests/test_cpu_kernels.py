@@ -1,6 +1,8 @@
-"""The packed CPU matmul and GeGLU against numpy, and Gemma with it against Gemma without it."""
+"""The CPU kernels (packed matmul, GeGLU, decode attention) against numpy, and Gemma with them
+against Gemma without them."""
 
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -139,6 +141,65 @@ def test_geglu_edges_and_threads(geglu):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
 
 
+def _attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, softcap):
+    """The decode step's attention in float64 numpy: caches written at `slot`, grouped query
+    heads, soft-cap, masked softmax (masked scores at the model's finite minimum)."""
+    b, n, h = q.shape
+    k, s = k_new.shape[1], mask.shape[1]
+    keys, values = k_cache.reshape(b, k, h, s).copy(), v_cache.reshape(b, k, s, h).copy()
+    keys[..., slot], values[:, :, slot] = k_new, v_new
+    scores = np.einsum("bkgh,bkhs->bkgs", q.reshape(b, k, n // k, h).astype(np.float64), keys)
+    if softcap:
+        scores = np.tanh(scores / softcap) * softcap
+    scores = np.where(mask[:, None, None], scores, -2.3819763e38)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bkgs,bksh->bkgh", probs, values).reshape(b, n, h)
+    return out, keys.reshape(k_cache.shape), values.reshape(v_cache.shape)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 5), k=st.integers(1, 3), g=st.integers(1, 3), h=st.integers(1, 40),
+       s=st.integers(1, 40), data=st.data(), softcap=st.sampled_from([None, 5.0]),
+       seed=st.integers(0, 2**16))
+def test_decode_attention_equals_numpy(b, k, g, h, s, data, softcap, seed):
+    """Any KV-head grouping (caches without the K axis when K = 1, as the model keeps them),
+    slot and mask, including a row with no allowed slot (a uniform softmax, as XLA's); the
+    caches come back with the new key and value written and nothing else changed."""
+    slot = data.draw(st.integers(0, s - 1))
+    rng = np.random.default_rng(seed)
+    n = k * g
+    q = rng.standard_normal((b, n, h)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((b, k, h)).astype(np.float32) for _ in "kv")
+    lead = (b,) if k == 1 else (b, k)
+    k_cache = rng.standard_normal((*lead, h, s)).astype(np.float32)
+    v_cache = rng.standard_normal((*lead, s, h)).astype(np.float32)
+    mask = (rng.random((b, s)) < 0.7) & (np.arange(s) <= slot)
+    mask[0] = False
+    got = jax.jit(functools.partial(cpu_kernels.decode_attention, softcap=softcap))(
+        q, k_new, v_new, k_cache, v_cache, mask, slot)
+    want = _attention_reference(q, k_new, v_new, k_cache, v_cache, mask, slot, softcap)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for cache, expected in zip(got[1:], want[1:], strict=True):
+        assert cache.shape == expected.shape
+        np.testing.assert_array_equal(cache, expected)
+
+
+@needs_kernel
+def test_decode_attention_bad_inputs():
+    q, kv, mask = jnp.ones((2, 4, 8)), jnp.ones((2, 1, 8)), jnp.ones((2, 16), bool)
+    caches = jnp.ones((2, 8, 16)), jnp.ones((2, 16, 8))
+    with pytest.raises(ValueError, match="decode_attention expects"):
+        cpu_kernels.decode_attention(q, jnp.ones((2, 3, 8)), jnp.ones((2, 3, 8)), *caches,
+                                     mask, 0)
+    with pytest.raises(ValueError, match="decode_attention expects"):
+        cpu_kernels.decode_attention(q, kv, kv, caches[1], caches[0], mask, 0)
+    with pytest.raises(ValueError, match="float32 caches"):
+        cpu_kernels.decode_attention(q, kv, kv, *(c.astype(jnp.bfloat16) for c in caches),
+                                     mask, 0)
+
+
 @needs_kernel
 def test_pack_lays_out_panels_of_32_columns():
     w = np.arange(3 * 40, dtype=np.float32).reshape(3, 40)
@@ -180,6 +241,13 @@ def test_gemma_with_packed_matrices_equals_gemma(preset):
                                rtol=1e-4, atol=1e-4)
     cache = init_cache(cfg, 3, 8)
     (got, got_cache), (want, want_cache) = (apply(v, tokens, cache=cache) for v in (packed, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 got_cache, want_cache)
+    # A decode step (one token per row, the attention in `decode_attention`) after the prompt.
+    step = tokens[:, :1]
+    (got, got_cache), (want, want_cache) = (apply(v, step, cache=c)
+                                            for v, c in ((packed, got_cache), (plain, want_cache)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                  got_cache, want_cache)

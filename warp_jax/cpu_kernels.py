@@ -39,11 +39,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 PANEL = 32  # output columns per packed panel (csrc/packed_matmul.cc's kPanel)
 _SOURCE = Path(__file__).with_name("csrc") / "packed_matmul.cc"
 _MATMUL, _GEGLU = "warp_jax_packed_matmul", "warp_jax_packed_geglu"
-_PACK, _DRAW = "warp_jax_pack", "warp_jax_draw"
+_PACK, _DRAW, _ATTEND = "warp_jax_pack", "warp_jax_draw", "warp_jax_decode_attention"
 
 
 @flax.struct.dataclass
@@ -101,6 +102,46 @@ def geglu(x_MK: jax.Array, gate: PackedMatrix, up: PackedMatrix) -> jax.Array:
     return call(x_MK.astype(jnp.float32), gate.panels, up.panels)
 
 
+def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, mask_BS: jax.Array, slot: jax.Array,
+                     softcap: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention, in one call: writes the new keys and values at `slot` of
+    the caches, then each query head attends to the slots `mask_BS` allows (at most `slot`:
+    causal), with Gemma 2's soft-cap of the scores if given. Returns `(out_BNH, k_cache,
+    v_cache)`, the caches updated in place (their buffers are the call's outputs, so XLA
+    copies nothing when the caller passes them on, as a decode loop does).
+
+    q `[B, N, H]` (scaled and rotated), new keys and values `[B, K, H]` (K divides N: query
+    head n attends with KV head n // (N / K)), key cache `[B, K, H, S]` (slots last), value
+    cache `[B, K, S, H]` (both without the K axis when K = 1, as `gemma.init_cache` lays them
+    out), mask bool `[B, S]`, slot an int scalar. A row with no allowed slot gets a uniform
+    softmax over all S slots, as XLA's masked softmax gives. Only the slots up to `slot` are
+    read: XLA's attention reads all S."""
+    _check_available()
+    b, n, h = q_BNH.shape
+    k = k_BKH.shape[1] if k_BKH.ndim == 3 else 0
+    cache_shapes = ((b, h, k_cache.shape[-1]), (b, k_cache.shape[-1], h)) if k == 1 else (
+        (b, k, h, k_cache.shape[-1]), (b, k, k_cache.shape[-1], h))
+    s = k_cache.shape[-1]
+    if (k == 0 or n % k or k_BKH.shape != (b, k, h) or v_BKH.shape != (b, k, h)
+            or (k_cache.shape, v_cache.shape) != cache_shapes or mask_BS.shape != (b, s)):
+        raise ValueError(
+            f"decode_attention expects q [B, N, H], new keys and values [B, K, H], caches "
+            f"[B, K, H, S] and [B, K, S, H] (no K axis when K = 1) and mask [B, S], got q "
+            f"{q_BNH.shape}, keys {k_BKH.shape}, values {v_BKH.shape}, caches {k_cache.shape} "
+            f"and {v_cache.shape}, mask {mask_BS.shape}")
+    if k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
+        raise ValueError(f"decode_attention needs float32 caches, got {k_cache.dtype}")
+    f32 = jnp.float32
+    outs = (jax.ShapeDtypeStruct((b, n, h), f32), jax.ShapeDtypeStruct(k_cache.shape, f32),
+            jax.ShapeDtypeStruct(v_cache.shape, f32))
+    call = jax.ffi.ffi_call(_ATTEND, outs, vmap_method="sequential",
+                            input_output_aliases={3: 1, 4: 2})
+    return call(q_BNH.astype(f32), k_BKH.astype(f32), v_BKH.astype(f32), k_cache, v_cache,
+                mask_BS.astype(bool), jnp.asarray(slot, jnp.int32),
+                softcap=np.float32(softcap or 0.0))
+
+
 def draw(uniforms_B: jax.Array, logits_BV: jax.Array,
          scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
     """One token per row from `softmax(logits * scale)` given one U[0, 1) draw per row, and its
@@ -147,7 +188,8 @@ def unavailable_reason() -> str | None:
         return f"compiling {_SOURCE.name} with {compiler} failed: {str(detail).strip()[-2000:]}"
     for target, handler in ((_MATMUL, library.WarpJaxPackedMatmul),
                             (_GEGLU, library.WarpJaxPackedGeglu), (_PACK, library.WarpJaxPack),
-                            (_DRAW, library.WarpJaxDraw)):
+                            (_DRAW, library.WarpJaxDraw),
+                            (_ATTEND, library.WarpJaxDecodeAttention)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return None
 

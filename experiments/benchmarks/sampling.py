@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import transformers
 
+from experiments.benchmarks._machine import device_description
 from warp_jax import cpu_kernels, host, sampling
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
@@ -230,12 +231,14 @@ def main() -> None:
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(args.dtype), _copy_bandwidth()
     cpu_kernel = CPU_KERNEL[args.cpu_kernel]
-    if cpu_kernel is not False:
+    if jax.default_backend() != "cpu":
+        kernel_note = f"packed CPU matmul: not used on {jax.default_backend()}"
+    elif cpu_kernel is not False:
         reason = cpu_kernels.unavailable_reason()
         kernel_note = f"packed CPU matmul: {'unavailable, ' + reason if reason else 'built'}"
     else:
         kernel_note = "packed CPU matmul: off"
-    print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+    print(f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}")
     print(f"measured: {args.dtype} matmul {peak / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f}"

@@ -33,6 +33,7 @@ import optax
 import torch
 import transformers
 
+from experiments.benchmarks._machine import device_description
 from experiments.benchmarks.sampling import (
     _add_device_flag,
     _add_malloc_flag,
@@ -185,7 +186,7 @@ def main() -> None:
     device = _torch_device(args)
     torch.manual_seed(0)
     peak = _matmul_flops()
-    print(f"JAX {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+    print(f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} "
           f"GFLOP/s; {PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")

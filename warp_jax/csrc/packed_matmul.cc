@@ -281,6 +281,121 @@ ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
+// tanh of 16 floats: 1 - 2 / (exp(2x) + 1) (exp saturates to +-1 past |x| = 44).
+__m512 Tanh16(__m512 x) {
+  const __m512 e = Exp16(_mm512_add_ps(x, x));
+  return _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                       _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+}
+
+constexpr float kMasked = -2.3819763e38f;  // gemma/model.py's _MASKED
+
+// One decode step of attention for one row and one KV head: writes the new key and value at
+// `slot` of the caches (keys [H, S], slots last; values [S, H]), then the G query heads
+// grouped with the KV head attend to slots [0, slot] allowed by `mask` (later slots are never
+// allowed: causal). `scores` holds S floats.
+void AttendOne(const float* q, const float* k_new, const float* v_new, float* keys,
+               float* values, const bool* mask, int64_t g_heads, int64_t h, int64_t s,
+               int64_t slot, float softcap, float* scores, float* out) {
+  for (int64_t i = 0; i < h; ++i) {
+    keys[i * s + slot] = k_new[i];
+    values[slot * h + i] = v_new[i];
+  }
+  int64_t end = slot + 1;
+  bool any = false;
+  for (int64_t j = 0; j < end; ++j) any |= mask[j];
+  if (!any) end = s;  // no slot allowed: every score masked, a uniform softmax as in XLA
+  for (int64_t g = 0; g < g_heads; ++g) {
+    const float* qg = q + g * h;
+    __m512 top16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < end; j += 16) {
+      const __mmask16 in = ColumnMask(end - j);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < h; ++i) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(qg[i]), _mm512_maskz_loadu_ps(in, keys + i * s + j),
+                              acc);
+      }
+      if (softcap > 0.0f) {
+        acc = _mm512_mul_ps(Tanh16(_mm512_div_ps(acc, _mm512_set1_ps(softcap))),
+                            _mm512_set1_ps(softcap));
+      }
+      __mmask16 allowed = 0;
+      for (int64_t c = 0; c < 16 && j + c < end; ++c) {
+        allowed |= static_cast<__mmask16>(mask[j + c]) << c;
+      }
+      acc = _mm512_mask_blend_ps(allowed, _mm512_set1_ps(kMasked), acc);
+      _mm512_mask_storeu_ps(scores + j, in, acc);
+      top16 = _mm512_mask_max_ps(top16, in, top16, acc);
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+    __m512 sum16 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < end; j += 16) {
+      const __mmask16 in = ColumnMask(end - j);
+      const __m512 e = _mm512_maskz_mov_ps(
+          in, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, scores + j), top)));
+      _mm512_mask_storeu_ps(scores + j, in, e);
+      sum16 = _mm512_add_ps(sum16, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum16);
+    float* og = out + g * h;
+    for (int64_t i = 0; i < h; i += 16) {
+      const __mmask16 in = ColumnMask(h - i);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < end; ++j) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]),
+                              _mm512_maskz_loadu_ps(in, values + j * h + i), acc);
+      }
+      _mm512_mask_storeu_ps(og + i, in, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+    }
+  }
+}
+
+// A decode step's attention (one new token per row), the KV caches updated in place (they are
+// aliased to the last two results): q [B, N, H] (scaled and rotated), the new keys and values
+// [B, K, H], caches keys [B, K, H, S] and values [B, K, S, H], mask [B, S] (the slots each row
+// may attend to), the new token's slot (a scalar); out [B, N, H]. Gemma 2's soft-cap of the
+// scores when `softcap` > 0.
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                           ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> slot_buffer,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> keys,
+                           ffi::ResultBuffer<ffi::F32> values, float softcap) {
+  const auto qd = q.dimensions(), kd = keys->dimensions(), vd = values->dimensions();
+  // Caches of one KV head may come without their K axis (an axis of 1 in XLA's loop state
+  // makes it copy the caches): [B, H, S] and [B, S, H].
+  const bool ranks = qd.size() == 3 && kd.size() == vd.size() && (kd.size() == 3 || kd.size() == 4);
+  const int64_t b = ranks ? qd[0] : 0, n = ranks ? qd[1] : 0, h = ranks ? qd[2] : 0;
+  const int64_t k = !ranks ? 0 : kd.size() == 4 ? kd[1] : 1, s = ranks ? kd.back() : 0;
+  const int64_t r = ranks ? kd.size() - 4 : 0;  // -1 without the K axis
+  if (!ranks || k == 0 || n % k != 0 || kd[0] != b || kd[2 + r] != h || vd[0] != b ||
+      (r == 0 && vd[1] != k) || vd[2 + r] != s || vd[3 + r] != h ||
+      k_new.element_count() != static_cast<size_t>(b * k * h) ||
+      v_new.element_count() != static_cast<size_t>(b * k * h) ||
+      mask.element_count() != static_cast<size_t>(b * s) || slot_buffer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention expects q [B, N, H], new keys and values [B, K, H], caches [B, K, H, "
+        "S] and [B, K, S, H] (or [B, H, S] and [B, S, H]), mask [B, S] and a scalar slot");
+  }
+  const int64_t slot = *slot_buffer.typed_data();
+  if (slot < 0 || slot >= s) {
+    return ffi::Error::InvalidArgument("decode_attention: the slot is outside the cache");
+  }
+  const float *qs = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  const bool* m = mask.typed_data();
+  float *o = out->typed_data(), *kc = keys->typed_data(), *vc = values->typed_data();
+  const int64_t g = n / k;
+  ForPanels(pool, b * k, b * n * s * h * 2, [=](int64_t first, int64_t last) {
+    std::vector<float> scores(s);
+    for (int64_t item = first; item < last; ++item) {  // item = row * K + KV head
+      AttendOne(qs + item * g * h, kn + item * h, vn + item * h, kc + item * h * s,
+                vc + item * s * h, m + (item / k) * s, g, h, s, slot, softcap, scores.data(),
+                o + item * g * h);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 constexpr int64_t kDrawBlock = 128;  // tokens per block of the two-level inverse CDF
 
 // The first index of `mass[0, n)` at which `before` plus the running sum exceeds `target`,
@@ -378,6 +493,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPackedGeglu, PackedGeglu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WarpJaxPack, Pack,
                               ffi::Ffi::Bind()

@@ -198,6 +198,19 @@ class Attention(nn.Module):
             key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
         q = apply_rope(q, *(table[:, first:] for table in rope))
         key = apply_rope(key, *rope)
+        slots_S, query_slots = jnp.arange(key_mask_BS.shape[1]), slots_T[first:]
+        allowed_TS = slots_S[None, :] <= query_slots[:, None]
+        if self.attention_type == "local":
+            allowed_TS &= query_slots[:, None] - slots_S[None, :] < cfg.sliding_window
+        mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
+        if cache is not None and t == 1 and self.has_variable("packed", "q"):
+            # A decode step on packed weights: the cache update and the attention in one call.
+            out, key, value = cpu_kernels.decode_attention(
+                (q * cfg.query_scale).reshape(b, n, h), key.reshape(b, k, h),
+                value.reshape(b, k, h), cache["k"], cache["v"], mask_BTS[:, 0], slots_T[0],
+                cfg.attn_logit_softcap)
+            (out,) = _dense(self, ["o"], out.astype(dt).reshape(b, n * h), [])
+            return out.reshape(b, 1, d), {"k": key, "v": value}
 
         # [B, K, H, T] keys and [B, K, T, H] values, without the K axis when K = 1.
         key = key.transpose(0, 2, 3, 1).reshape(b, *_kv_heads(k), h, t)
@@ -210,11 +223,6 @@ class Attention(nn.Module):
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
                                                  (*lead, slots_T[0], 0))
             new_cache = {"k": key, "v": value}
-        slots_S, slots_T = jnp.arange(key.shape[-1]), slots_T[first:]
-        allowed_TS = slots_S[None, :] <= slots_T[:, None]
-        if self.attention_type == "local":
-            allowed_TS &= slots_T[:, None] - slots_S[None, :] < cfg.sliding_window
-        mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
 
         # Head-major batched matmuls, the G query heads of a KV head stacked along the rows
         # ([B, K, G*T, H] x [B, K, H, S]): XLA:CPU runs these about twice as fast as einsums
