@@ -1,5 +1,6 @@
 """Hand-written CPU kernels for the sampler's decode loop, called from XLA through the FFI: a
-matmul on packed weights, and the token draw.
+matmul on packed weights, Gemma's GeGLU on them, a decode step's attention with its cache
+update, and the token draw.
 
 A decode step multiplies a few rows (the batch) by every weight matrix. XLA:CPU runs such
 matmuls far below what the machine allows: on the 2-core CI machine, 8 rows by a [768, 3072]
@@ -18,6 +19,8 @@ cannot, and the sampler then uses XLA's matmuls.
     y_MN = cpu_kernels.matmul(x_MK, packed)  # float32, CPU only; under vmap, one call per item
     q, k, v = cpu_kernels.matmuls(x_MD, [packed_q, packed_k, packed_v])  # one call
     hidden = cpu_kernels.geglu(x_MD, packed_gate, packed_up)  # gelu(x @ gate) * (x @ up)
+    out, k_cache, v_cache = cpu_kernels.decode_attention(q_BNH, k_BKH, v_BKH, k_cache, v_cache,
+                                                         mask_BS, slot)  # caches in place
     logits = cpu_kernels.matmul(x_MD, cpu_kernels.pack(embedding_VD, transposed=True))
     token, logp = cpu_kernels.draw(uniforms_B, logits, 1 / temperature)  # sampling._draw's draw
 """

@@ -226,6 +226,8 @@ def main() -> None:
     for flag in ("batch", "prompt", "new"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
+    if args.cpu_kernel == "on" and args.dtype != "float32":
+        parser.error("--cpu-kernel on: the packed CPU matmul computes in float32 only")
     malloc = _set_malloc(args)
     device = _torch_device(args)
     torch.manual_seed(0)
@@ -233,6 +235,8 @@ def main() -> None:
     cpu_kernel = CPU_KERNEL[args.cpu_kernel]
     if jax.default_backend() != "cpu":
         kernel_note = f"packed CPU matmul: not used on {jax.default_backend()}"
+    elif args.dtype != "float32":
+        kernel_note = f"packed CPU matmul: not used (it computes in float32, not {args.dtype})"
     elif cpu_kernel is not False:
         reason = cpu_kernels.unavailable_reason()
         kernel_note = f"packed CPU matmul: {'unavailable, ' + reason if reason else 'built'}"

@@ -6,7 +6,9 @@
 // is a contiguous stream that the micro-kernel reads once per 8 rows of x, holding the 8 x 32
 // outputs in 16 vector registers. Both split their panels into one chunk per thread of XLA's
 // intra-op pool; the calling thread takes chunks too, so a call finishes even when no pool
-// thread is free.
+// thread is free. `WarpJaxPackedGeglu` is the MLP's gelu(x @ gate) * (x @ up) on packed gate
+// and up; `WarpJaxDecodeAttention` a decode step's attention with its KV-cache update in place;
+// `WarpJaxDraw` the sampler's token draw.
 #include <immintrin.h>
 
 #include <algorithm>

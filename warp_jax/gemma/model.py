@@ -78,7 +78,9 @@ def _param(module, name, init, shape, axes, dtype):
 def packed_matrices(params: Any) -> dict[str, Any]:
     """The `"packed"` variable collection of `Gemma.apply` for `params`: every block's
     matrices and the vocabulary projection (the embedding transposed) packed for
-    `cpu_kernels.matmul`, which then runs those matmuls in place of XLA's.
+    `cpu_kernels.matmul`, which then runs those matmuls in place of XLA's. With them, each
+    MLP runs its GeGLU in `cpu_kernels.geglu`, and a decode step (one token per row, with a
+    cache) its attention and cache update in `cpu_kernels.decode_attention`.
 
     `Gemma(cfg).apply({"params": params, "packed": packed_matrices(params)}, ...)` computes
     the same function (float32, to rounding). Costs a float32 copy of the matrices; the
@@ -203,13 +205,15 @@ class Attention(nn.Module):
         if self.attention_type == "local":
             allowed_TS &= query_slots[:, None] - slots_S[None, :] < cfg.sliding_window
         mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
-        if cache is not None and t == 1 and self.has_variable("packed", "q"):
+        if (cache is not None and t == 1 and self.has_variable("packed", "q")
+                and cache["k"].dtype == cache["v"].dtype == jnp.float32):
             # A decode step on packed weights: the cache update and the attention in one call.
             out, key, value = cpu_kernels.decode_attention(
                 (q * cfg.query_scale).reshape(b, n, h), key.reshape(b, k, h),
                 value.reshape(b, k, h), cache["k"], cache["v"], mask_BTS[:, 0], slots_T[0],
                 cfg.attn_logit_softcap)
-            (out,) = _dense(self, ["o"], out.astype(dt).reshape(b, n * h), [])
+            (out,) = _dense(self, ["o"], out.astype(dt).reshape(b, n * h),
+                            [o_w.astype(dt).reshape(n * h, d)])
             return out.reshape(b, 1, d), {"k": key, "v": value}
 
         # [B, K, H, T] keys and [B, K, T, H] values, without the K axis when K = 1.
