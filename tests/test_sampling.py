@@ -211,7 +211,9 @@ def test_bfloat16_decode_loop_reads_its_matrices_in_bfloat16(setup):
     assert norm_scales <= {shape for shape, dtype in carried if dtype == "f32"}  # kept as is
 
 
-def test_sharded_equals_unsharded(setup):
+def test_sharded_equals_unsharded(setup, cpu_kernel):
+    """Params and batch sharded over the mesh; with `cpu_kernel=True` the CPU kernels run on
+    them too (XLA gathers their operands)."""
     cfg, params, tokens, mask, _ = setup
     mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
     boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
@@ -219,7 +221,8 @@ def test_sharded_equals_unsharded(setup):
     sharded_params = jax.device_put(params, shardings)
     batch = sharding.logical_sharding(("batch", None), tokens.shape, mesh)
     out = sampling.sample(sharded_params, cfg, jax.device_put(tokens, batch),
-                          jax.device_put(mask, batch), jax.random.key(3), N)
+                          jax.device_put(mask, batch), jax.random.key(3), N,
+                          cpu_kernel=cpu_kernel)
     ref = sampling.sample(params, cfg, tokens, mask, jax.random.key(3), N)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
