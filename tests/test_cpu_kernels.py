@@ -187,6 +187,27 @@ def test_decode_attention_equals_numpy(b, k, g, h, s, data, softcap, seed):
 
 
 @needs_kernel
+def test_decode_attention_under_vmap():
+    """As in WARP's vmapped runs on one device: each item's caches updated in place, each
+    item's attention its own."""
+    rng = np.random.default_rng(4)
+    runs, b, k, g, h, s = 3, 2, 2, 2, 8, 12
+    q = rng.standard_normal((runs, b, k * g, h)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((runs, b, k, h)).astype(np.float32) for _ in "kv")
+    k_cache = rng.standard_normal((runs, b, k, h, s)).astype(np.float32)
+    v_cache = rng.standard_normal((runs, b, k, s, h)).astype(np.float32)
+    mask = np.broadcast_to(np.arange(s) <= 5, (runs, b, s))
+    got = jax.jit(jax.vmap(cpu_kernels.decode_attention, in_axes=(0, 0, 0, 0, 0, 0, None)))(
+        q, k_new, v_new, k_cache, v_cache, mask, 5)
+    for run in range(runs):
+        want = _attention_reference(q[run], k_new[run], v_new[run], k_cache[run], v_cache[run],
+                                    mask[run], 5, None)
+        np.testing.assert_allclose(got[0][run], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[1][run], want[1])
+        np.testing.assert_array_equal(got[2][run], want[2])
+
+
+@needs_kernel
 def test_decode_attention_bad_inputs():
     q, kv, mask = jnp.ones((2, 4, 8)), jnp.ones((2, 1, 8)), jnp.ones((2, 16), bool)
     caches = jnp.ones((2, 8, 16)), jnp.ones((2, 16, 8))
