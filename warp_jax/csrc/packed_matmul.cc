@@ -232,37 +232,57 @@ ffi::Error PackedGeglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// Panels [first, last) of `w` ([K, N], or [N, K] when `transposed`), reading `w` in rows.
+// One panel row (32 floats) from `src`; with `stream` (dst 64-byte aligned), non-temporal
+// stores: the decode loop reads the panels long after, and stores that bypass the caches skip
+// reading each destination line first.
+inline void PutRow(float* dst, const float* src, bool stream) {
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+  if (stream) {
+    _mm512_stream_ps(dst, a);
+    _mm512_stream_ps(dst + 16, b);
+  } else {
+    _mm512_storeu_ps(dst, a);
+    _mm512_storeu_ps(dst + 16, b);
+  }
+}
+
+// Panels [first, last) of `w` ([K, N], or [N, K] when `transposed`), reading `w` in rows; the
+// last panel's columns past N are zero.
 void PackPanels(const float* w, float* panels, int64_t k, int64_t n, bool transposed,
                 int64_t first, int64_t last) {
-  const int64_t columns = n - (last - 1) * kPanel;  // in the last panel; the others are full
-  if (last * kPanel > n) {  // zero the padding past column n
-    for (int64_t i = 0; i < k; ++i) {
-      float* row = panels + ((last - 1) * k + i) * kPanel;
-      std::fill(row + columns, row + kPanel, 0.0f);
-    }
-  }
-  if (transposed) {  // row j of w is column j % 32 of panel j / 32; 64 rows of a panel at a time
+  const bool stream = reinterpret_cast<uintptr_t>(panels) % 64 == 0;
+  if (transposed) {  // row j of w is column j % 32 of panel j / 32: 64 rows of a panel at a time
     constexpr int64_t kBlock = 64;
+    alignas(64) float tile[kBlock * kPanel];
     for (int64_t p = first; p < last; ++p) {
       const int64_t columns = std::min(kPanel, n - p * kPanel);
+      if (columns < kPanel) std::fill(tile, tile + kBlock * kPanel, 0.0f);
       for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
-        const int64_t i1 = std::min(k, i0 + kBlock);
+        const int64_t rows = std::min(kBlock, k - i0);
         for (int64_t c = 0; c < columns; ++c) {
-          const float* row = w + (p * kPanel + c) * k;
-          float* column = panels + p * k * kPanel + c;
-          for (int64_t i = i0; i < i1; ++i) column[i * kPanel] = row[i];
+          const float* row = w + (p * kPanel + c) * k + i0;
+          for (int64_t i = 0; i < rows; ++i) tile[i * kPanel + c] = row[i];
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          PutRow(panels + (p * k + i0 + i) * kPanel, tile + i * kPanel, stream);
         }
       }
     }
-    return;
-  }
-  for (int64_t i = 0; i < k; ++i) {  // row i of w is row i of every panel
-    for (int64_t p = first; p < last; ++p) {
-      std::copy_n(w + i * n + p * kPanel, std::min(kPanel, n - p * kPanel),
-                  panels + (p * k + i) * kPanel);
+  } else {
+    for (int64_t i = 0; i < k; ++i) {  // row i of w is row i of every panel
+      for (int64_t p = first; p < last; ++p) {
+        const int64_t columns = std::min(kPanel, n - p * kPanel);
+        const float* src = w + i * n + p * kPanel;
+        float* dst = panels + (p * k + i) * kPanel;
+        if (columns == kPanel) {
+          PutRow(dst, src, stream);
+        } else {
+          std::fill(std::copy_n(src, columns, dst), dst + kPanel, 0.0f);
+        }
+      }
     }
   }
+  if (stream) _mm_sfence();  // the streamed rows are visible before the chunk counts as done
 }
 
 ffi::Error Pack(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> panels,
