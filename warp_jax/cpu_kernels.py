@@ -121,13 +121,12 @@ def decode_attention(q_BNH: jax.Array, k_BKH: jax.Array, v_BKH: jax.Array, k_cac
     softmax over all S slots, as XLA's masked softmax gives. Only the slots up to `slot` are
     read: XLA's attention reads all S."""
     _check_available()
-    b, n, h = q_BNH.shape
-    k = k_BKH.shape[1] if k_BKH.ndim == 3 else 0
-    cache_shapes = ((b, h, k_cache.shape[-1]), (b, k_cache.shape[-1], h)) if k == 1 else (
-        (b, k, h, k_cache.shape[-1]), (b, k, k_cache.shape[-1], h))
-    s = k_cache.shape[-1]
+    b, n, h = q_BNH.shape if q_BNH.ndim == 3 else (0, 0, 0)
+    k, s = (k_BKH.shape[1] if k_BKH.ndim == 3 else 0), k_cache.shape[-1]
+    lead = (b,) if k == 1 else (b, k)  # the caches of one KV head have no K axis
     if (k == 0 or n % k or k_BKH.shape != (b, k, h) or v_BKH.shape != (b, k, h)
-            or (k_cache.shape, v_cache.shape) != cache_shapes or mask_BS.shape != (b, s)):
+            or (k_cache.shape, v_cache.shape) != ((*lead, h, s), (*lead, s, h))
+            or mask_BS.shape != (b, s)):
         raise ValueError(
             f"decode_attention expects q [B, N, H], new keys and values [B, K, H], caches "
             f"[B, K, H, S] and [B, K, S, H] (no K axis when K = 1) and mask [B, S], got q "

@@ -10,7 +10,8 @@ Log-probabilities are those of the distribution each token was drawn from: `log_
 Greedy decoding (`temperature=0`) returns the untempered `log_softmax(logits)` of the argmax.
 Weight matrices wider than the compute dtype (`cfg.dtype`) are cast to it once per call, before
 the decode loop, so that each step reads them at the compute dtype's width. On one CPU device
-the matmuls and the token draw run in `warp_jax.cpu_kernels` (`sample`'s `cpu_kernel`).
+the matmuls, the GeGLU, the decode steps' attention and the token draw run in
+`warp_jax.cpu_kernels` (`sample`'s `cpu_kernel`).
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
       eos_id: a token id in `[0, vocab_size)`, or several (instruction-tuned Gemmas end a
         turn with `<end_of_turn>`, as their `generation_config.eos_token_id` lists): a row
         stops after emitting one (None: never stops early). One compile per number of ids.
-      cpu_kernel: run the matmuls and the token draw with `warp_jax.cpu_kernels` (the
-        matmuls at about twice XLA:CPU's speed; the weights are packed once per call, a
-        float32 copy of the matrices). None: where JAX runs on one CPU device, `cfg.dtype`
-        is float32 and the kernel is available. True raises `ValueError` where it cannot
-        run. With arrays sharded over several devices it would gather them at every step:
+      cpu_kernel: run the matmuls, the GeGLU, the decode steps' attention and the token draw
+        with `warp_jax.cpu_kernels` (the matmuls at about twice XLA:CPU's speed; the weights
+        are packed once per call, a float32 copy of the matrices). None: where JAX runs on
+        one CPU device, `cfg.dtype` is float32 and the kernels are available
+        (`cpu_kernel_unavailable_reason`). True raises `ValueError` where they cannot run.
+        With arrays sharded over several devices XLA gathers their operands at every step:
         leave it off.
 
     Returns:
@@ -126,18 +128,23 @@ def sample(params: Any, cfg: GemmaConfig, prompt_tokens: jax.Array, prompt_mask:
                    use_top_p=use_top_p, cpu_kernel=cpu_kernel)
 
 
+def cpu_kernel_unavailable_reason(dtype: Any) -> str | None:
+    """Why `sample` cannot run `warp_jax.cpu_kernels` here for compute dtype `dtype`
+    (`cfg.dtype`), or None where it can."""
+    if jax.default_backend() != "cpu":
+        return f"JAX runs on {jax.default_backend()}, not the CPU"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it computes in float32 and cfg.dtype is {jnp.dtype(dtype)}"
+    return cpu_kernels.unavailable_reason()
+
+
 def _use_cpu_kernel(requested: bool | None, cfg: GemmaConfig) -> bool:
-    """Whether the decode loop uses the packed CPU matmul (`sample`'s `cpu_kernel`)."""
+    """Whether the decode loop uses the CPU kernels (`sample`'s `cpu_kernel`)."""
     if requested is not None and not isinstance(requested, bool):
         raise ValueError(f"cpu_kernel must be True, False or None, got {requested!r}")
     if requested is False:
         return False
-    if jax.default_backend() != "cpu":
-        why_not = f"JAX runs on {jax.default_backend()}, not the CPU"
-    elif jnp.dtype(cfg.dtype) != jnp.float32:
-        why_not = f"it computes in float32 and cfg.dtype is {jnp.dtype(cfg.dtype)}"
-    else:
-        why_not = cpu_kernels.unavailable_reason()
+    why_not = cpu_kernel_unavailable_reason(cfg.dtype)
     if requested and why_not is not None:
         raise ValueError(f"cpu_kernel=True, but the packed CPU matmul cannot run: {why_not}")
     return why_not is None and (requested or jax.device_count() == 1)

@@ -22,9 +22,10 @@ trained policy keeps them), transformers from the same weights in bfloat16. PyTo
 JAX does (`--torch-device auto`: CUDA when JAX runs on a GPU), and on a GPU both sides compute
 float32 matmuls in TensorFloat-32.
 
-On a CPU the sampler's decode loop runs its matmuls with `warp_jax.cpu_kernels` (`--cpu-kernel
-auto`, `sample`'s default on one CPU device); `--cpu-kernel off` times XLA's own matmuls, as
-`sample(..., cpu_kernel=False)` runs them. The header says whether the kernel was built.
+On a CPU the sampler's decode loop runs its matmuls, GeGLU, attention and draw with
+`warp_jax.cpu_kernels` (`--cpu-kernel auto`, `sample`'s default on one CPU device in float32);
+`--cpu-kernel off` times XLA's own ops, as `sample(..., cpu_kernel=False)` runs them. The
+header says whether the CPU kernels are used, and why not where they are not.
 """
 
 import argparse
@@ -39,7 +40,7 @@ import torch
 import transformers
 
 from experiments.benchmarks._machine import device_description
-from warp_jax import cpu_kernels, host, sampling
+from warp_jax import host, sampling
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -217,8 +218,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (warp_jax's weights stay float32)")
     parser.add_argument("--cpu-kernel", choices=CPU_KERNEL, default="auto",
-                        help="sample's cpu_kernel: the packed CPU matmul in the decode loop "
-                             "(auto: where JAX runs on one CPU device and it is available)")
+                        help="sample's cpu_kernel: the CPU kernels in the decode loop (auto: "
+                             "where JAX runs on one CPU device in float32 and they build)")
     _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
@@ -226,22 +227,18 @@ def main() -> None:
     for flag in ("batch", "prompt", "new"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    if args.cpu_kernel == "on" and args.dtype != "float32":
-        parser.error("--cpu-kernel on: the packed CPU matmul computes in float32 only")
-    malloc = _set_malloc(args)
+    malloc = _set_malloc(args)  # before JAX starts: the kernels' check below starts it
+    reason = sampling.cpu_kernel_unavailable_reason(args.dtype)
+    if args.cpu_kernel == "on" and reason is not None:
+        parser.error(f"--cpu-kernel on: the CPU kernels cannot run: {reason}")
     device = _torch_device(args)
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(args.dtype), _copy_bandwidth()
     cpu_kernel = CPU_KERNEL[args.cpu_kernel]
-    if jax.default_backend() != "cpu":
-        kernel_note = f"packed CPU matmul: not used on {jax.default_backend()}"
-    elif args.dtype != "float32":
-        kernel_note = f"packed CPU matmul: not used (it computes in float32, not {args.dtype})"
-    elif cpu_kernel is not False:
-        reason = cpu_kernels.unavailable_reason()
-        kernel_note = f"packed CPU matmul: {'unavailable, ' + reason if reason else 'built'}"
+    if cpu_kernel is False:
+        kernel_note = "CPU kernels: off"
     else:
-        kernel_note = "packed CPU matmul: off"
+        kernel_note = f"CPU kernels: {'not used, ' + reason if reason else 'used'}"
     print(f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}")

@@ -73,7 +73,7 @@ struct Matmul {
   const float* x;
   const float* panels;
   float* y;
-  int64_t m, k, n, num_panels;
+  int64_t m, k, n;
 
   // Panels [first, last) for every row of x.
   void Run(int64_t first, int64_t last) const {
@@ -151,8 +151,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       return ffi::Error::InvalidArgument(
           "packed_matmul expects x [M, K], panels [ceil(N / 32), K, 32] and y [M, N]");
     }
-    matmuls.push_back(Matmul{x.typed_data(), panels->typed_data(), (*y)->typed_data(), xd[0],
-                             xd[1], yd[1], pd[0]});
+    matmuls.push_back(
+        Matmul{x.typed_data(), panels->typed_data(), (*y)->typed_data(), xd[0], xd[1], yd[1]});
     starts.push_back(starts.back() + pd[0]);
     work_size += xd[0] * xd[1] * yd[1];
   }
