@@ -23,7 +23,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from warp_jax import host, sharding, warp
+from warp_jax import backends, sharding, warp
 
 _BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    backends.configure_process(flags.FLAGS.config.rl.sampler_backend)  # before JAX starts
     f = flags.FLAGS
     cluster = (f.coordinator_address, f.num_processes, f.process_id)
     if f.distributed or any(x is not None for x in cluster):
@@ -73,7 +74,6 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    host.retain_freed_memory()  # before JAX starts its threads
     # ml_collections applies --config.* overrides while defining the flag, so a typo in one
     # surfaces here rather than in absl's parsing.
     try:

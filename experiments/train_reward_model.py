@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from warp_jax import rewards, sharding
 from warp_jax.checkpoint import Checkpoints
@@ -134,22 +133,11 @@ def run(args) -> dict[str, float]:
         state = checkpoints.restore("reward_model", state)
         print(f"resumed from step {start}")
     eval_batch = rewards.encode_pairs(tokenizer, held_out, args.max_len)
-    metrics = {}
-    bar = tqdm(range(int(state.step), args.steps), desc="reward model", unit="step")
-    for step in bar:
-        # Each step's batch depends on (seed, step) only, so a resumed run draws what an
-        # uninterrupted one would.
-        idx = np.random.default_rng([args.seed, step]).choice(len(train), size=batch_size,
-                                                              replace=False)
-        batch = rewards.encode_pairs(tokenizer, [train[i] for i in idx], args.max_len)
-        state, train_metrics = step_fn(state, batch)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            metrics = {k: float(v) for k, v in evaluate(state.params, eval_batch).items()}
-            bar.set_postfix(train_loss=f"{float(train_metrics['loss']):.3f}",
-                            held_out_acc=f"{metrics['accuracy']:.3f}")
-            checkpoints.save("reward_model", step + 1, state)
-    if not metrics:
-        metrics = {k: float(v) for k, v in evaluate(state.params, eval_batch).items()}
+    train_batch = rewards.encode_pairs(tokenizer, train, args.max_len)
+    state, metrics = rewards.fit(
+        step_fn, evaluate, state, train_batch, eval_batch, steps=args.steps,
+        batch_size=batch_size, seed=args.seed, eval_every=args.eval_every,
+        on_eval=lambda state, _: checkpoints.save("reward_model", int(state.step), state))
     checkpoints.wait()
     checkpoints.close()
     hf.save_hf(jax.device_get(state.params), cfg, workdir / "hf")

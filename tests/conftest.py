@@ -13,14 +13,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
 
-from warp_jax import cpu_kernels  # noqa: E402
 
-
-@pytest.fixture(params=[False, True], ids=["xla_matmuls", "cpu_kernel"])
-def cpu_kernel(request):
-    """`sampling.sample`'s `cpu_kernel`: False, and True where the packed CPU matmul runs here
-    (the tests' 8 emulated devices turn it off by default)."""
-    reason = cpu_kernels.unavailable_reason() if request.param else None
-    if reason is not None:
-        pytest.skip(reason)
+@pytest.fixture(params=["xla", "cpu"])
+def sampler_backend(request):
+    """`sampling.sample`'s backend: the default XLA one and the opt-in CPU one."""
     return request.param

@@ -154,7 +154,7 @@ def test_logits_match_transformers_on_random_configs(seed):
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_greedy_sampling_matches_transformers_generate(name, cpu_kernel):
+def test_greedy_sampling_matches_transformers_generate(name, sampler_backend):
     # Small embeddings, so that the blocks, not the embedding of the last token, pick the
     # next one: the rows then differ from step to step and between the four families.
     model = _hf_model(HF_CONFIGS[name], seed=1, embed_std=0.05)
@@ -163,11 +163,11 @@ def test_greedy_sampling_matches_transformers_generate(name, cpu_kernel):
     tokens, mask, _ = _inputs(cfg.vocab_size)
     n = 10
     free = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0,
-                           cpu_kernel=cpu_kernel)
+                           backend=sampler_backend)
     # Two end tokens, as instruction-tuned Gemmas have: row 0 stops after 4 tokens at most.
     eos = [int(free.tokens[0, 3]), int(free.tokens[2, 6])]
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), n, temperature=0.0,
-                          eos_id=eos, cpu_kernel=cpu_kernel)
+                          eos_id=eos, backend=sampler_backend)
     with torch.no_grad():
         ref = model.generate(
             input_ids=torch.from_numpy(tokens.astype(np.int64)),
@@ -340,18 +340,6 @@ def test_remat_keeps_only_the_blocks_outputs_for_the_backward_pass(capsys):
     assert all(name in saved[False] for name in inside)
     assert not any(name in saved[True] for name in inside)
     assert saved[True].count("(Block.__call__)") == cfg.num_layers
-
-
-def test_a_position_bound_gives_the_same_logits(case):
-    _, _, cfg, _, params, apply = case
-    tokens, mask, positions = _inputs(cfg.vocab_size, seed=4)
-    args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
-    want, _ = apply({"params": params}, *args)
-    model = Gemma(cfg)
-    got, _ = model.apply({"params": params}, *args, max_position=int(positions.max()))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="max_position must be a non-negative int"):
-        model.apply({"params": params}, *args, max_position=-1)
 
 
 def test_bad_checkpoints_and_configs_name_the_problem(case):

@@ -329,7 +329,7 @@ def test_microbatches_and_remat_take_the_same_step_in_less_memory(policy, step_f
 
     def temp_bytes(microbatches):
         rl = dataclasses.replace(RL, microbatches=microbatches, max_new_tokens=n)
-        update = jax.jit(functools.partial(reinforce._score_and_update, cfg=cfg, rl=rl))
+        update = jax.jit(functools.partial(reinforce.update, cfg=cfg, rl=rl))
         return update.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(4) < 0.5 * temp_bytes(1)

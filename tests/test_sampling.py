@@ -13,7 +13,8 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warp_jax import cpu_kernels, sampling, sharding
+from warp_jax import sampling, sharding
+from warp_jax.backends import cpu as cpu_backend
 from warp_jax.gemma import Gemma, GemmaConfig
 
 B, P, N = 4, 7, 8
@@ -42,10 +43,10 @@ def _full_logits(setup, out):
     return np.asarray(logits[:, P - 1:-1])  # the logits that predicted each sampled token
 
 
-def test_logprobs_equal_a_full_forward(setup, cpu_kernel):
+def test_logprobs_equal_a_full_forward(setup, sampler_backend):
     cfg, params, tokens, mask, _ = setup
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(1), N, temperature=0.9,
-                          cpu_kernel=cpu_kernel)
+                          backend=sampler_backend)
     assert out.tokens.shape == out.logprobs.shape == out.mask.shape == (B, N)
     logits = _full_logits(setup, out) / 0.9
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -54,10 +55,10 @@ def test_logprobs_equal_a_full_forward(setup, cpu_kernel):
     assert np.asarray(out.mask).all()
 
 
-def test_greedy_takes_the_argmax(setup, cpu_kernel):
+def test_greedy_takes_the_argmax(setup, sampler_backend):
     cfg, params, tokens, mask, _ = setup
     out = sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, temperature=0.0,
-                          cpu_kernel=cpu_kernel)
+                          backend=sampler_backend)
     logits = _full_logits(setup, out)
     np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
     want = np.max(np.asarray(jax.nn.log_softmax(logits, axis=-1)), axis=-1)
@@ -81,11 +82,12 @@ def _kept_by_sorting(logits, top_k, top_p):
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.7)])
-def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p, cpu_kernel):
+def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p, sampler_backend):
     cfg, params, tokens, mask, _ = setup
     for seed in range(3):
         out = sampling.sample(params, cfg, tokens, mask, jax.random.key(seed), N,
-                              temperature=1.0, top_k=top_k, top_p=top_p, cpu_kernel=cpu_kernel)
+                              temperature=1.0, top_k=top_k, top_p=top_p,
+                              backend=sampler_backend)
         logits = _full_logits(setup, out)
         kept = _kept_by_sorting(logits, top_k, top_p)
         sampled = np.asarray(out.tokens)[..., None]
@@ -98,21 +100,27 @@ def test_top_k_and_top_p_never_emit_an_excluded_token(setup, top_k, top_p, cpu_k
 
 
 # top_p traced, so that one compile per top_k serves every example.
-_top_k_filter = jax.jit(lambda logits, k: sampling._filter(logits, k, None), static_argnums=1)
-_top_p_filter = jax.jit(sampling._filter, static_argnums=1)
-VOCAB = 40 * sampling._TOP_K_CHUNK  # 40 chunks: top-k searches chunks for k <= 10
+_BACKENDS = {"xla": sampling.XlaBackend(), "cpu": cpu_backend.CpuBackend()}
+_TOP_K_FILTERS = {name: jax.jit(lambda logits, k, b=b: b.filter(logits, k, None),
+                                static_argnums=1) for name, b in _BACKENDS.items()}
+_TOP_P_FILTERS = {name: jax.jit(b.filter, static_argnums=1) for name, b in _BACKENDS.items()}
+_CHUNK = cpu_backend._TOP_K_CHUNK
+VOCAB = 40 * _CHUNK  # 40 chunks: the CPU backend's top-k searches chunks for k <= 10
 
 
-@settings(max_examples=300, deadline=None)
+@pytest.mark.parametrize("backend", sorted(_BACKENDS))
+@settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**31), scale=st.sampled_from([0.01, 1.0, 30.0]),
        ties=st.booleans(), masked=st.booleans(),
        top_k=st.sampled_from([None, 1, 3, 10, 11, VOCAB]),
        top_p=st.one_of(st.none(), st.floats(0.01, 0.99)))
-def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top_k, top_p):
-    """The radix-select thresholds against sorting, and against transformers' top-k / top-p
-    warpers where no logits tie (300 examples of a few ms each): ties, both signs, -0.0, -inf
-    entries, and top-k over chunk candidates (k <= 10) or the whole vocabulary. (top_p stops
-    short of 1, where float32 and float64 disagree on the vanishing tail.)"""
+def test_filter_keeps_the_sets_that_sorting_finds(backend, seed, scale, ties, masked, top_k,
+                                                  top_p):
+    """Each backend's thresholds (the CPU one's radix select, the XLA one's sort) against
+    sorting in float64, and against transformers' top-k / top-p warpers where no logits tie:
+    ties, both signs, -0.0, -inf entries, and top-k over chunk candidates (k <= 10) or the
+    whole vocabulary. (top_p stops short of 1, where float32 and float64 disagree on the
+    vanishing tail.)"""
     rng = np.random.default_rng(seed)
     logits = (rng.normal(size=(3, VOCAB)) * scale).astype(np.float32)
     if ties:
@@ -120,9 +128,9 @@ def test_filter_keeps_the_sets_that_sorting_finds(seed, scale, ties, masked, top
     if masked:
         logits[:, rng.integers(0, VOCAB, size=VOCAB // 5)] = -np.inf
     if top_p is None:
-        filtered = _top_k_filter(jnp.asarray(logits), 1 if top_k is None else top_k)
+        filtered = _TOP_K_FILTERS[backend](jnp.asarray(logits), 1 if top_k is None else top_k)
     else:
-        filtered = _top_p_filter(jnp.asarray(logits), top_k, jnp.float32(top_p))
+        filtered = _TOP_P_FILTERS[backend](jnp.asarray(logits), top_k, jnp.float32(top_p))
     want = _kept_by_sorting(logits, top_k, top_p) & np.isfinite(logits)
     if top_k is None and top_p is None:
         want = _kept_by_sorting(logits, 1, None)
@@ -142,11 +150,10 @@ def test_top_k_candidates_put_chunks_above_the_cut_first():
     """Ten chunks whose maximum is the cut come before the one chunk above it, which holds
     the 3 largest logits: choosing the first chunks at or above the cut would miss them."""
     logits = np.zeros((1, VOCAB), np.float32)
-    logits[0, : 10 * sampling._TOP_K_CHUNK : sampling._TOP_K_CHUNK] = 5.0
-    logits[0, 30 * sampling._TOP_K_CHUNK + np.arange(3)] = [9.0, 8.0, 7.0]
-    kept = np.isfinite(np.asarray(_top_k_filter(jnp.asarray(logits), 3)))[0]
-    np.testing.assert_array_equal(np.flatnonzero(kept), 30 * sampling._TOP_K_CHUNK
-                                  + np.arange(3))
+    logits[0, : 10 * _CHUNK : _CHUNK] = 5.0
+    logits[0, 30 * _CHUNK + np.arange(3)] = [9.0, 8.0, 7.0]
+    kept = np.isfinite(np.asarray(_TOP_K_FILTERS["cpu"](jnp.asarray(logits), 3)))[0]
+    np.testing.assert_array_equal(np.flatnonzero(kept), 30 * _CHUNK + np.arange(3))
 
 
 def test_keys_determine_the_tokens(setup):
@@ -178,13 +185,13 @@ def test_eos_masks_the_rest_of_the_row(setup):
             assert m[row].sum() <= most
 
 
-def test_second_call_does_not_recompile(setup, cpu_kernel):
+def test_second_call_does_not_recompile(setup, sampler_backend):
     cfg, params, tokens, mask, _ = setup
-    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, cpu_kernel=cpu_kernel)
+    sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, backend=sampler_backend)
     before = sampling._sample._cache_size()
     other = jax.tree.map(lambda x: x * 1.01, params)
     sampling.sample(other, cfg, (tokens + 1) % cfg.vocab_size, mask, jax.random.key(9), N,
-                    cpu_kernel=cpu_kernel)
+                    backend=sampler_backend)
     assert sampling._sample._cache_size() == before
     # The top-p value is traced too: a new one does not recompile.
     sampling.sample(params, cfg, tokens, mask, jax.random.key(0), N, top_k=3, top_p=0.5)
@@ -201,7 +208,7 @@ def test_bfloat16_decode_loop_reads_its_matrices_in_bfloat16(setup):
     text = sampling._sample.lower(
         params, tokens, mask, jax.random.key(0), jnp.float32(0.9), jnp.float32(1.0),
         jnp.asarray([-1], jnp.int32), cfg=cfg, max_new_tokens=N, greedy=False, top_k=None,
-        use_top_p=False, cpu_kernel=False).as_text()
+        use_top_p=False, backend=sampling.get_backend("xla")).as_text()
     loops = [line for line in text.splitlines() if "stablehlo.while" in line]
     carried = set(re.findall(r"tensor<([\dx]+)x(f32|bf16)>", max(loops, key=len)))
     matrices = {"x".join(map(str, x.shape)) for x in jax.tree.leaves(params) if x.ndim >= 2}
@@ -211,9 +218,8 @@ def test_bfloat16_decode_loop_reads_its_matrices_in_bfloat16(setup):
     assert norm_scales <= {shape for shape, dtype in carried if dtype == "f32"}  # kept as is
 
 
-def test_sharded_equals_unsharded(setup, cpu_kernel):
-    """Params and batch sharded over the mesh; with `cpu_kernel=True` the CPU kernels run on
-    them too (XLA gathers their operands)."""
+def test_sharded_equals_unsharded(setup, sampler_backend):
+    """Params and batch sharded over the mesh give the unsharded tokens and log-probs."""
     cfg, params, tokens, mask, _ = setup
     mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
     boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
@@ -222,30 +228,36 @@ def test_sharded_equals_unsharded(setup, cpu_kernel):
     batch = sharding.logical_sharding(("batch", None), tokens.shape, mesh)
     out = sampling.sample(sharded_params, cfg, jax.device_put(tokens, batch),
                           jax.device_put(mask, batch), jax.random.key(3), N,
-                          cpu_kernel=cpu_kernel)
-    ref = sampling.sample(params, cfg, tokens, mask, jax.random.key(3), N)
+                          backend=sampler_backend)
+    ref = sampling.sample(params, cfg, tokens, mask, jax.random.key(3), N,
+                          backend=sampler_backend)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
-def test_top_p_after_top_k_counts_every_tie_at_the_kth_logit():
-    """Top-k 3 keeps 8.0 and forty tied 5.0s, one per chunk, more than the candidate chunks
-    hold: top-p must weigh all forty (8.0 alone holds a third of the mass)."""
+@pytest.mark.parametrize("backend", sorted(_BACKENDS))
+def test_top_p_after_top_k_counts_every_tie_at_the_kth_logit(backend):
+    """Top-k 3 keeps 8.0 and forty tied 5.0s, one per chunk, more than the CPU backend's
+    candidate chunks hold: top-p must weigh all forty (8.0 alone holds a third of the mass)."""
     logits = np.full((1, VOCAB), -10.0, np.float32)
-    logits[0, :: sampling._TOP_K_CHUNK] = 5.0
+    logits[0, ::_CHUNK] = 5.0
     logits[0, 5] = 8.0
-    kept = np.isfinite(np.asarray(_top_p_filter(jnp.asarray(logits), 3, jnp.float32(0.5))))
+    kept = np.isfinite(np.asarray(_TOP_P_FILTERS[backend](jnp.asarray(logits), 3,
+                                                          jnp.float32(0.5))))
     np.testing.assert_array_equal(kept, _kept_by_sorting(logits, 3, 0.5))
     assert kept.sum() == 41
 
 
-def test_filter_on_a_sharded_batch_equals_unsharded():
-    """The top-k candidate gather and both selects with the rows sharded over the mesh."""
+@pytest.mark.parametrize("backend", sorted(_BACKENDS))
+def test_filter_on_a_sharded_batch_equals_unsharded(backend):
+    """Both filters (the CPU one's candidate gather and selects) on rows sharded over the
+    mesh."""
     mesh = sharding.make_mesh(data=8)
     logits = np.random.default_rng(0).normal(size=(8, VOCAB)).astype(np.float32)
     rows = sharding.logical_sharding(("batch", None), logits.shape, mesh)
-    out = _top_p_filter(jax.device_put(logits, rows), 3, jnp.float32(0.9))
-    np.testing.assert_array_equal(out, _top_p_filter(jnp.asarray(logits), 3, jnp.float32(0.9)))
+    top_p_filter = _TOP_P_FILTERS[backend]
+    out = top_p_filter(jax.device_put(logits, rows), 3, jnp.float32(0.9))
+    np.testing.assert_array_equal(out, top_p_filter(jnp.asarray(logits), 3, jnp.float32(0.9)))
     assert np.isfinite(np.asarray(out)).sum(axis=1).max() <= 3
 
 
@@ -279,11 +291,9 @@ def test_bad_arguments(setup):
     sampling.sample(params, cfg, tokens.at[1, 0].set(-1), mask, key, N)
     with pytest.raises(ValueError, match="temperature must be concrete"):
         jax.jit(lambda t: sampling.sample(params, cfg, tokens, mask, key, N, temperature=t))(0.9)
-    with pytest.raises(ValueError, match="cpu_kernel must be True, False or None"):
-        sampling.sample(params, cfg, tokens, mask, key, N, cpu_kernel="yes")
-    with pytest.raises(ValueError, match=r"cpu_kernel=True, but .* cfg.dtype is bfloat16"):
-        sampling.sample(params, dataclasses.replace(cfg, dtype="bfloat16"), tokens, mask, key, N,
-                        cpu_kernel=True)
+    for bad in ("tpu", None, object()):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            sampling.sample(params, cfg, tokens, mask, key, N, backend=bad)
 
 
 def test_arguments_users_pass_from_numpy_and_jax(setup):
@@ -306,24 +316,19 @@ def test_arguments_users_pass_from_numpy_and_jax(setup):
         np.testing.assert_array_equal(got, want)
 
 
-def test_draws_follow_the_softmax_and_skip_masked_tokens(cpu_kernel):
-    """`sampling._draw`, and the CPU kernel's draw that replaces it (in one row per call, as
-    under vmap, and in one call for all rows)."""
-    vocab, draws = 300, 20_000  # 300: not a multiple of the sampler's block size
+def test_draws_follow_the_softmax_and_skip_masked_tokens(sampler_backend):
+    """Each backend's token draw, one row per call as under vmap: frequencies within five
+    standard errors of the softmax, log-probs equal to its log, -inf never drawn."""
+    vocab, draws = 300, 20_000  # 300: not a multiple of the CPU backend's block size
     rng = np.random.default_rng(0)
     logits = rng.normal(size=vocab).astype(np.float32) * 2
     logits[[0, 7, 128, 255, 299]] = -np.inf
     probs = np.exp(logits - logits[np.isfinite(logits)].max())
     probs /= probs.sum()
-    uniforms = jax.random.uniform(jax.random.key(0), (draws, 1))
-    draw = cpu_kernels.draw if cpu_kernel else sampling._draw
-    tokens, logp = jax.jit(jax.vmap(lambda u: draw(u, jnp.asarray(logits)[None])))(uniforms)
+    backend = sampling.get_backend(sampler_backend)
+    noise = backend.noise(jax.random.key(0), draws, 1)
+    tokens, logp = jax.jit(jax.vmap(lambda n: backend.draw(n, jnp.asarray(logits)[None])))(noise)
     tokens, logp = np.asarray(tokens)[:, 0], np.asarray(logp)[:, 0]
-    if cpu_kernel:  # all rows in one call, the temperature passed to the draw
-        rows = jnp.broadcast_to(jnp.asarray(logits) * 2.0, (draws, vocab))
-        batched = jax.jit(cpu_kernels.draw)(uniforms[:, 0], rows, 0.5)
-        np.testing.assert_array_equal(batched[0], tokens)
-        np.testing.assert_allclose(batched[1], logp, rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(logits[tokens]))
     np.testing.assert_allclose(logp, np.log(probs[tokens]), rtol=1e-4, atol=1e-5)
     freq = np.bincount(tokens, minlength=vocab) / draws

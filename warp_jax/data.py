@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ _JOINERS = ("and the {n} was", "but the {n} was", "while the {n} felt", "and i f
             "yet the {n} seemed")
 
 
-def review_corpus(num: int, seed: int = 0) -> list[str]:
+def review_corpus(num: int, seed: int | Sequence[int] = 0) -> list[str]:
     """`num` reviews such as "the plot was very clever but the pacing was slow ."."""
     rng = np.random.default_rng(seed)
     adjectives = (_POSITIVE, _NEGATIVE, _NEUTRAL)
@@ -46,7 +46,7 @@ def review_corpus(num: int, seed: int = 0) -> list[str]:
     return out
 
 
-def review_prompts(num: int, seed: int = 0) -> list[str]:
+def review_prompts(num: int, seed: int | Sequence[int] = 0) -> list[str]:
     """Review openings to complete, such as "i thought the acting was"."""
     rng = np.random.default_rng(seed)
     return [rng.choice(_OPENERS).format(n=rng.choice(_NOUNS)) for _ in range(num)]
@@ -88,10 +88,11 @@ def read_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
 
 
 class PromptBatches:
-    """Shuffled, left-padded prompt batches; a run's order is fixed by its seed.
+    """Shuffled, left-padded prompt batches; a run's order is fixed by its seed (an int or a
+    `streams.seed` tuple).
 
-    `batch(step)` is a pure function of (seed, step), so a resumed run sees the same prompts
-    as an uninterrupted one.
+    `batch(seed, step)` is a pure function of (seed, step), so a resumed run sees the same
+    prompts as an uninterrupted one.
     """
 
     def __init__(self, prompts: Sequence[str], tokenizer: Tokenizer, batch_size: int,
@@ -101,18 +102,13 @@ class PromptBatches:
         self.tokens, self.mask = tokenizer.encode_batch(list(prompts), max_len)
         self.batch_size = batch_size
 
-    def batch(self, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, seed: int | tuple[int, ...], step: int) -> tuple[np.ndarray, np.ndarray]:
         per_epoch = len(self.tokens) // self.batch_size
         epoch, index = divmod(step, per_epoch)
         rows = self._order(seed, epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         return self.tokens[rows], self.mask[rows]
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one small array per run and epoch)
-    def _order(self, seed: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(len(self.tokens))
-
-    def batches(self, seed: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        step = start
-        while True:
-            yield self.batch(seed, step)
-            step += 1
+    def _order(self, seed: int | tuple[int, ...], epoch: int) -> np.ndarray:
+        entropy = [*seed] if isinstance(seed, tuple) else [seed]
+        return np.random.default_rng([*entropy, epoch]).permutation(len(self.tokens))

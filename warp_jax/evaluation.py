@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warp_jax import reinforce, sampling, sharding
+from warp_jax import losses, rewards, sampling, sharding, trainer
 from warp_jax.gemma import GemmaConfig
 
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
@@ -23,61 +23,46 @@ def _mean_se(values) -> tuple[float, float]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature",
-                                             "num_samples", "eos_id"))
+                                             "num_samples", "eos_id", "backend"))
 def _sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens, temperature,
-                   num_samples, eos_id):
+                   num_samples, eos_id, backend):
     tokens, mask = (jnp.repeat(x, num_samples, axis=0) for x in (tokens, mask))
     out = sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens,
-                          temperature=temperature, eos_id=eos_id)
+                          temperature=temperature, eos_id=eos_id, backend=backend)
     # Both log-probs from the same full forward pass: the sampler's own differ from it by
     # rounding, and tokens are drawn where that rounding raised their log-probs, so in
     # bfloat16 they would bias the KL upwards (a test model's KL to itself: 0.42 nats over 64
     # tokens).
-    logp, logp_sft = (reinforce.completion_logprobs(cfg, p, tokens, mask, out.tokens, out.mask,
+    logp, logp_sft = (trainer.completion_logprobs(cfg, p, tokens, mask, out.tokens, out.mask,
                                                     temperature)[0]
                       for p in (params, sft_params))
-    kl = reinforce.sequence_logprob(logp - logp_sft, out.mask)
+    kl = losses.sequence_logprob(logp - logp_sft, out.mask)
     return tokens, mask, out.tokens, out.mask, kl
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "treedef"))
-def _jitted_reward(leaves, batch, *, fn, treedef):
-    """A jittable reward as one program (run op by op, every op on arrays that span several
-    processes would be a program of its own, with its own collectives); a pytree reward's
-    arrays come in as arguments (`reinforce.reward_arrays`)."""
-    return reinforce.call_reward(fn, treedef, leaves, batch)
-
-
-def _device_reward(fn: Callable, batch) -> jax.Array:
-    leaves, treedef = reinforce.reward_arrays(fn)
-    return _jitted_reward(leaves, batch, fn=fn if treedef is None else None, treedef=treedef)
 
 
 def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
-                    rewards: Mapping[str, Callable], *, max_new_tokens: int,
+                    reward_fns: Mapping[str, Callable], *, max_new_tokens: int,
                     temperature: float = 0.9, num_samples: int = 1,
-                    eos_id: int | Sequence[int] | None = None) -> dict[str, Any]:
+                    eos_id: int | Sequence[int] | None = None,
+                    backend: str = "auto") -> dict[str, Any]:
     """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
     with its standard error, over `num_samples` completions of each held-out prompt.
 
     The KL is sequence level: the mean over samples `y ~ pi` of `sum_t log pi(y_t) -
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
-    host rewards (`host = True`) on the decoded arrays.
+    host rewards (`host = True`) on the decoded arrays. `backend` is the sampler's.
     """
     out = _sample_and_kl(
         params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
         max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
-        eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None)  # static: hashable
+        eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None,  # static: hashable
+        backend=sampling.get_backend(backend))
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = _mean_se(host_out[4])
-    for name, fn in rewards.items():
-        if getattr(fn, "host", False):
-            values = fn(*host_out[:4])
-        else:
-            values = sharding.to_host(_device_reward(fn, out[:4]))
-        result[name], result[f"{name}_se"] = _mean_se(values)
+    for name, fn in reward_fns.items():
+        result[name], result[f"{name}_se"] = _mean_se(rewards.score(fn, out[:4]))
     result["completions"] = host_out[2:4]
     return result
 

@@ -207,17 +207,12 @@ def _slerp_pair(sq_norm_1, sq_norm_2, dot, lam, xp):
 def _gram(base, thetas, axis, xp):
     """Dot products of the task vectors `theta_m - base`: `[M, M]`, or `[L, M, M]` per slice."""
     reduce_axes = None if axis is None else tuple(a for a in range(base.ndim) if a != axis)
-    # XLA:CPU fuses sibling reductions over the same inputs into one loop that runs ~2x
-    # slower than separate passes; a barrier between them keeps them apart.
-    separate = xp is jnp and jax.default_backend() == "cpu"
     num = len(thetas)
     entries = [[None] * num for _ in range(num)]
     for a in range(num):
         for b in range(a, num):
             da, db = _f32(thetas[a], xp) - _f32(base, xp), _f32(thetas[b], xp) - _f32(base, xp)
             entries[a][b] = entries[b][a] = xp.sum(da * db, axis=reduce_axes)
-            if separate:
-                base, thetas, _ = jax.lax.optimization_barrier((base, thetas, entries[a][b]))
     return xp.stack([xp.stack(row, axis=-1) for row in entries], axis=-2)
 
 

@@ -6,10 +6,9 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 
-from warp_jax import evaluation, sharding
+from warp_jax import evaluation, sharding, streams
 from warp_jax.gemma import hf
 
 _LABELS = {"reinforce_sft": "REINFORCE, SFT anchor", "reinforce_ema": "REINFORCE, EMA anchor",
@@ -82,9 +81,9 @@ def _plot(path: pathlib.Path, records, rewards, config) -> None:
 def _samples(params, runner, setup, config, num: int = 4) -> list[tuple[str, str]]:
     prompts = tuple(x[:num] for x in setup.eval_prompts)
     result = evaluation.evaluate_policy(
-        params, runner.sft, setup.cfg, prompts, jax.random.key(config.seed + 9),
+        params, runner.sft, setup.cfg, prompts, streams.key(config.seed, "report_samples"),
         {}, max_new_tokens=config.rl.max_new_tokens, temperature=config.rl.temperature,
-        num_samples=1, eos_id=setup.end_ids)
+        num_samples=1, eos_id=setup.end_ids, backend=config.rl.sampler_backend)
     texts = setup.tokenizer.decode_batch(*result["completions"])
     return list(zip(setup.eval_texts[:num], texts, strict=True))
 

@@ -21,11 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from warp_jax import sharding
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.model import decode, left_padded_positions
 from warp_jax.gemma.tokenizer import Tokenizer
+from warp_jax.losses import bradley_terry_loss
+
+
+def abstract_params(cfg: GemmaConfig) -> Any:
+    """`RewardModel(cfg)`'s params as boxed `jax.ShapeDtypeStruct`s (see
+    `gemma.abstract_params`)."""
+    return jax.eval_shape(RewardModel(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                          jnp.ones((1, 1), bool))["params"]
 
 
 class RewardModel(nn.Module):
@@ -44,8 +53,7 @@ class RewardModel(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
         mask_BT = mask_BT.astype(bool)
-        hidden_BTD, _, _ = decode(self, tokens_BT, left_padded_positions(mask_BT), mask_BT, None,
-                                  max_position=tokens_BT.shape[1] - 1)
+        hidden_BTD, _, _ = decode(self, tokens_BT, left_padded_positions(mask_BT), mask_BT, None)
         score = self.param("score", nn.with_logical_partitioning(
             nn.initializers.normal(self.cfg.embed_dim**-0.5), ("embed",)),
             (self.cfg.embed_dim,), jnp.dtype(self.cfg.param_dtype))
@@ -53,12 +61,6 @@ class RewardModel(nn.Module):
         last_B = t - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
         last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), score.astype(jnp.float32))
-
-
-def bradley_terry_loss(score_chosen_B: jax.Array, score_rejected_B: jax.Array) -> jax.Array:
-    """`mean(-log sigmoid(r_chosen - r_rejected))`: the preference likelihood's negative log."""
-    margin = score_chosen_B.astype(jnp.float32) - score_rejected_B.astype(jnp.float32)
-    return -jnp.mean(jax.nn.log_sigmoid(margin))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +151,43 @@ def model_reward(cfg: GemmaConfig, params: Any) -> ModelReward:
     return ModelReward(cfg, params)
 
 
+def is_host_reward(reward_fn: Callable) -> bool:
+    """Whether `reward_fn` runs on the host (`host = True`, e.g. `TextReward`): callers then
+    pass it decoded NumPy arrays outside jit; otherwise it is jittable."""
+    return bool(getattr(reward_fn, "host", False))
+
+
+def reward_arrays(reward_fn: Callable) -> tuple[list, Any]:
+    """`(leaves, treedef)` of a reward that is a pytree of arrays (`ModelReward`: its params),
+    or `([], None)` for any other callable. Jitted code takes those arrays as arguments (see
+    `call_reward`) instead of baking them in as constants."""
+    leaves, treedef = jax.tree.flatten(reward_fn)
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+        return leaves, treedef
+    return [], None
+
+
+def call_reward(reward_fn: Callable, treedef: Any, leaves: list, batch) -> jax.Array:
+    """`reward_fn(*batch)`, rebuilt from the `leaves` passed in when `treedef` is given."""
+    return (reward_fn if treedef is None else jax.tree.unflatten(treedef, leaves))(*batch)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "treedef"))
+def _jitted_reward(leaves, batch, *, fn, treedef):
+    return call_reward(fn, treedef, leaves, batch)
+
+
+def score(reward_fn: Callable, batch) -> np.ndarray:
+    """`reward_fn`'s `[B]` scores of `batch` (prompt tokens and mask, completion tokens and
+    mask) as NumPy, in every process: a host reward on the host, a jittable one as one jitted
+    program (its arrays passed in as arguments)."""
+    if is_host_reward(reward_fn):
+        return np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
+    leaves, treedef = reward_arrays(reward_fn)
+    return sharding.to_host(_jitted_reward(leaves, batch, fn=reward_fn if treedef is None
+                                           else None, treedef=treedef))
+
+
 class RMState(NamedTuple):
     step: jax.Array  # [] int32
     params: Any  # RewardModel params
@@ -200,8 +239,7 @@ def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransforma
 
     if mesh is None:
         return (jax.jit(step, donate_argnums=0), jax.jit(evaluate), jax.jit(init))
-    boxed = jax.eval_shape(RewardModel(cfg).init, jax.random.key(0),
-                           jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))["params"]
+    boxed = abstract_params(cfg)
     state_sh = sharding.param_shardings(jax.eval_shape(init, boxed), mesh)
     params_sh = sharding.param_shardings(boxed, mesh)
     rows = sharding.batch_sharding(mesh, 2)
@@ -211,3 +249,35 @@ def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransforma
                     donate_argnums=0),
             jax.jit(evaluate, in_shardings=(params_sh, (out,) * 4), out_shardings=out),
             jax.jit(init, out_shardings=state_sh))
+
+
+def fit(train_step: Callable, evaluate: Callable, state: RMState, train, held_out, *,
+        steps: int, batch_size: int, seed: int, eval_every: int | None = None,
+        on_eval: Callable[[RMState, dict[str, float]], None] | None = None,
+        progress: bool = True) -> tuple[RMState, dict[str, float]]:
+    """Bradley–Terry training from `state.step` to `steps` (the functions of
+    `make_reward_train_step`) on `train`, four `encode_pairs`-style arrays; returns the state
+    and its `held_out` metrics (loss, accuracy).
+
+    Step t trains on `batch_size` rows drawn without replacement by
+    `np.random.default_rng([seed, t])`, so a run resumed from a checkpointed state draws what
+    an uninterrupted one would. Every `eval_every` steps and at the end, `on_eval(state,
+    held-out metrics)` is called (e.g. to checkpoint).
+    """
+    rows = len(train[0])
+    size = min(batch_size, rows)
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(int(state.step), steps), desc="reward model", unit="step",
+               disable=not progress)
+    for t in bar:
+        idx = np.random.default_rng([seed, t]).choice(rows, size=size, replace=False)
+        state, train_metrics = train_step(state, tuple(x[idx] for x in train))
+        if (eval_every and (t + 1) % eval_every == 0) or t + 1 == steps:
+            metrics = {k: float(v) for k, v in evaluate(state.params, held_out).items()}
+            bar.set_postfix(train_loss=f"{float(train_metrics['loss']):.3f}",
+                            held_out_acc=f"{metrics['accuracy']:.3f}")
+            if on_eval is not None:
+                on_eval(state, metrics)
+    if not metrics:
+        metrics = {k: float(v) for k, v in evaluate(state.params, held_out).items()}
+    return state, metrics

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from warp_jax import data, reinforce, rewards, sampling, sft, sharding
+from warp_jax import data, reinforce, rewards, sampling, sft, sharding, streams
 from warp_jax.checkpoint import Checkpoints
-from warp_jax.gemma import Gemma, GemmaConfig, hf
+from warp_jax.gemma import Gemma, GemmaConfig, abstract_params, hf
 from warp_jax.gemma.tokenizer import Tokenizer
 
 BASELINES = ("reinforce_sft", "reinforce_ema", "lerp")
@@ -135,6 +134,8 @@ def validate_config(c) -> None:
     if not all(isinstance(p, str) and p for p in c.rl.stop_pieces):
         _fail("rl.stop_pieces", c.rl.stop_pieces, "needs a tuple of vocabulary pieces, "
               "e.g. ('<end_of_turn>',)")
+    if c.rl.sampler_backend not in sampling.BACKENDS:
+        _fail("rl.sampler_backend", c.rl.sampler_backend, f"use one of {sampling.BACKENDS}")
     if c.rl.temperature <= 0:
         _fail("rl.temperature", c.rl.temperature, "must be positive")
     if c.rl.baseline not in reinforce.BASELINES:
@@ -191,13 +192,8 @@ def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn[1:])))
 
 
-def _boxed(cfg: GemmaConfig):
-    return jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
-        "params"]
-
-
 def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
-    corpus = data.review_corpus(c.task.corpus_size, c.seed)
+    corpus = data.review_corpus(c.task.corpus_size, streams.seed(c.seed, "corpus"))
     path = workdir / "tokenizer.model"
     missing = not path.exists()
     sharding.barrier("tokenizer looked up")  # every process looks before process 0 writes
@@ -210,8 +206,8 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
                                   dtype=c.model.dtype, param_dtype="float32",
                                   **dict(c.model.overrides))
-    boxed = _boxed(cfg)
-    init = nn.unbox(Gemma(cfg).init(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))[
+    boxed = abstract_params(cfg)
+    init = nn.unbox(Gemma(cfg).init(streams.key(c.seed, "init"), jnp.zeros((1, 1), jnp.int32))[
         "params"])
     # Several processes train the SFT policy and the reward model alike, each on its own
     # devices, and checkpoint them as one global array.
@@ -220,13 +216,14 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
     else:
         sft_params, _ = sft.train_lm(cfg, init, tokenizer, corpus, steps=c.sft.steps,
                                      batch_size=c.sft.batch_size, max_len=32,
-                                     learning_rate=c.sft.learning_rate, seed=c.seed,
+                                     learning_rate=c.sft.learning_rate,
+                                     seed=streams.seed(c.seed, "sft"),
                                      progress=sharding.is_main_process())
         sft_params = sharding.host_local_to_global(sft_params)
         ckpt.save("sft", 0, sft_params)
 
-    train_texts = data.review_prompts(c.task.num_prompts, c.seed + 1)
-    eval_texts = data.review_prompts(c.task.eval_prompts, c.seed + 2)
+    train_texts = data.review_prompts(c.task.num_prompts, streams.seed(c.seed, "train_prompts"))
+    eval_texts = data.review_prompts(c.task.eval_prompts, streams.seed(c.seed, "eval_prompts"))
     oracle = vader_oracle(tokenizer) if c.reward.oracle == "vader" else None
     rm_like = {**sft_params, "score": jnp.zeros((cfg.embed_dim,), cfg.param_dtype)}
     if ckpt.latest_step("reward_model") is not None:
@@ -249,8 +246,9 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
     reps = -(-c.reward.pairs // len(prompts))
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
-    out = sampling.sample(sft_params, cfg, tokens, mask, jax.random.key(c.seed + 3),
-                          c.rl.max_new_tokens, temperature=1.0, eos_id=end_ids)
+    out = sampling.sample(sft_params, cfg, tokens, mask, streams.key(c.seed, "reward_pairs"),
+                          c.rl.max_new_tokens, temperature=1.0, eos_id=end_ids,
+                          backend=c.rl.sampler_backend)
     completion, cmask = sharding.to_host((out.tokens, out.mask))
     scores = np.asarray(oracle(tokens, mask, completion, cmask)).reshape(-1, 2)
     seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
@@ -263,23 +261,18 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     chosen_mask = np.where(first[:, None], seq_mask[keep, 0], seq_mask[keep, 1])
     rejected_mask = np.where(first[:, None], seq_mask[keep, 1], seq_mask[keep, 0])
     step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(c.reward.learning_rate))
-    state = init(rm_params)
-    rng = np.random.default_rng(c.seed + 4)
     n = len(keep)
     held_out = np.arange(n) < max(1, n // 10)
-    train_rows = np.flatnonzero(~held_out)
-    for _ in tqdm(range(c.reward.steps), desc="reward model", unit="step",
-                  disable=not sharding.is_main_process()):
-        rows = rng.choice(train_rows, size=min(c.reward.batch_size, len(train_rows)),
-                          replace=False)
-        state, _ = step(state, (chosen[rows], chosen_mask[rows], rejected[rows],
-                                rejected_mask[rows]))
-    rows = np.flatnonzero(held_out)
-    metrics = evaluate(state.params, (chosen[rows], chosen_mask[rows], rejected[rows],
-                                      rejected_mask[rows]))
+    pairs = (chosen, chosen_mask, rejected, rejected_mask)
+    train = tuple(x[~held_out] for x in pairs)
+    state, metrics = rewards.fit(
+        step, evaluate, init(rm_params), train, tuple(x[held_out] for x in pairs),
+        steps=c.reward.steps, batch_size=c.reward.batch_size,
+        seed=streams.seed(c.seed, "reward_model"), progress=sharding.is_main_process())
+    train_rows, rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     if sharding.is_main_process():
         print(f"reward model: {len(train_rows)} oracle-labelled pairs, held-out accuracy "
-              f"{float(metrics['accuracy']):.3f} on {len(rows)}")
+              f"{metrics['accuracy']:.3f} on {len(rows)}")
     return state.params
 
 
@@ -309,6 +302,6 @@ def _local(c) -> Setup:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")
     train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
-    return Setup(cfg, tokenizer, sft_params, _boxed(cfg), (rm_cfg, rm_params), None,
+    return Setup(cfg, tokenizer, sft_params, abstract_params(cfg), (rm_cfg, rm_params), None,
                  data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
                  tokenizer.encode_batch(held_out, c.task.prompt_len), held_out, end_ids)

@@ -13,21 +13,19 @@ from tqdm import tqdm
 
 from warp_jax.gemma import Gemma, GemmaConfig, left_padded_positions
 from warp_jax.gemma.tokenizer import Tokenizer
+from warp_jax.losses import next_token_loss
 
 
 def lm_loss(cfg: GemmaConfig, params: Any, tokens_BT: jax.Array, mask_BT: jax.Array):
     """Mean next-token cross-entropy over the real tokens of left-padded sequences."""
     logits, _ = Gemma(cfg).apply({"params": params}, tokens_BT, left_padded_positions(mask_BT),
-                                 mask_BT, max_position=tokens_BT.shape[1] - 1)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    targets = jax.nn.one_hot(tokens_BT[:, 1:], cfg.vocab_size, dtype=jnp.float32)
-    nll = -jnp.sum(logp * targets, axis=-1)
-    weight = (mask_BT[:, 1:] & mask_BT[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+                                 mask_BT)
+    return next_token_loss(logits, tokens_BT, mask_BT)
 
 
 def train_lm(cfg: GemmaConfig, params: Any, tokenizer: Tokenizer, texts: Sequence[str], *,
-             steps: int, batch_size: int, max_len: int, learning_rate: float, seed: int = 0,
+             steps: int, batch_size: int, max_len: int, learning_rate: float,
+             seed: int | Sequence[int] = 0,
              progress: bool = True) -> tuple[Any, float]:
     """Trains `params` on `texts` (each ending with EOS) with Adam; returns them and the
     final loss. Batches are drawn with a generator seeded by `seed`, so reruns agree."""

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from warp_jax import evaluation, merging, reinforce, rewards, sharding
+from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups
 from warp_jax.report import write_outputs
@@ -69,10 +69,8 @@ class _Runner:
         self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
         self.sft = jax.device_put(setup.sft_params, self.param_sharding)
         rm_cfg, rm_params = setup.reward_model
-        rm_boxed = jax.eval_shape(rewards.RewardModel(rm_cfg).init, jax.random.key(0),
-                                  jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
-        rm_params = jax.device_put(rm_params, sharding.param_shardings(rm_boxed["params"],
-                                                                       self.mesh))
+        rm_params = jax.device_put(rm_params, sharding.param_shardings(
+            rewards.abstract_params(rm_cfg), self.mesh))
         self.rewards = {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)}
         if setup.oracle is not None:
             self.rewards["oracle_reward"] = setup.oracle
@@ -94,7 +92,7 @@ class _Runner:
             max_new_tokens=r.max_new_tokens, temperature=r.temperature,
             eos_id=self.setup.end_ids, learning_rate=r.learning_rate,
             warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps,
-            microbatches=r.microbatches, remat=r.remat)
+            microbatches=r.microbatches, remat=r.remat, sampler_backend=r.sampler_backend)
 
     def step_fn(self, anchor: str, num_runs: int):
         key = (anchor, num_runs)
@@ -109,10 +107,10 @@ class _Runner:
         between points are not sampling noise of the held-out completions' draws."""
         c = self.config
         result = evaluation.evaluate_policy(
-            params, self.sft, self.setup.cfg, self.setup.eval_prompts, jax.random.key(c.seed + 1),
+            params, self.sft, self.setup.cfg, self.setup.eval_prompts, streams.key(c.seed, "eval"),
             self.rewards, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, num_samples=c.eval.samples,
-            eos_id=self.setup.end_ids)
+            eos_id=self.setup.end_ids, backend=c.rl.sampler_backend)
         result.pop("completions")
         return {k: round(v, 6) for k, v in result.items()}
 
@@ -134,10 +132,14 @@ class _Runner:
         tmp.write_text(json.dumps(records, indent=1))
         os.replace(tmp, path)
 
-    def train(self, stage: str, init, anchor: str, seeds: list[int],
+    def train(self, stage: str, init, anchor: str, runs: list[tuple],
               steps: int, method: str, iteration: int) -> list[Any]:
-        """Trains len(seeds) stacked runs from `init`; returns their final policies."""
-        num_runs = len(seeds)
+        """Trains len(runs) stacked runs from `init`, each with the random streams (prompt
+        order and keys) named by its `(purpose, *indices)`; returns their final policies."""
+        num_runs = len(runs)
+        seed = self.config.seed
+        orders = [streams.seed(seed, *run) for run in runs]
+        run_keys = [streams.key(seed, *run) for run in runs]
         step_fn, init_fn = self.step_fn(anchor, num_runs)
         state = init_fn(init)  # every run starts from `init`
         start = self.ckpt.latest_step(stage) or 0
@@ -158,9 +160,9 @@ class _Runner:
 
         for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
                       disable=not sharding.is_main_process()):
-            prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(s, t) for s in seeds),
+            prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(o, t) for o in orders),
                                                        strict=True))
-            keys = jnp.stack([jax.random.fold_in(jax.random.key(s), t) for s in seeds])
+            keys = jnp.stack([jax.random.fold_in(k, t) for k in run_keys])
             state, metrics = step_fn(state, prompts, keys)
             flush()
             pending = (t + 1, metrics)
@@ -205,7 +207,7 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
     for name in c.warp.baselines:
         if name in ("reinforce_sft", "reinforce_ema"):
             anchor = name.split("_")[1]
-            runner.train(f"baseline_{name}", runner.sft, anchor, [c.seed + 7],
+            runner.train(f"baseline_{name}", runner.sft, anchor, [("baseline", 0)],
                          c.warp.iterations * c.warp.steps, name, 0)
             records += runner.load_records(f"baseline_{name}")
 
@@ -213,9 +215,9 @@ def run(config, workdir: str | os.PathLike) -> WarpResult:
     init = runner.sft
     for i in range(1, c.warp.iterations + 1):
         stage = f"iter{i}"
-        seeds = [c.seed * 1000 + 100 * i + m for m in range(c.warp.runs)]
+        runs = [("warp_run", i, m) for m in range(c.warp.runs)]
         # A finished stage is restored from its last checkpoint rather than trained again.
-        policies = runner.train(stage, init, "ema", seeds, c.warp.steps, "warp_run", i)
+        policies = runner.train(stage, init, "ema", runs, c.warp.steps, "warp_run", i)
         records += runner.load_records(stage)
         merged = runner.slerp(init, policies)
         merged_all.append(merged)

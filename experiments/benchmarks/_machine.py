@@ -27,3 +27,19 @@ def device_description() -> str:
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     return f"{name}, {os.cpu_count()} cores"
+
+
+def stamp() -> str:
+    """`commit <sha>[+changes]`, `python -m <command line>`: what produced a table."""
+    import subprocess
+    import sys
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", ""
+    command = " ".join([f"python -m {sys.modules['__main__'].__spec__.name}", *sys.argv[1:]])
+    return f"commit {sha}{'+changes' if dirty else ''}, `{command}`"

@@ -4,7 +4,7 @@
                                               [--top-k K] [--top-p P] [--family gemma2]
                                               [--batch B] [--prompt P] [--new N]
                                               [--dtype bfloat16] [--torch-device cuda]
-                                              [--cpu-kernel auto|on|off]
+                                              [--backends xla,cpu] [--json OUT.json]
 
 Both sample with temperature 0.9, from the full distribution unless `--top-k` / `--top-p`
 restrict both, and always produce `max_new_tokens` tokens (HF: `min_new_tokens =
@@ -22,13 +22,14 @@ trained policy keeps them), transformers from the same weights in bfloat16. PyTo
 JAX does (`--torch-device auto`: CUDA when JAX runs on a GPU), and on a GPU both sides compute
 float32 matmuls in TensorFloat-32.
 
-On a CPU the sampler's decode loop runs its matmuls, GeGLU, attention and draw with
-`warp_jax.cpu_kernels` (`--cpu-kernel auto`, `sample`'s default on one CPU device in float32);
-`--cpu-kernel off` times XLA's own ops, as `sample(..., cpu_kernel=False)` runs them. The
-header says whether the CPU kernels are used, and why not where they are not.
+Each sampler backend in `--backends` (default: the plain XLA one, `sample`'s default on
+accelerators, and the opt-in CPU one, its default on the CPU) gets its own column and ratio,
+timed in the same repeats. `--json` also writes the rows and the header as JSON, from which
+docs/performance.md's tables are made.
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -39,8 +40,9 @@ import numpy as np
 import torch
 import transformers
 
-from experiments.benchmarks._machine import device_description
-from warp_jax import host, sampling
+from experiments.benchmarks._machine import device_description, stamp
+from warp_jax import sampling
+from warp_jax.backends import cpu as cpu_backend
 from warp_jax.gemma import Gemma, GemmaConfig, hf
 
 SIZES = {
@@ -59,7 +61,6 @@ FAMILIES = {
                    rope_base=1_000_000.0, rope_local_base=10_000.0),
 }
 PROMPT, NEW, TEMPERATURE = 16, 48, 0.9
-CPU_KERNEL = {"auto": None, "on": True, "off": False}  # --cpu-kernel: sample's cpu_kernel
 
 
 def _matmul_flops(dtype: str = "float32") -> float:
@@ -110,13 +111,13 @@ def _synchronize(device: torch.device) -> None:
 
 def _add_malloc_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (see warp_jax.host)")
+                        help="leave glibc's malloc as it is (see warp_jax.backends.cpu)")
 
 
 def _set_malloc(args: argparse.Namespace) -> str:
     """Applies `--default-malloc` (before JAX starts) and says what was run, for the header."""
-    retained = not args.default_malloc and host.retain_freed_memory()
-    return ("freed memory retained (warp_jax.host), for both" if retained
+    retained = not args.default_malloc and cpu_backend.retain_freed_memory()
+    return ("freed memory retained (backends.cpu.retain_freed_memory), for both" if retained
             else "freed memory returned to the OS")
 
 
@@ -142,7 +143,7 @@ def _copy_bandwidth() -> float:
 
 
 def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k, top_p,
-           device, cpu_kernel):
+           device, backends):
     model = Gemma(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     params = nn.unbox(params)
@@ -159,10 +160,10 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
     tokens[~mask] = cfg.pad_id
     jtokens, jmask = jnp.asarray(tokens), jnp.asarray(mask)
 
-    def ours(seed):
+    def ours(backend, seed):
         out = sampling.sample(params, cfg, jtokens, jmask, jax.random.key(seed), new,
                               temperature=TEMPERATURE, top_k=top_k, top_p=top_p,
-                              cpu_kernel=cpu_kernel)
+                              backend=backend)
         return jax.block_until_ready(out)
 
     t_tokens = torch.from_numpy(tokens.astype(np.int64)).to(device)
@@ -177,29 +178,35 @@ def _bench(name, cfg, batch, prompt, new, repeats, peak_flops, bandwidth, top_k,
         _synchronize(device)
         return out
 
-    start = time.perf_counter()
-    ours(0)
-    compile_s = time.perf_counter() - start
-    theirs()
-    pairs = []
-    for r in range(repeats):
+    compile_s = {}
+    for backend in backends:
         start = time.perf_counter()
-        ours(r + 1)
-        t_ours = time.perf_counter() - start
+        ours(backend, 0)
+        compile_s[backend] = time.perf_counter() - start
+    theirs()
+    times: dict[str, list[float]] = {b: [] for b in (*backends, "hf")}
+    for r in range(repeats):
+        for backend in backends:
+            start = time.perf_counter()
+            ours(backend, r + 1)
+            times[backend].append(time.perf_counter() - start)
         start = time.perf_counter()
         out = theirs()
-        t_hf = time.perf_counter() - start
+        times["hf"].append(time.perf_counter() - start)
         assert out.shape == (batch, prompt + new)
-        pairs.append((t_ours, t_hf))
-    t_ours = statistics.median(p[0] for p in pairs)
-    t_hf = statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(p[1] / p[0] for p in pairs)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     flops = 2 * n_params * batch * (prompt + new)
     weight_bytes = jnp.dtype(cfg.dtype).itemsize * n_params * new  # the sampler's cast weights
-    return dict(name=name, params=n_params, batch=batch, ours=batch * new / t_ours,
-                hf=batch * new / t_hf, ratio=ratio, compile=compile_s,
-                flops=flops / t_ours / peak_flops, bw=weight_bytes / t_ours / bandwidth)
+    row = dict(name=name, params=n_params, batch=batch,
+               hf=batch * new / statistics.median(times["hf"]), backends={})
+    for backend in backends:
+        t = statistics.median(times[backend])
+        row["backends"][backend] = dict(
+            tok_s=batch * new / t, compile_s=compile_s[backend],
+            ratio=statistics.median(h / o for o, h in zip(times[backend], times["hf"],
+                                                           strict=True)),
+            flops=flops / t / peak_flops, bandwidth=weight_bytes / t / bandwidth)
+    return row
 
 
 def main() -> None:
@@ -217,9 +224,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=NEW, help="new tokens per row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (warp_jax's weights stay float32)")
-    parser.add_argument("--cpu-kernel", choices=CPU_KERNEL, default="auto",
-                        help="sample's cpu_kernel: the CPU kernels in the decode loop (auto: "
-                             "where JAX runs on one CPU device in float32 and they build)")
+    parser.add_argument("--backends", default="xla,cpu",
+                        help=f"comma list of sampler backends, from {sampling.BACKENDS[1:]}")
+    parser.add_argument("--json", help="also write the header and rows to this JSON file")
     _add_device_flag(parser)
     _add_malloc_flag(parser)
     args = parser.parse_args()
@@ -227,37 +234,40 @@ def main() -> None:
     for flag in ("batch", "prompt", "new"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    malloc = _set_malloc(args)  # before JAX starts: the kernels' check below starts it
-    reason = sampling.cpu_kernel_unavailable_reason(args.dtype)
-    if args.cpu_kernel == "on" and reason is not None:
-        parser.error(f"--cpu-kernel on: the CPU kernels cannot run: {reason}")
+    backends = args.backends.split(",")
+    if not backends or any(b not in sampling.BACKENDS[1:] for b in backends):
+        parser.error(f"--backends: {args.backends!r}; use a comma list of "
+                     f"{sampling.BACKENDS[1:]}")
+    malloc = _set_malloc(args)  # before JAX starts
     device = _torch_device(args)
     torch.manual_seed(0)
     peak, bandwidth = _matmul_flops(args.dtype), _copy_bandwidth()
-    cpu_kernel = CPU_KERNEL[args.cpu_kernel]
-    if cpu_kernel is False:
-        kernel_note = "CPU kernels: off"
-    else:
-        kernel_note = f"CPU kernels: {'not used, ' + reason if reason else 'used'}"
-    print(f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
-          f"on {device} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}")
-    print(f"measured: {args.dtype} matmul {peak / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f}"
-          f" GB/s; family {args.family}, prompt {args.prompt}, {args.new} new tokens,"
-          f" temperature {TEMPERATURE}, top-k {args.top_k},"
-          f" top-p {args.top_p}, {args.repeats} pairs;"
-          f" {malloc}; {kernel_note} (--cpu-kernel {args.cpu_kernel})")
-    print("\n| config | params | batch | warp_jax tok/s | HF generate tok/s | ratio (median) "
-          "| first call (compile) s | matmul FLOP/s used | weight bandwidth used |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    header = [f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
+              f"on {device} ({torch.get_num_threads()} threads), "
+              f"transformers {transformers.__version__}; {stamp()}",
+              f"measured: {args.dtype} matmul {peak / 1e9:.1f} GFLOP/s, copy "
+              f"{bandwidth / 1e9:.1f} GB/s; family {args.family}, prompt {args.prompt}, "
+              f"{args.new} new tokens, temperature {TEMPERATURE}, top-k {args.top_k}, "
+              f"top-p {args.top_p}, {args.repeats} repeats; {malloc}"]
+    print("\n".join(header))
+    print("\n| config | params | batch | HF generate tok/s | "
+          + " | ".join(f"{b}: tok/s | {b}: ratio | {b}: compile s | {b}: FLOP/s used | "
+                       f"{b}: bandwidth used" for b in backends) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * 5 * len(backends), flush=True)
+    rows = []
     for name in sizes:  # each row as soon as it is measured
         fields, batch = SIZES[name]
         cfg = GemmaConfig(**fields, **FAMILIES[args.family], dtype=args.dtype)
         r = _bench(name, cfg, args.batch or batch, args.prompt, args.new, args.repeats,
-                   peak, bandwidth, args.top_k, args.top_p, device, cpu_kernel)
-        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['ours']:.0f} | "
-              f"{r['hf']:.0f} | {r['ratio']:.1f}x | {r['compile']:.1f} | {r['flops']:.0%} | "
-              f"{r['bw']:.0%} |", flush=True)
+                   peak, bandwidth, args.top_k, args.top_p, device, backends)
+        rows.append(r)
+        cells = [f"{b['tok_s']:.0f} | {b['ratio']:.1f}x | {b['compile_s']:.1f} | "
+                 f"{b['flops']:.0%} | {b['bandwidth']:.0%}" for b in r["backends"].values()]
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['hf']:.0f} | "
+              + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

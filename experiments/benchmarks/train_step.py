@@ -14,10 +14,10 @@ block's queries and MLP and the vocabulary projection on the NEW predicting posi
 After two warm-up pairs, each repeat times one step of each back to back, alternating which
 goes first; the ratio is the median of the paired ratios. Model FLOP utilisation counts the
 matmul FLOPs the computation needs (`_forward_flops`: 2 per weight per token forward, 4
-backward) against a measured float32 matmul. Both run in one process; by default glibc
-keeps freed memory for reuse (`warp_jax.host`), which speeds up both; `--default-malloc`
-leaves it as it is. PyTorch runs where JAX does (`--torch-device auto`: CUDA when JAX runs on
-a GPU, where both compute float32 matmuls in TensorFloat-32).
+backward) against a measured float32 matmul. Both run in one process; by default glibc keeps
+freed memory for reuse (`warp_jax.backends.cpu.retain_freed_memory`), which speeds up both;
+`--default-malloc` leaves it as it is. PyTorch runs where JAX does (`--torch-device auto`:
+CUDA when JAX runs on a GPU, where both compute float32 matmuls in TensorFloat-32).
 """
 
 import argparse

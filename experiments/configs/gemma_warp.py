@@ -64,6 +64,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.rl.adam_eps = 1e-8
     c.rl.microbatches = 1  # the update's gradient summed over this many slices of the prompts
     c.rl.remat = False  # recompute each block's activations in the backward pass
+    c.rl.sampler_backend = "auto"  # "xla", "cpu" (opt-in) or "auto": cpu where JAX runs on CPU
 
     c.warp = ml_collections.ConfigDict()
     c.warp.iterations = 2  # I

@@ -1,7 +1,13 @@
 """Gemma 1, 2 and 3 text decoders in Flax, with Hugging Face import/export."""
 
 from warp_jax.gemma.config import PRESETS, GemmaConfig
-from warp_jax.gemma.model import Gemma, block_groups, init_cache, left_padded_positions
+from warp_jax.gemma.model import (
+    Gemma,
+    abstract_params,
+    block_groups,
+    init_cache,
+    left_padded_positions,
+)
 
-__all__ = ["PRESETS", "Gemma", "GemmaConfig", "block_groups", "init_cache",
+__all__ = ["PRESETS", "Gemma", "GemmaConfig", "abstract_params", "block_groups", "init_cache",
            "left_padded_positions"]

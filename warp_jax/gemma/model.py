@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from warp_jax import cpu_kernels
 from warp_jax.gemma.config import GemmaConfig
 
 Cache = dict[str, Any]
@@ -28,34 +27,31 @@ _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax
 def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`.
 
-    Values are stored head-major, `[B, K, S, H]`, and keys head-major with the slots last,
-    `[B, K, H, S]`: the layouts in which attention's two matmuls read them without a
-    transpose (XLA:CPU runs the scores matmul against `[H, S]` keys about twice as fast as
-    against `[S, H]` ones). There is no K axis when there is one KV head (multi-query):
-    XLA:CPU copies a loop-carried cache with a size-1 axis several times per decode step.
+    Keys and values are `[B, S, K, H]`, the layout of the projections that write them (one
+    slot is one contiguous `[K, H]` row), as in MaxText and the `gemma` package.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    heads = _kv_heads(cfg.num_kv_heads)
-    k_shape = (batch_size, *heads, cfg.head_dim, max_len)
-    v_shape = (batch_size, *heads, max_len, cfg.head_dim)
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
     }
     for i in range(cfg.num_layers):
-        cache[f"layer_{i}"] = {"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
+        cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return cache
+
+
+def abstract_params(cfg: GemmaConfig) -> Any:
+    """The params of `Gemma(cfg)` as `jax.ShapeDtypeStruct`s in their `nn.Partitioned` boxes
+    (logical axis names), without allocating them: what shardings and shape checks read."""
+    return jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+        "params"]
 
 
 def left_padded_positions(mask_BT):
     """RoPE positions `[B, T]` of left-padded rows, counted from each row's first real token
-    (0 on the padding); all below T, so `Gemma(..., max_position=T - 1)` holds."""
+    (0 on the padding)."""
     return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
-
-
-def _kv_heads(k: int) -> tuple[int, ...]:
-    """The KV-head axis of keys, values and the queries grouped with them: none when K = 1."""
-    return () if k == 1 else (k,)
 
 
 def block_groups(params: Any) -> Any:
@@ -75,42 +71,6 @@ def _param(module, name, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def packed_matrices(params: Any) -> dict[str, Any]:
-    """The `"packed"` variable collection of `Gemma.apply` for `params`: every block's
-    matrices and the vocabulary projection (the embedding transposed) packed for
-    `cpu_kernels.matmul`, which then runs those matmuls in place of XLA's. With them, each
-    MLP runs its GeGLU in `cpu_kernels.geglu`, and a decode step (one token per row, with a
-    cache) its attention and cache update in `cpu_kernels.decode_attention`.
-
-    `Gemma(cfg).apply({"params": params, "packed": packed_matrices(params)}, ...)` computes
-    the same function (float32, to rounding). Costs a float32 copy of the matrices; the
-    sampler packs once per call, before its decode loop.
-    """
-    params = nn.meta.unbox(params)
-    packed: dict[str, Any] = {
-        "output": cpu_kernels.pack(params["input_embedding"], transposed=True)}
-    for name, block in params.items():
-        if not name.startswith("layer_"):
-            continue
-        attn, mlp = block["attn"], block["mlp"]
-        d = attn["q"].shape[0]
-        packed[name] = {
-            "attn": {**{key: cpu_kernels.pack(attn[key].reshape(d, -1)) for key in "qkv"},
-                     "o": cpu_kernels.pack(attn["o"].reshape(-1, d))},
-            "mlp": {key: cpu_kernels.pack(mlp[key]) for key in ("gate", "up", "down")},
-        }
-    return packed
-
-
-def _dense(module, names, x_MK, ws_KN):
-    """`[x_MK @ w for w in ws_KN]`, or the packed CPU kernel's in one call where the caller
-    passed the matrices `names` packed (`packed_matrices`)."""
-    if module.has_variable("packed", names[0]):
-        packed = [module.get_variable("packed", name) for name in names]
-        return [y.astype(x_MK.dtype) for y in cpu_kernels.matmuls(x_MK, packed)]
-    return [x_MK @ w for w in ws_KN]
-
-
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, in float32."""
 
@@ -128,28 +88,13 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale)).astype(x.dtype)
 
 
-def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0,
-                max_position: int | None = None):
+def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0):
     """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position,
-    built once per forward pass and shared by the layers of one attention type.
-
-    With `max_position` (a bound on `positions_BT` known when tracing), the sines of
-    `0..max_position` are computed once and gathered, to the same values: XLA otherwise fuses
-    the sines into every consumer and recomputes them there.
-    """
+    built once per forward pass and shared by the layers of one attention type."""
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
-
-    def angles(positions):
-        freq = (inv_freq / scale_factor).reshape((1,) * positions.ndim + (half,))
-        return positions.astype(jnp.float32)[..., None] * freq
-
-    if max_position is None:
-        sin, cos = jnp.sin(angles(positions_BT)), jnp.cos(angles(positions_BT))
-    else:
-        table = angles(jnp.arange(max_position + 1))
-        sin, cos = jnp.sin(table)[positions_BT], jnp.cos(table)[positions_BT]
-    return sin[:, :, None, :], cos[:, :, None, :]
+    angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
 
 def apply_rope(x_BTNH, sin_BT1h, cos_BT1h):
@@ -184,66 +129,39 @@ class Attention(nn.Module):
                      ("heads", "head_dim", "embed"), pd)
         b, t = x_BTD.shape[:2]
         first = 0 if keep is None else t - keep  # the first query token
-        x_MD = x_BTD.reshape(b * t, d)  # token-major 2-D matmuls: much faster on XLA:CPU
-        tq = t - first
-        if self.has_variable("packed", "q"):  # one kernel call for the three, on every row
-            q, key, value = _dense(self, ["q", "k", "v"], x_MD,
-                                   [w.astype(dt).reshape(d, -1) for w in (q_w, k_w, v_w)])
-            q = q.reshape(b, t, n, h)[:, first:]
-        else:
-            q = (x_BTD[:, first:].reshape(b * tq, d) @ q_w.astype(dt).reshape(d, n * h))
-            key, value = (x_MD @ w.astype(dt).reshape(d, k * h) for w in (k_w, v_w))
-        q = q.reshape(b, tq, n, h)
-        key, value = (x.reshape(b, t, k, h) for x in (key, value))
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD[:, first:], q_w.astype(dt))
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt))
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt))
         if cfg.use_qk_norm:
-            q = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q)
-            key = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(key)
-        q = apply_rope(q, *(table[:, first:] for table in rope))
-        key = apply_rope(key, *rope)
+            q_BTNH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q_BTNH)
+            k_BTKH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(k_BTKH)
+        q_BTNH = apply_rope(q_BTNH, *(table[:, first:] for table in rope))
+        k_BTKH = apply_rope(k_BTKH, *rope)
+
+        new_cache = None
+        if cache is not None:  # the T new tokens go to slots `slots_T`, then all S are read
+            start = (0, slots_T[0], 0, 0)
+            k_BTKH = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype),
+                                                  start)
+            v_BTKH = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype),
+                                                  start)
+            new_cache = {"k": k_BTKH, "v": v_BTKH}
         slots_S, query_slots = jnp.arange(key_mask_BS.shape[1]), slots_T[first:]
         allowed_TS = slots_S[None, :] <= query_slots[:, None]
         if self.attention_type == "local":
             allowed_TS &= query_slots[:, None] - slots_S[None, :] < cfg.sliding_window
         mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
-        if (cache is not None and t == 1 and self.has_variable("packed", "q")
-                and cache["k"].dtype == cache["v"].dtype == jnp.float32):
-            # A decode step on packed weights: the cache update and the attention in one call.
-            out, key, value = cpu_kernels.decode_attention(
-                (q * cfg.query_scale).reshape(b, n, h), key.reshape(b, k, h),
-                value.reshape(b, k, h), cache["k"], cache["v"], mask_BTS[:, 0], slots_T[0],
-                cfg.attn_logit_softcap)
-            (out,) = _dense(self, ["o"], out.astype(dt).reshape(b, n * h),
-                            [o_w.astype(dt).reshape(n * h, d)])
-            return out.reshape(b, 1, d), {"k": key, "v": value}
 
-        # [B, K, H, T] keys and [B, K, T, H] values, without the K axis when K = 1.
-        key = key.transpose(0, 2, 3, 1).reshape(b, *_kv_heads(k), h, t)
-        value = value.transpose(0, 2, 1, 3).reshape(b, *_kv_heads(k), t, h)
-        new_cache = None
-        if cache is not None:
-            lead = (0,) * (key.ndim - 2)
-            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype),
-                                               (*lead, 0, slots_T[0]))
-            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype),
-                                                 (*lead, slots_T[0], 0))
-            new_cache = {"k": key, "v": value}
-
-        # Head-major batched matmuls, the G query heads of a KV head stacked along the rows
-        # ([B, K, G*T, H] x [B, K, H, S]): XLA:CPU runs these about twice as fast as einsums
-        # that leave T outside the heads.
-        g = n // k
-        heads = "BK" if k > 1 else "B"  # the batch axes of the attention matmuls
-        q_BKMH = (q * cfg.query_scale).reshape(b, tq, k, g, h).transpose(0, 2, 3, 1, 4)
-        q_BKMH = q_BKMH.reshape(b, *_kv_heads(k), g * tq, h)
-        logits = jnp.einsum(f"{heads}MH,{heads}HS->{heads}MS", q_BKMH, key.astype(dt))
-        logits = _softcap(logits.astype(jnp.float32), cfg.attn_logit_softcap)
-        logits = jnp.where(mask_BTS[:, None, None], logits.reshape(b, k, g, tq, -1), _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, *_kv_heads(k), g * tq, -1)
-        out = jnp.einsum(f"{heads}MS,{heads}SH->{heads}MH", probs, value.astype(dt))
-        out = out.reshape(b, k, g, tq, h)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b * tq, n * h)
-        (out,) = _dense(self, ["o"], out, [o_w.astype(dt).reshape(n * h, d)])
-        return out.reshape(b, tq, d), new_cache
+        # The G = N / K query heads that share a KV head attend together.
+        tq = t - first
+        q_BTKGH = (q_BTNH * cfg.query_scale).reshape(b, tq, k, n // k, h)
+        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH.astype(dt))
+        logits_BKGTS = _softcap(logits_BKGTS.astype(jnp.float32), cfg.attn_logit_softcap)
+        logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH.astype(dt))
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(b, tq, n, h), o_w.astype(dt))
+        return out_BTD, new_cache
 
 
 class MLP(nn.Module):
@@ -251,20 +169,16 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD):
+        """Gemma's GeGLU: `(gelu_tanh(x @ gate) * (x @ up)) @ down`."""
         cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
         d, f = cfg.embed_dim, cfg.mlp_dim
         gate = _param(self, "gate", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
-        x_ND = x_BTD.reshape(-1, d)
-        if self.has_variable("packed", "gate"):  # the GeGLU in one kernel call
-            hidden = cpu_kernels.geglu(x_ND, *(self.get_variable("packed", name)
-                                                for name in ("gate", "up"))).astype(dt)
-        else:
-            gated, linear = x_ND @ gate.astype(dt), x_ND @ up.astype(dt)
-            hidden = jax.nn.gelu(gated, approximate=True) * linear
-        (out,) = _dense(self, ["down"], hidden, [down.astype(dt)])
-        return out.reshape(x_BTD.shape)
+        gated = jnp.einsum("BTD,DF->BTF", x_BTD, gate.astype(dt))
+        linear = jnp.einsum("BTD,DF->BTF", x_BTD, up.astype(dt))
+        hidden = jax.nn.gelu(gated, approximate=True) * linear
+        return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
 
 
 class Block(nn.Module):
@@ -299,9 +213,6 @@ class Gemma(nn.Module):
         slots `index..index+T-1`).
       logits_to_keep: None for the logits of every position; n for those of the last n
         only (as in transformers: the vocabulary projection is the costliest matmul).
-      max_position: the largest value `positions` can take, if known when tracing (faster
-        RoPE on CPU; a larger position would get a wrong rotation). Implied when `positions`
-        is None.
 
     Returns:
       float32 logits `[B, T, V]` (`[B, n, V]`) and the updated cache (None without one).
@@ -316,18 +227,13 @@ class Gemma(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, attention_mask=None, cache=None,
-                 logits_to_keep: int | None = None, max_position: int | None = None):
+                 logits_to_keep: int | None = None):
         if logits_to_keep is not None and not 1 <= logits_to_keep <= tokens.shape[1]:
             raise ValueError(f"logits_to_keep must be in [1, {tokens.shape[1]}] (the number of "
                              f"tokens) or None, got {logits_to_keep!r}")
-        if max_position is not None and not (isinstance(max_position, int) and max_position >= 0):
-            raise ValueError(f"max_position must be a non-negative int or None, got "
-                             f"{max_position!r}")
-        x, embedding, cache = decode(self, tokens, positions, attention_mask, cache,
-                                     keep=logits_to_keep, max_position=max_position)
-        b, t, d = x.shape
-        (logits,) = _dense(self, ["output"], x.reshape(b * t, d), [embedding.T])
-        logits = logits.reshape(b, t, -1).astype(jnp.float32)
+        x_BTD, embedding_VD, cache = decode(self, tokens, positions, attention_mask, cache,
+                                            keep=logits_to_keep)
+        logits = jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD).astype(jnp.float32)
         return _softcap(logits, self.cfg.final_logit_softcap), cache
 
 
@@ -343,15 +249,13 @@ def _residual(x_BTD):
     return _constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None,
-           max_position=None):
+def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None):
     """The decoder body, declaring Gemma's params on `module` (shared with the reward model);
     `module.remat` rematerialises each block in the backward pass.
 
     With `keep`, only the last `keep` tokens' hidden states are returned, and the last block
     runs its queries, MLP and residual stream on those tokens alone (its keys and values, like
     every earlier block, on all of them): the other outputs of the last block are unused.
-    `max_position` bounds `positions` (see `rope_tables`).
 
     Returns the final-normed hidden states `[B, T, D]` (`[B, keep, D]`), the embedding in the
     compute dtype and the updated cache.
@@ -363,7 +267,6 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     slots = start + jnp.arange(t, dtype=jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(slots, (b, t))
-        max_position = (t if cache is None else cache["mask"].shape[1]) - 1
     token_mask = (jnp.ones((b, t), bool) if attention_mask is None
                   else attention_mask.astype(bool))
     if cache is None:
@@ -378,7 +281,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
     rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
                      "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
-    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind], max_position)
+    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind])
              for kind in dict.fromkeys(cfg.attention_types)}
     last = len(cfg.attention_types) - 1
     # `keep` (argument 6, counting the module) sizes arrays, so it stays static.

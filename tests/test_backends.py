@@ -1,4 +1,5 @@
-"""`host.retain_freed_memory`: a freed large block is reused, not page-faulted back in."""
+"""The opt-in CPU backend's process setting: a freed large block is reused, not page-faulted
+back in; and `import warp_jax.*` loads no backend."""
 
 import os
 import subprocess
@@ -8,8 +9,8 @@ import pytest
 
 _PROBE = """
 import ctypes, resource, sys
-from warp_jax import host
-ok = host.retain_freed_memory() if sys.argv[1] == "retain" else True
+from warp_jax.backends import cpu
+ok = cpu.retain_freed_memory() if sys.argv[1] == "retain" else True
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -45,3 +46,12 @@ def test_memory_is_returned_as_usual_where_jax_runs_on_an_accelerator():
     ok, faults = _faults("retain", platforms="cuda,cpu")
     assert not ok
     assert faults > 256 * 2**20 // 4096 // 2
+
+
+def test_no_backend_is_imported_unless_selected():
+    probe = ("import sys, warp_jax.warp, warp_jax.sampling, warp_jax.merge; "
+             "print([m for m in sys.modules if m.startswith('warp_jax') "
+             "and ('kernel' in m or 'cpu' in m)])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+    assert out.strip() == "[]"
