@@ -72,17 +72,12 @@ def _check(args) -> None:
 
 def _mesh(args, batch_size: int):
     """The device mesh: `--model` tensor-parallel devices times `--fsdp` ones."""
-    devices = jax.device_count()
-    if args.model < 1 or devices % args.model:
-        raise ValueError(f"--model {args.model} must divide the {devices} devices")
-    fsdp = args.fsdp or devices // args.model
-    if fsdp < 1 or fsdp * args.model > devices:
-        raise ValueError(f"--fsdp {fsdp} x --model {args.model} needs {fsdp * args.model} "
-                         f"devices; {devices} available")
-    if batch_size % fsdp:
-        raise ValueError(f"the batch of {batch_size} pairs must be a multiple of --fsdp "
-                         f"{fsdp} (the devices that split it)")
-    return sharding.make_mesh(fsdp=fsdp, model=args.model)
+    shape = sharding.mesh_shape(jax.device_count(), data=1, fsdp=args.fsdp, model=args.model,
+                                batch_size=batch_size,
+                                names={"fsdp": "--fsdp", "model": "--model",
+                                       "mesh": "--fsdp x --model (data 1)",
+                                       "batch_size": "the batch of pairs"})
+    return sharding.make_mesh(**shape)
 
 
 def run(args) -> dict[str, float]:

@@ -169,6 +169,8 @@ def test_sharded_reward_training_equals_unsharded(rm_setup):
             state, _ = step(state, batch)
         results.append((jax.tree.map(np.asarray, state.params), evaluate(state.params,
                                                                           batches[0])))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    # Adam divides each gradient by its own scale: a near-zero gradient's rounding (a sharded
+    # sum adds in another order) moves its weight by up to a fraction of lr = 1e-2.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  results[0][0], results[1][0])
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)

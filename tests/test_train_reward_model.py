@@ -73,11 +73,14 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
                                  "--eval-fraction", "1.5"])
     assert "--eval-fraction must be in (0, 1)" in capsys.readouterr().err
     _write_pairs(data, 40)
-    for flags, message in ((["--batch-size", "12"], "the batch of 12 pairs must be a multiple "
-                            "of --fsdp 8 (the devices that split it)"),
-                           (["--model", "3"], "--model 3 must divide the 8 devices"),
-                           (["--fsdp", "8", "--model", "2"], "--fsdp 8 x --model 2 needs 16 "
-                            "devices; 8 available")):
+    for flags, message in ((["--batch-size", "12"], "the batch of pairs = 12: must be a "
+                            "multiple of mesh data x fsdp = 1 x 8, the devices that split each "
+                            "run's rows (8 per run; --model takes devices that do not)"),
+                           (["--model", "3"], "--model = 3: must divide the 8 device(s) of "
+                            "each run (8 device(s), 1 run(s) at a time)"),
+                           (["--fsdp", "8", "--model", "2"], "--fsdp x --model (data 1) = "
+                            "(1, 8, 2): data x fsdp x model must be the 8 device(s) of each run "
+                            "(8 device(s), 1 run(s) at a time)")):
         with pytest.raises(SystemExit):
             train_reward_model.main(["--data", str(data), "--workdir", str(tmp_path / "rm"),
                                      "--tokenizer-vocab", "30", *flags])

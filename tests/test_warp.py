@@ -15,7 +15,7 @@ import pytest
 import transformers
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import data, merging, setup, warp
+from warp_jax import data, ingredients, merging, warp
 from warp_jax.checkpoint import read_tree
 from warp_jax.gemma import block_groups
 
@@ -159,7 +159,7 @@ def test_mesh_shape_splits_each_runs_devices(devices, flags, want):
     for field, value in flags.items():
         section, key = field.split(".")
         config[section][key] = value
-    assert setup.mesh_shape(config, devices) == want
+    assert ingredients.mesh_shape(config, devices) == want
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +211,13 @@ def local_run(local_variant):
 def test_local_checkpoint_variant_runs_on_hf_files(local_variant, local_run):
     tmp_path, tokenizer, texts, overrides = local_variant
     config = _local_config(overrides)
-    assert setup.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
-    prepared = setup.prepare(config, tmp_path)
+    assert ingredients.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
+    prepared = ingredients.prepare(config, tmp_path)
     assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
     assert prepared.eval_texts[0] == data.chat_prompt((texts * 4)[-4])  # the held-out 4
     config.model.tokenizer = str(tmp_path / "plain.model")
     with pytest.raises(ValueError, match=r"config.task.chat = True: '<start_of_turn>' is not"):
-        setup.prepare(config, tmp_path)
+        ingredients.prepare(config, tmp_path)
     out, result = local_run
     assert [eta for eta, _, _ in result.front] == [0.0, 1.0]
     records = json.loads((out / "pareto_front.json").read_text())

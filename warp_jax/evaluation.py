@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warp_jax import losses, rewards, sampling, sharding, trainer
+from warp_jax import losses, merging, rewards, sampling, sharding, trainer
 from warp_jax.gemma import GemmaConfig
 
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
@@ -87,9 +87,10 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
         for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
             window = slice(start, start + _CHUNK)
             x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))
-            da, db = xa - x0, xb - x0
+            task = merging.gram(x0, [xa, xb])  # task vectors, then full weights (base 0)
+            full = merging.gram(np.zeros_like(x0), [xa, xb])
             sums[key] = sums.get(key, 0) + np.array(
-                [da @ db, da @ da, db @ db, xa @ xb, xa @ xa, xb @ xb])
+                [task[0, 1], task[0, 0], task[1, 1], full[0, 1], full[0, 0], full[1, 1]])
 
     def cosine(dot, aa, bb):
         return float(dot / np.sqrt(aa * bb)) if aa * bb > 0 else float("nan")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from warp_jax import merging
@@ -34,12 +32,11 @@ from warp_jax.checkpoint import read_tree
 from warp_jax.evaluation import task_vector_stats
 from warp_jax.gemma import hf
 
-_BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
            "tokenizer_config.json", "special_tokens_map.json")
 
 
-class Checkpoint:
+class TensorSource:
     """A checkpoint's tensors by Hugging Face name, with shapes and dtypes known up front.
 
     A safetensors directory is read lazily (headers first, one group of tensors at a time).
@@ -107,13 +104,11 @@ def _groups(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The unit of reading and merging: a transformer block, or one tensor outside them."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        match = _BLOCK.match(name)
-        key = f"layer_{int(match.group(1))}" if match else name
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(hf.block_of(name) or name, []).append(name)
     return list(groups.items())
 
 
-def check_compatible(init: Checkpoint, policies: Sequence[Checkpoint]) -> None:
+def check_compatible(init: TensorSource, policies: Sequence[TensorSource]) -> None:
     """Raises `ValueError` naming the first difference between the init and a policy."""
     arch = init.config.get("model_type")
     for p in policies:
@@ -152,18 +147,20 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists; choose a new --out directory")
-    init = Checkpoint(init_dir, hf_config)
-    policies = [Checkpoint(d, hf_config) for d in policy_dirs]
+    init = TensorSource(init_dir, hf_config)
+    policies = [TensorSource(d, hf_config) for d in policy_dirs]
     check_compatible(init, policies)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent or "."))
     try:
         targets = {eta: (tmp / f"eta_{eta:g}" if subdirs else tmp) for eta in etas}
         groups = _groups(list(init.shapes))
-        weight_maps: dict[float, dict[str, str]] = {eta: {} for eta in etas}
+        writers = {}
+        for eta, target in targets.items():
+            target.mkdir(parents=True, exist_ok=True)
+            writers[eta] = hf.ShardWriter(target, len(groups))
         report: dict[str, dict[str, float]] = {}
-        for index, (key, names) in enumerate(tqdm(groups, desc="merging", unit="group",
-                                                  disable=not progress)):
+        for key, names in tqdm(groups, desc="merging", unit="group", disable=not progress):
             base = init.load(names)
             runs = [p.load(names) for p in policies]
             if len(runs) > 1 and key.startswith("layer_"):
@@ -176,20 +173,11 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
             else:
                 merged = merging.lerp_tree(base, runs, weights)
             del runs
-            file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
-            for eta, target in targets.items():
-                target.mkdir(parents=True, exist_ok=True)
-                out = merging.liti_tree(base, merged, eta)
-                save_file({n: np.ascontiguousarray(v) for n, v in out.items()}, target / file,
-                          metadata={"format": "pt"})
-                weight_maps[eta].update(dict.fromkeys(names, file))
-                del out
+            for eta in targets:
+                writers[eta].write(merging.liti_tree(base, merged, eta))
             del base, merged
         for eta, target in targets.items():
-            total = sum(int(np.prod(s)) * np.dtype(_np_dtype(init.dtypes[n])).itemsize
-                        for n, s in init.shapes.items())
-            (target / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_maps[eta]}, indent=1))
+            writers[eta].close()
             for name in _COPIED:
                 if (init.files_dir / name).exists():
                     shutil.copy(init.files_dir / name, target / name)
@@ -201,14 +189,6 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def _np_dtype(safetensors_dtype: str):
-    import ml_dtypes
-
-    return {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-            "F64": np.float64, "I64": np.int64, "I32": np.int32}.get(safetensors_dtype,
-                                                                     np.float32)
 
 
 def _plot(report: dict[str, dict[str, float]], path: pathlib.Path) -> None:

@@ -137,8 +137,8 @@ def slerp_tree(
     grams: dict[Hashable, Any] = {}
     for i, leaf in enumerate(init_leaves):
         key, axis = labels[i]
-        gram = _gram(leaf, [leaves[i] for leaves in policy_leaves], axis, xp)
-        grams[key] = gram if key not in grams else grams[key] + gram
+        g = gram(leaf, [leaves[i] for leaves in policy_leaves], axis, xp)
+        grams[key] = g if key not in grams else grams[key] + g
     coefficients = {key: _slerp_coefficients(g, w, xp) for key, g in grams.items()}
 
     out = []
@@ -204,8 +204,12 @@ def _slerp_pair(sq_norm_1, sq_norm_2, dot, lam, xp):
     return alpha, beta
 
 
-def _gram(base, thetas, axis, xp):
-    """Dot products of the task vectors `theta_m - base`: `[M, M]`, or `[L, M, M]` per slice."""
+def gram(base, thetas, axis: int | None = None, xp=None):
+    """Dot products of the task vectors `theta_m - base` of one leaf: `[M, M]`, or
+    `[L, M, M]` per slice along a stacked `axis`; float32 (float64 for float64 leaves), NumPy
+    for NumPy leaves. The one owner of task-vector geometry: SLERP's angles and
+    `evaluation.task_vector_stats` both come from it."""
+    xp = xp or _namespace([base, *thetas])
     reduce_axes = None if axis is None else tuple(a for a in range(base.ndim) if a != axis)
     num = len(thetas)
     entries = [[None] * num for _ in range(num)]

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from warp_jax import evaluation, sharding, streams
-from warp_jax.gemma import hf
+from warp_jax import evaluation, sharding
+from warp_jax.gemma import GemmaConfig, hf
+from warp_jax.gemma.tokenizer import Tokenizer
 
 _LABELS = {"reinforce_sft": "REINFORCE, SFT anchor", "reinforce_ema": "REINFORCE, EMA anchor",
            "warp_run": "WARP runs", "warp": "WARP (LITI of SLERP)",
@@ -18,22 +19,21 @@ _KEYS = ("method", "iteration", "run", "step", "eta", "proxy_reward", "proxy_rew
          "oracle_reward", "oracle_reward_se", "kl", "kl_se")
 
 
-def write_outputs(workdir: pathlib.Path, config, setup, records: list[dict], runner,
-                  merged_final: Any) -> None:
-    """Every process computes (they sample together); process 0 writes."""
-    records = [{k: r.get(k) for k in _KEYS} for r in records]
-    rewards = [k for k in ("proxy_reward", "oracle_reward") if records[0].get(k) is not None]
-    final = runner.liti(runner.sft, merged_final, config.warp.export_eta)
-    final_host = sharding.to_host(final)
-    samples = {name: _samples(params, runner, setup, config)
-               for name, params in (("SFT", runner.sft), ("WARP", final))}
+def write_outputs(workdir: pathlib.Path, config, records: list[dict], final_policy: Any,
+                  cfg: GemmaConfig, tokenizer: Tokenizer,
+                  samples: dict[str, list[tuple[str, str]]]) -> None:
+    """Writes the outputs from process 0: `records` (every evaluated point), the exported
+    `final_policy` (host arrays of `cfg`, with `tokenizer`) and `samples` (per policy name,
+    (prompt, completion) pairs)."""
     if not sharding.is_main_process():
         return
+    records = [{k: r.get(k) for k in _KEYS} for r in records]
+    rewards = [k for k in ("proxy_reward", "oracle_reward") if records[0].get(k) is not None]
     (workdir / "pareto_front.json").write_text(json.dumps(records, indent=1))
     _plot(workdir / "pareto_front.png", records, rewards, config)
     out_dir = workdir / "final_policy"
-    hf.save_hf(final_host, setup.cfg, out_dir)
-    setup.tokenizer.save(out_dir / "tokenizer.model")
+    hf.save_hf(final_policy, cfg, out_dir)
+    tokenizer.save(out_dir / "tokenizer.model")
     _summary(workdir / "summary.md", records, rewards, config, samples)
 
 
@@ -76,16 +76,6 @@ def _plot(path: pathlib.Path, records, rewards, config) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _samples(params, runner, setup, config, num: int = 4) -> list[tuple[str, str]]:
-    prompts = tuple(x[:num] for x in setup.eval_prompts)
-    result = evaluation.evaluate_policy(
-        params, runner.sft, setup.cfg, prompts, streams.key(config.seed, "report_samples"),
-        {}, max_new_tokens=config.rl.max_new_tokens, temperature=config.rl.temperature,
-        num_samples=1, eos_id=setup.end_ids, backend=config.rl.sampler_backend)
-    texts = setup.tokenizer.decode_batch(*result["completions"])
-    return list(zip(setup.eval_texts[:num], texts, strict=True))
 
 
 def _final_points(records, method):

@@ -57,6 +57,54 @@ def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,
                          devices=devices[:size])
 
 
+def mesh_shape(num_devices: int, *, runs: int = 1, data: int = 0, fsdp: int = 0,
+               model: int = 1, batch_size: int | None = None,
+               names: dict[str, str] | None = None) -> dict[str, int]:
+    """The mesh shape `{run, data, fsdp, model}` on `num_devices` devices.
+
+    `run` is `runs` where it divides the devices (else 1: the runs then take turns on the
+    whole mesh). Of each run's devices, `model` split the weights tensor-parallel and the rest
+    are `data` x `fsdp`: as given, with one of them 0 what the other leaves, with both 0 all
+    `data` (weights replicated). Both split each step's `batch_size` rows, so it must be a
+    multiple of their product; `fsdp` also splits the weights and optimizer state.
+
+    Raises `ValueError` naming the bad setting by `names` (e.g. `{"model":
+    "config.mesh.model"}`; default: the argument's name, and "mesh" for the three together).
+    """
+    names = {"data": "data", "fsdp": "fsdp", "model": "model", "batch_size": "batch_size",
+             "mesh": "mesh (data, fsdp, model)", **(names or {})}
+
+    def fail(field, value, valid):
+        raise ValueError(f"{names[field]} = {value!r}: {valid}")
+
+    for field, value in (("data", data), ("fsdp", fsdp), ("model", model)):
+        if not isinstance(value, int) or value < (1 if field == "model" else 0):
+            fail(field, value, "must be a positive int" + (
+                "" if field == "model" else " (or 0: what the other axes leave)"))
+    runs = runs if num_devices % runs == 0 else 1
+    per_run = num_devices // runs
+    where = f"({num_devices} device(s), {runs} run(s) at a time)"
+    if per_run % model:
+        fail("model", model, f"must divide the {per_run} device(s) of each run {where}")
+    rest = per_run // model
+    if (data or fsdp) and not (data and fsdp):
+        given = data or fsdp
+        if rest % given:
+            fail("data" if data else "fsdp", given, f"must divide the {rest} device(s) of each "
+                 f"run left by {names['model']} = {model}")
+        data, fsdp = (given, rest // given) if data else (rest // given, given)
+    elif not data:
+        data, fsdp = rest, 1
+    if data * fsdp * model != per_run:
+        fail("mesh", (data, fsdp, model), f"data x fsdp x model must be the {per_run} "
+             f"device(s) of each run {where}")
+    if batch_size is not None and batch_size % (data * fsdp):
+        fail("batch_size", batch_size, f"must be a multiple of mesh data x fsdp = {data} x "
+             f"{fsdp}, the devices that split each run's rows ({per_run} per run; "
+             f"{names['model']} takes devices that do not)")
+    return {"run": runs, "data": data, "fsdp": fsdp, "model": model}
+
+
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """The mesh `PartitionSpec` of an array with these logical axis names and shape."""
     used: set[str] = set()

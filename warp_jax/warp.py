@@ -1,29 +1,20 @@
-"""The WARP loop (Algorithm 1): iterations x M parallel runs x T steps, SLERP, LITI, resume.
+"""WARP, Algorithm 1 of the paper: I iterations of M RL runs with EMA anchors, merged by SLERP
+of their task vectors, then LITI towards the iteration's init, which starts the next one.
 
-Every stage is checkpointed under `workdir/checkpoints/<stage>` (runs every `eval.every`
-steps, merges once), and the evaluation records of each stage under
-`workdir/records/<stage>.json`, so `run` resumes after a kill at any moment and produces the
-same `pareto_front.json` as an uninterrupted run.
+`run(config, workdir)` is the whole job; everything around the algorithm (the stacked runs,
+checkpoints, evaluation, baselines, outputs) is `warp_jax.experiment`.
+
+References:
+  Ramé et al., "WARP: On the Benefits of Weight Averaged Rewarded Policies", 2024, Alg. 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
-import pathlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-from tqdm import tqdm
-
-from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
-from warp_jax.checkpoint import Checkpoints
-from warp_jax.gemma import block_groups
-from warp_jax.report import write_outputs
-from warp_jax.setup import Setup, mesh_shape, prepare, validate_config
+from warp_jax.experiment import Experiment
 
 
 @dataclasses.dataclass
@@ -34,208 +25,25 @@ class WarpResult:
     records: list[dict]  # every evaluated point (pareto_front.json)
 
 
-class _Logger:
-    """Training metrics to `metrics.jsonl` and TensorBoard (from process 0 only)."""
-
-    def __init__(self, workdir: pathlib.Path):
-        from tensorboardX import SummaryWriter
-
-        self._on = sharding.is_main_process()
-        if self._on:
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def log(self, stage: str, run: int, step: int, metrics: dict[str, float]) -> None:
-        if not self._on:
-            return
-        self._jsonl.write(json.dumps({"stage": stage, "run": run, "step": step, **metrics})
-                          + "\n")
-        for name, value in metrics.items():
-            self._tb.add_scalar(f"{stage}/run{run}/{name}", value, step)
-
-    def close(self) -> None:
-        if self._on:
-            self._jsonl.close()
-            self._tb.close()
-
-
-class _Runner:
-    def __init__(self, config, workdir: pathlib.Path, setup: Setup):
-        self.config, self.workdir, self.setup = config, workdir, setup
-        self.ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
-        self.logger = _Logger(workdir)
-        (workdir / "records").mkdir(exist_ok=True)
-        self.mesh = sharding.make_mesh(**mesh_shape(config, len(jax.devices())))
-        self.param_sharding = sharding.param_shardings(setup.boxed_params, self.mesh)
-        self.sft = jax.device_put(setup.sft_params, self.param_sharding)
-        rm_cfg, rm_params = setup.reward_model
-        rm_params = jax.device_put(rm_params, sharding.param_shardings(
-            rewards.abstract_params(rm_cfg), self.mesh))
-        self.rewards = {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)}
-        if setup.oracle is not None:
-            self.rewards["oracle_reward"] = setup.oracle
-        self.groups = (block_groups(setup.sft_params) if config.warp.granularity == "layer"
-                       else None)
-        # The merges and the unstacking of a run as one program each, with the params'
-        # sharding out (op by op, every op on arrays spanning processes is its own program).
-        out = dict(out_shardings=self.param_sharding)
-        self.slerp = jax.jit(functools.partial(merging.slerp_tree, groups=self.groups), **out)
-        self.lerp = jax.jit(merging.lerp_tree, **out)
-        self.liti = jax.jit(merging.liti_tree, **out)
-        self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
-        self._steps: dict[tuple[str, int], Any] = {}
-
-    def rl_config(self, anchor: str) -> reinforce.RLConfig:
-        r = self.config.rl
-        return reinforce.RLConfig(
-            beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-            eos_id=self.setup.end_ids, learning_rate=r.learning_rate,
-            warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps,
-            microbatches=r.microbatches, remat=r.remat, sampler_backend=r.sampler_backend)
-
-    def step_fn(self, anchor: str, num_runs: int):
-        key = (anchor, num_runs)
-        if key not in self._steps:
-            self._steps[key] = reinforce.make_train_step(
-                self.setup.cfg, self.rl_config(anchor), self.rewards["proxy_reward"],
-                mesh=self.mesh, num_runs=num_runs)
-        return self._steps[key]
-
-    def evaluate(self, params) -> dict[str, Any]:
-        """Every point is evaluated with the same key (common random numbers), so differences
-        between points are not sampling noise of the held-out completions' draws."""
-        c = self.config
-        result = evaluation.evaluate_policy(
-            params, self.sft, self.setup.cfg, self.setup.eval_prompts, streams.key(c.seed, "eval"),
-            self.rewards, max_new_tokens=c.rl.max_new_tokens,
-            temperature=c.rl.temperature, num_samples=c.eval.samples,
-            eos_id=self.setup.end_ids, backend=c.rl.sampler_backend)
-        result.pop("completions")
-        return {k: round(v, 6) for k, v in result.items()}
-
-    def _records(self, stage: str) -> pathlib.Path:
-        return self.workdir / "records" / f"{stage}.json"
-
-    def load_records(self, stage: str, upto: int | None = None) -> list[dict] | None:
-        path = self._records(stage)
-        if not path.exists():
-            return None
-        records = json.loads(path.read_text())
-        return [r for r in records if upto is None or r.get("step", 0) <= upto]
-
-    def save_records(self, stage: str, records: list[dict]) -> None:
-        """Every process writes the same records (its own temporary file, then an atomic
-        rename), so each finds them on resume, on a shared directory or its own disk."""
-        path = self._records(stage)
-        tmp = path.with_suffix(f".{jax.process_index()}.tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, path)
-
-    def train(self, stage: str, init, anchor: str, runs: list[tuple],
-              steps: int, method: str, iteration: int) -> list[Any]:
-        """Trains len(runs) stacked runs from `init`, each with the random streams (prompt
-        order and keys) named by its `(purpose, *indices)`; returns their final policies."""
-        num_runs = len(runs)
-        seed = self.config.seed
-        orders = [streams.seed(seed, *run) for run in runs]
-        run_keys = [streams.key(seed, *run) for run in runs]
-        step_fn, init_fn = self.step_fn(anchor, num_runs)
-        state = init_fn(init)  # every run starts from `init`
-        start = self.ckpt.latest_step(stage) or 0
-        records = []
-        if start:
-            state = self.ckpt.restore(stage, state)
-            records = self.load_records(stage, upto=start) or []
-        batches = self.setup.train_prompts
-        every = self.config.eval.every
-        pending = None  # the previous step's metrics, read once the next step is dispatched
-
-        def flush():
-            if pending is not None:
-                step, metrics = pending
-                metrics = sharding.to_host(metrics)
-                for m in range(num_runs):
-                    self.logger.log(stage, m, step, {k: float(v[m]) for k, v in metrics.items()})
-
-        for t in tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
-                      disable=not sharding.is_main_process()):
-            prompts = tuple(jnp.stack(x) for x in zip(*(batches.batch(o, t) for o in orders),
-                                                       strict=True))
-            keys = jnp.stack([jax.random.fold_in(k, t) for k in run_keys])
-            state, metrics = step_fn(state, prompts, keys)
-            flush()
-            pending = (t + 1, metrics)
-            if (t + 1) % every == 0 or t + 1 == steps:
-                flush()
-                pending = None
-                for m in range(num_runs):
-                    point = self.evaluate(self.unstack(state.params, m))
-                    records.append({"method": method, "iteration": iteration, "run": m,
-                                    "step": t + 1, "eta": None, **point})
-                self.save_records(stage, records)
-                self.ckpt.save(stage, t + 1, state)
-        self.ckpt.wait()
-        return [self.unstack(state.params, m) for m in range(num_runs)]
-
-    def front(self, stage: str, merged, method: str, iteration: int,
-              etas) -> list[dict]:
-        records = self.load_records(stage)
-        if records is None:
-            records = []
-            for eta in etas:
-                point = self.evaluate(self.liti(self.sft, merged, eta))
-                records.append({"method": method, "iteration": iteration, "run": None,
-                                "step": None, "eta": eta, **point})
-            self.save_records(stage, records)
-        return records
-
-
 def run(config, workdir: str | os.PathLike) -> WarpResult:
-    """Runs WARP and its baselines as `config` says (see experiments/configs/gemma_warp.py),
-    writing checkpoints, metrics and records to `workdir`; resumes what a previous run there
-    left. Returns the per-iteration inits, the merged policies, the final front and every
-    evaluated record."""
-    validate_config(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    setup = prepare(config, workdir)
-    runner = _Runner(config, workdir, setup)
-    c = config
-    records: list[dict] = []
-
-    for name in c.warp.baselines:
-        if name in ("reinforce_sft", "reinforce_ema"):
-            anchor = name.split("_")[1]
-            runner.train(f"baseline_{name}", runner.sft, anchor, [("baseline", 0)],
-                         c.warp.iterations * c.warp.steps, name, 0)
-            records += runner.load_records(f"baseline_{name}")
-
-    inits, merged_all = [runner.sft], []
-    init = runner.sft
-    for i in range(1, c.warp.iterations + 1):
-        stage = f"iter{i}"
-        runs = [("warp_run", i, m) for m in range(c.warp.runs)]
-        # A finished stage is restored from its last checkpoint rather than trained again.
-        policies = runner.train(stage, init, "ema", runs, c.warp.steps, "warp_run", i)
-        records += runner.load_records(stage)
-        merged = runner.slerp(init, policies)
+    """Runs WARP and its baselines as `config` says (experiments/configs/gemma_warp.py),
+    writing checkpoints, metrics, records and outputs to `workdir`; resumes what a previous
+    run there left."""
+    exp = Experiment.start(config, workdir)
+    c = config.warp
+    records = exp.baselines()
+    init, inits, merged_all = exp.sft, [exp.sft], []
+    for i in range(1, c.iterations + 1):
+        runs = [("warp_run", i, m) for m in range(c.runs)]  # each its own random streams
+        # Lines 3-11: M runs from init (policy = EMA anchor = init), T REINFORCE steps each on
+        # r_beta with their own EMA as the anchor, stacked on the mesh's `run` axis.
+        policies = exp.train(f"iter{i}", init, "ema", runs, c.steps, "warp_run", i)
+        merged = exp.slerp(init, policies)  # line 12: SLERP of the M task vectors, lambda 1/M
         merged_all.append(merged)
-        records += runner.front(f"{stage}_front", merged, "warp", i, c.warp.eta_grid)
-        if "lerp" in c.warp.baselines and i == 1:
-            records += runner.front(f"{stage}_lerp_front", runner.lerp(init, policies),
-                                    "lerp", i, c.warp.eta_grid)
-        geometry = (evaluation.task_vector_stats(init, policies, block_groups(init))
-                    if len(policies) > 1 else {})
-        if sharding.is_main_process():
-            (workdir / "records" / f"{stage}_geometry.json").write_text(
-                json.dumps(geometry, indent=1))
-        init = runner.liti(init, merged, c.warp.eta)
+        records += exp.iteration_records(i, init, policies, merged)
+        init = exp.liti(init, merged, c.eta)  # line 13: LITI towards the init
         inits.append(init)
-
-    runner.ckpt.close()
-    runner.logger.close()
-    final = [r for r in records if r["method"] == "warp" and r["iteration"] == c.warp.iterations]
-    write_outputs(workdir, config, setup, records, runner, merged_all[-1])
+    exp.finish(records, merged_all[-1])  # the output: the LITI front of the last merge
+    final = [r for r in records if r["method"] == "warp" and r["iteration"] == c.iterations]
     return WarpResult(inits, merged_all,
                       [(r["eta"], r["proxy_reward"], r["kl"]) for r in final], records)

@@ -21,7 +21,7 @@ import transformers
 
 from experiments.benchmarks.merging import ROOT, ensure_mergekit
 from warp_jax import merge
-from warp_jax.merge import Checkpoint
+from warp_jax.merge import TensorSource
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     subprocess.run([str(python.parent / "mergekit-yaml"), str(tmp / "mergekit.yml"),
                     str(tmp / "mergekit"), "--lazy-unpickle"], check=True,
                    capture_output=True)
-    ours, theirs = Checkpoint(tmp / "ours"), Checkpoint(tmp / "mergekit")
+    ours, theirs = TensorSource(tmp / "ours"), TensorSource(tmp / "mergekit")
     worst = 0.0
     print("| tensor | max abs diff | max abs value |\n|---|---:|---:|")
     for name in sorted(ours.shapes):

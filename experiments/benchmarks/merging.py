@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.benchmarks._machine import device_description
+from experiments.benchmarks._machine import device_description, stamp
 from experiments.benchmarks._trees import make_trees
 from warp_jax import merging
 
@@ -106,7 +106,7 @@ def main() -> None:
         "ema_update": (jax.jit(lambda i, a, b: merging.ema_update(i, a, 0.01)), 3),
     }
     print(f"JAX {jax.__version__} on {device_description()}; "
-          f"{tree_bytes / 1e9:.2f} GB per tree; median of {args.repeats}")
+          f"{tree_bytes / 1e9:.2f} GB per tree; median of {args.repeats}; {stamp()}")
     if on_cpu:
         rows = [("numpy copy (bandwidth)", copy_s, copy_gbs, 1.0, "into new arrays, like a merge"),
                 ("numpy copy, preallocated", warm_s, 2 * tree_bytes / warm_s / 1e9,

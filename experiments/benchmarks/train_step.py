@@ -33,7 +33,7 @@ import optax
 import torch
 import transformers
 
-from experiments.benchmarks._machine import device_description
+from experiments.benchmarks._machine import device_description, stamp
 from experiments.benchmarks.sampling import (
     _add_device_flag,
     _add_malloc_flag,
@@ -188,7 +188,8 @@ def main() -> None:
     peak = _matmul_flops()
     print(f"JAX {jax.__version__} ({device_description()}), torch {torch.__version__} "
           f"on {device} ({torch.get_num_threads()} threads); f32 matmul {peak / 1e9:.1f} "
-          f"GFLOP/s; {PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}")
+          f"GFLOP/s; {PROMPT}+{NEW} tokens per sequence; median of {args.repeats}; {malloc}; "
+          f"{stamp()}")
     print("\n| config | params | batch | step tok/s | MFU | sampling s | scoring s | update s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows = []

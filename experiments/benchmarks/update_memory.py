@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._machine import device_description
+from experiments.benchmarks._machine import device_description, stamp
 from experiments.benchmarks.sampling import _add_malloc_flag, _set_malloc, _sizes
 from experiments.benchmarks.train_step import NEW, PROMPT, SIZES
 from warp_jax import reinforce
@@ -73,7 +73,7 @@ def main() -> None:
     sizes = _sizes(parser, args.sizes, SIZES)
     malloc = _set_malloc(args).removesuffix(", for both")
     print(f"JAX {jax.__version__} ({device_description()}); {PROMPTS * 2} sequences of "
-          f"{PROMPT}+{NEW} tokens; median of {args.repeats}; {malloc}")
+          f"{PROMPT}+{NEW} tokens; median of {args.repeats}; {malloc}; {stamp()}")
     print("\n| config | microbatches | remat | temporary MB | vs plain | update s | vs plain |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for name in sizes:

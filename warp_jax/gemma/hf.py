@@ -232,25 +232,58 @@ def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.Pat
         if shards[-1] and size + value.nbytes > _MAX_SHARD_BYTES:
             shards.append({})
             size = 0
-        shards[-1][name] = np.ascontiguousarray(value)
+        shards[-1][name] = value
         size += value.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / file, metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(shard, file)
-        total = sum(v.nbytes for v in state.values())
-        (directory / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer = ShardWriter(directory, len(shards))
+    for shard in shards:
+        writer.write(shard)
+    writer.close()
     hf_config = config_to_hf(cfg)
     if "score" in params:
         hf_config.architectures, hf_config.num_labels = [_HF_REWARD_ARCH[cfg.family]], 1
     hf_config.to_json_file(directory / "config.json")
 
 
+class ShardWriter:
+    """Writes a checkpoint's tensors as `num_files` safetensors files, one `write` each, in
+    the layout transformers reads: `model.safetensors` alone, or
+    `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json` (on `close`)."""
+
+    def __init__(self, directory: str | os.PathLike, num_files: int):
+        self.directory, self.num_files = pathlib.Path(directory), num_files
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._written = 0
+
+    def write(self, tensors: Mapping[str, np.ndarray]) -> None:
+        if self._written == self.num_files:
+            raise ValueError(f"all {self.num_files} safetensors files are written")
+        self._written += 1
+        file = ("model.safetensors" if self.num_files == 1 else
+                f"model-{self._written:05d}-of-{self.num_files:05d}.safetensors")
+        save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()},
+                  self.directory / file, metadata={"format": "pt"})
+        self.weight_map |= dict.fromkeys(tensors, file)
+        self.total += sum(int(np.asarray(v).nbytes) for v in tensors.values())
+
+    def close(self) -> None:
+        if self._written != self.num_files:
+            raise ValueError(f"{self._written} of {self.num_files} safetensors files written")
+        if self.num_files > 1:
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
+                indent=1))
+
+
+def block_of(name: str) -> str | None:
+    """The transformer block (`"layer_i"`, as in `gemma.block_groups`) of a Hugging Face
+    tensor name (`model.layers.i.*`, `model.language_model.layers.i.*`), or None outside the
+    blocks."""
+    match = _BLOCK.match(name)
+    return f"layer_{int(match.group(1))}" if match else None
+
+
+_BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 

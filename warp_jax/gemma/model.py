@@ -130,8 +130,10 @@ class Attention(nn.Module):
         b, t = x_BTD.shape[:2]
         first = 0 if keep is None else t - keep  # the first query token
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD[:, first:], q_w.astype(dt))
-        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt))
-        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt))
+        # Keys and values split by rows only: with K heads that the `model` axis does not
+        # divide, XLA's propagation otherwise splits K over part of it and must replicate.
+        k_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt)))
+        v_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt)))
         if cfg.use_qk_norm:
             q_BTNH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q_BTNH)
             k_BTKH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(k_BTKH)
@@ -243,6 +245,10 @@ def _constrain(x, logical_axes):
     other names)."""
     return nn.with_logical_constraint(x, logical_axes,
                                       fallback=nn.spmd.RulesFallback.NO_CONSTRAINT)
+
+
+def _kv(x_BTKH):
+    return _constrain(x_BTKH, ("activation_batch", "activation_length", None, None))
 
 
 def _residual(x_BTD):

@@ -29,7 +29,7 @@ BASELINES = ("reinforce_sft", "reinforce_ema", "lerp")
 
 
 @dataclasses.dataclass
-class Setup:
+class Ingredients:
     cfg: GemmaConfig
     tokenizer: Tokenizer
     sft_params: Any
@@ -47,45 +47,14 @@ def _fail(field: str, value: Any, valid: str) -> None:
 
 
 def mesh_shape(c, num_devices: int) -> dict[str, int]:
-    """The mesh `{run, data, fsdp, model}` of the experiment on `num_devices` devices.
-
-    `run` is `warp.runs` where it divides the devices (else 1: the runs then take turns on
-    the whole mesh). Of each run's devices, `mesh.model` split the weights tensor-parallel and
-    the rest are `data` x `fsdp`: as given, with one of them 0 what the other leaves, with both
-    0 all `data` (weights replicated). Both split each step's `rl.batch_size` prompts, so it
-    must be a multiple of their product; `fsdp` also splits the weights and optimizer state.
-    """
-    m = c.mesh
-    for field in ("data", "fsdp", "model"):
-        value = m[field]
-        if not isinstance(value, int) or value < (1 if field == "model" else 0):
-            _fail(f"mesh.{field}", value, "must be a positive int" + (
-                "" if field == "model" else " (or 0: what the other axes leave)"))
-    runs = c.warp.runs if num_devices % c.warp.runs == 0 else 1
-    per_run = num_devices // runs
-    if per_run % m.model:
-        _fail("mesh.model", m.model, f"must divide the {per_run} device(s) of each run "
-              f"({num_devices} device(s), {runs} run(s) at a time)")
-    rest = per_run // m.model
-    if m.data and m.fsdp:
-        data, fsdp = m.data, m.fsdp
-    elif m.data or m.fsdp:
-        given = m.data or m.fsdp
-        if rest % given:
-            field = "mesh.data" if m.data else "mesh.fsdp"
-            _fail(field, given, f"must divide the {rest} device(s) of each run left by "
-                  f"mesh.model = {m.model}")
-        data, fsdp = (given, rest // given) if m.data else (rest // given, given)
-    else:
-        data, fsdp = rest, 1
-    if data * fsdp * m.model != per_run:
-        _fail("mesh", (m.data, m.fsdp, m.model), f"data x fsdp x model must be the {per_run} "
-              f"device(s) of each run ({num_devices} device(s), {runs} run(s) at a time)")
-    if c.rl.batch_size % (data * fsdp):
-        _fail("rl.batch_size", c.rl.batch_size, f"must be a multiple of mesh data x fsdp = "
-              f"{data} x {fsdp}, the devices that split each run's prompts ({per_run} per run; "
-              f"mesh.model takes devices that do not)")
-    return {"run": runs, "data": data, "fsdp": fsdp, "model": m.model}
+    """The experiment's mesh on `num_devices` devices (`sharding.mesh_shape` of `c.mesh`,
+    `c.warp.runs` and `c.rl.batch_size`), errors naming the config fields."""
+    names = {f: f"config.mesh.{f}" for f in ("data", "fsdp", "model")}
+    return sharding.mesh_shape(num_devices, runs=c.warp.runs, data=c.mesh.data,
+                               fsdp=c.mesh.fsdp, model=c.mesh.model,
+                               batch_size=c.rl.batch_size,
+                               names={**names, "mesh": "config.mesh",
+                                      "batch_size": "config.rl.batch_size"})
 
 
 def validate_config(c) -> None:
@@ -166,7 +135,7 @@ def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:
                                       for c in completions], tokenizer)
 
 
-def prepare(c, workdir: pathlib.Path) -> Setup:
+def prepare(c, workdir: pathlib.Path) -> Ingredients:
     ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
     try:
         return _reviews(c, workdir, ckpt) if c.task.name == "reviews" else _local(c)
@@ -192,7 +161,7 @@ def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn[1:])))
 
 
-def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
+def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
     corpus = data.review_corpus(c.task.corpus_size, streams.seed(c.seed, "corpus"))
     path = workdir / "tokenizer.model"
     missing = not path.exists()
@@ -235,7 +204,7 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Setup:
         rm_params = sharding.host_local_to_global(_train_reward_model(
             c, cfg, tokenizer, end_ids, sft_params, rm_like, train_texts, oracle))
         ckpt.save("reward_model", 0, rm_params)
-    return Setup(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
+    return Ingredients(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
                  data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
                  tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts, end_ids)
 
@@ -276,7 +245,7 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     return state.params
 
 
-def _local(c) -> Setup:
+def _local(c) -> Ingredients:
     from transformers import AutoConfig
 
     tokenizer = Tokenizer(c.model.tokenizer)
@@ -302,6 +271,6 @@ def _local(c) -> Setup:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")
     train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
-    return Setup(cfg, tokenizer, sft_params, abstract_params(cfg), (rm_cfg, rm_params), None,
+    return Ingredients(cfg, tokenizer, sft_params, abstract_params(cfg), (rm_cfg, rm_params), None,
                  data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
                  tokenizer.encode_batch(held_out, c.task.prompt_len), held_out, end_ids)
