@@ -191,14 +191,14 @@ def test_ema_update_uses_mu_and_the_sft_anchor_never_moves(policy, step_fns):
     state, _ = step(state, prompts, jax.random.key(0))
     before = _copy(state)
     state, _ = step(state, prompts, jax.random.key(1))
-    want = merging.ema_update(before.ema_params, _copy(state.params), RL.mu)
+    want = merging.ema_update(before.anchor_params, _copy(state.params), RL.mu)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 _copy(state.ema_params), want)
+                 _copy(state.anchor_params), want)
     step, init = step_fns["sft"]
     state = init(params)
     for i in range(3):
         state, _ = step(state, prompts, jax.random.key(i))
-    jax.tree.map(np.testing.assert_array_equal, _copy(state.ema_params), _copy(params))
+    jax.tree.map(np.testing.assert_array_equal, _copy(state.anchor_params), _copy(params))
     assert not np.allclose(state.params["final_norm"]["scale"], params["final_norm"]["scale"])
 
 

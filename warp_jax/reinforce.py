@@ -15,6 +15,7 @@ from warp_jax.losses import (
     token_logprobs,
 )
 from warp_jax.rewards import call_reward, reward_arrays
+from warp_jax.stacking import stack_runs
 from warp_jax.trainer import (
     ANCHORS,
     RLConfig,
@@ -24,7 +25,6 @@ from warp_jax.trainer import (
     make_optimizer,
     make_train_step,
     rollout,
-    stack_runs,
     step,
     update,
 )

@@ -17,14 +17,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from warp_jax import merging, rewards, sampling, sharding
+from warp_jax import merging, rewards, sampling, sharding, stacking
 from warp_jax.gemma import Gemma, GemmaConfig, abstract_params, left_padded_positions
 from warp_jax.losses import (
     BASELINES,
@@ -100,8 +99,13 @@ class RLConfig:
 class RLState(NamedTuple):
     step: jax.Array  # [] int32: optimizer steps taken
     params: Any  # the policy
-    ema_params: Any  # the KL anchor: the policy's EMA ("ema") or the fixed init ("sft", "none")
+    anchor_params: Any  # the KL anchor: the policy's EMA ("ema") or the fixed init ("sft", "none")
     opt_state: Any
+
+    @property
+    def ema_params(self) -> Any:
+        """`anchor_params` under the name the paper's EMA anchor gives it."""
+        return self.anchor_params
 
 
 def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
@@ -195,7 +199,7 @@ def update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig, rl: 
     completions, `r_beta`, the policy gradient, Adam and the EMA update. A non-finite loss or
     gradient leaves the state unchanged (`metrics["nonfinite"]`); `init_params` (optional)
     adds `metrics["kl_init"]`."""
-    logp_anchor = _logprobs(cfg, rl, state.ema_params, batch)
+    logp_anchor = _logprobs(cfg, rl, state.anchor_params, batch)
     cmask = batch[3]
     beta = 0.0 if rl.anchor == "none" else rl.beta
 
@@ -223,8 +227,8 @@ def update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig, rl: 
         logp, r_beta, entropy = _from_microbatches(aux, rl.num_samples)
     updates, opt_state = make_optimizer(rl).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = merging.ema_update(state.ema_params, params, rl.mu) if rl.anchor == "ema" \
-        else state.ema_params
+    ema = merging.ema_update(state.anchor_params, params, rl.mu) if rl.anchor == "ema" \
+        else state.anchor_params
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = RLState(state.step + 1, params, ema, opt_state)
@@ -250,16 +254,6 @@ def step(state: RLState, prompts, rng, init_params, reward_leaves, *, cfg: Gemma
     batch = rollout(state, prompts, rng, cfg=cfg, rl=rl)
     reward = rewards.call_reward(reward_fn, reward_def, reward_leaves, batch)
     return update(state, batch, reward, init_params, cfg=cfg, rl=rl)
-
-
-def stack_runs(fn: Callable, mesh: Mesh | None, num_runs: int | None, in_axes) -> Callable:
-    """`fn` of one run over M runs stacked along a leading axis (`jax.vmap`; `in_axes` as
-    there), whose activations the model's constraints split over the mesh's `run` axis where
-    it divides M; `fn` itself without stacked runs (`num_runs` None)."""
-    if not num_runs:
-        return fn
-    run = sharding.run_axis(mesh, num_runs)[0] if mesh is not None else None
-    return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=run)
 
 
 def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
@@ -311,7 +305,8 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         """`fn` (of one run) stacked over the runs and jitted with its shardings (on a mesh)
         and donation: one program per input shape, compiled on its first call."""
         kw = {} if mesh is None else dict(in_shardings=in_shardings, out_shardings=out_shardings)
-        return jax.jit(stack_runs(functools.partial(fn, cfg=cfg, rl=rl), mesh, num_runs, in_axes),
+        return jax.jit(stacking.stack_runs(functools.partial(fn, cfg=cfg, rl=rl), mesh, num_runs,
+                                           in_axes),
                        donate_argnums=donate, **kw)
 
     out = (shard.state, shard.metrics)
@@ -348,47 +343,16 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         init_stacked = jax.jit(jax.vmap(init_fn), **out)
         # One set of params is broadcast inside the program, so that the M copies only ever
         # exist sharded over `run` (an eager stack would hold all M on every device first).
-        init_shared = jax.jit(lambda p: jax.vmap(init_fn)(jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (num_runs, *x.shape)), p)), **out)
-    shapes = _param_shapes(boxed)
+        init_shared = jax.jit(lambda p: jax.vmap(init_fn)(stacking.broadcast(p, num_runs)),
+                              **out)
+    shapes = stacking.param_shapes(boxed)
 
     def init(params):
-        if _is_stacked(params, shapes, num_runs):
+        if stacking.is_stacked(params, shapes, num_runs):
             return init_stacked(params)
         return init_shared(params) if num_runs else init_one(params)
 
     return train_step, init
-
-
-def _param_shapes(boxed) -> dict[str, tuple[int, ...]]:
-    """One run's param shapes, by leaf path, from the abstract boxed params."""
-    leaves = jax.tree_util.tree_leaves_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return {jax.tree_util.keystr(path): tuple(nn.unbox(x).shape) for path, x in leaves}
-
-
-def _is_stacked(params, shapes: dict[str, tuple[int, ...]], num_runs: int | None) -> bool:
-    """Whether `params` has a leading `[num_runs]` axis; raises `ValueError` if it is neither
-    one run's params nor `num_runs` stacked ones."""
-    got = {jax.tree_util.keystr(path): np.shape(x)
-           for path, x in jax.tree_util.tree_leaves_with_path(params)}
-    missing, extra = sorted(shapes.keys() - got.keys()), sorted(got.keys() - shapes.keys())
-    if missing or extra:
-        raise ValueError(f"params do not match the model config: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
-    kinds = set()
-    for path, shape in got.items():
-        if shape == shapes[path]:
-            kinds.add("one")
-        elif num_runs and shape == (num_runs, *shapes[path]):
-            kinds.add("stacked")
-        else:
-            stacked = f" or {(num_runs, *shapes[path])} for {num_runs} stacked runs" \
-                if num_runs else ""
-            raise ValueError(f"params{path}: shape {shape}, expected {shapes[path]}{stacked}")
-    if len(kinds) > 1:
-        raise ValueError(f"params mix one run's shapes and {num_runs} stacked runs' shapes")
-    return kinds == {"stacked"}
 
 
 class _Shardings:

@@ -49,7 +49,7 @@ def _bench(name: str, repeats: int) -> list[dict]:
     out = []
     for microbatches, remat in SETTINGS:
         rl = dataclasses.replace(base, microbatches=microbatches, remat=remat)
-        update = functools.partial(reinforce._score_and_update, cfg=cfg, rl=rl)
+        update = functools.partial(reinforce.update, cfg=cfg, rl=rl)
         compiled = jax.jit(update).lower(state, batch, reward, None).compile()
         jax.block_until_ready(compiled(state, batch, reward, None))
         times = []
