@@ -30,7 +30,7 @@ from tqdm import tqdm
 from warp_jax import merging
 from warp_jax.checkpoint import read_tree
 from warp_jax.evaluation import task_vector_stats
-from warp_jax.gemma import hf
+from warp_jax.gemma import hf, shards
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
            "tokenizer_config.json", "special_tokens_map.json")
@@ -158,7 +158,7 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
         writers = {}
         for eta, target in targets.items():
             target.mkdir(parents=True, exist_ok=True)
-            writers[eta] = hf.ShardWriter(target, len(groups))
+            writers[eta] = shards.ShardWriter(target, len(groups))
         report: dict[str, dict[str, float]] = {}
         for key, names in tqdm(groups, desc="merging", unit="group", disable=not progress):
             base = init.load(names)

@@ -8,17 +8,15 @@ Tensor layouts (ours <- Hugging Face `nn.Linear` weights, which are `[out, in]`)
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from warp_jax.gemma import shards
 from warp_jax.gemma.config import GemmaConfig
 
 _PREFIX = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?")
@@ -27,7 +25,6 @@ _HF_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
 _HF_REWARD_ARCH = {"gemma": "GemmaForSequenceClassification",
                    "gemma2": "Gemma2ForSequenceClassification",
                    "gemma3": "Gemma3TextForSequenceClassification"}
-_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
@@ -166,7 +163,7 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
     params: dict[str, Any] = {}
     found: set[str] = set()
     lm_head = None
-    for hf_name, load in _tensors(state_dict_or_dir):
+    for hf_name, load in shards.tensors(state_dict_or_dir):
         short = _PREFIX.sub("", hf_name)
         if short == "lm_head.weight":
             lm_head = load
@@ -225,54 +222,11 @@ def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.Pat
     `reward.hf_dir` read)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = params_to_hf(params, cfg, include_lm_head=False)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, value in state.items():
-        if shards[-1] and size + value.nbytes > _MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    writer = ShardWriter(directory, len(shards))
-    for shard in shards:
-        writer.write(shard)
-    writer.close()
+    shards.write(directory, params_to_hf(params, cfg, include_lm_head=False))
     hf_config = config_to_hf(cfg)
     if "score" in params:
         hf_config.architectures, hf_config.num_labels = [_HF_REWARD_ARCH[cfg.family]], 1
     hf_config.to_json_file(directory / "config.json")
-
-
-class ShardWriter:
-    """Writes a checkpoint's tensors as `num_files` safetensors files, one `write` each, in
-    the layout transformers reads: `model.safetensors` alone, or
-    `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json` (on `close`)."""
-
-    def __init__(self, directory: str | os.PathLike, num_files: int):
-        self.directory, self.num_files = pathlib.Path(directory), num_files
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-        self._written = 0
-
-    def write(self, tensors: Mapping[str, np.ndarray]) -> None:
-        if self._written == self.num_files:
-            raise ValueError(f"all {self.num_files} safetensors files are written")
-        self._written += 1
-        file = ("model.safetensors" if self.num_files == 1 else
-                f"model-{self._written:05d}-of-{self.num_files:05d}.safetensors")
-        save_file({n: np.ascontiguousarray(v) for n, v in tensors.items()},
-                  self.directory / file, metadata={"format": "pt"})
-        self.weight_map |= dict.fromkeys(tensors, file)
-        self.total += sum(int(np.asarray(v).nbytes) for v in tensors.values())
-
-    def close(self) -> None:
-        if self._written != self.num_files:
-            raise ValueError(f"{self._written} of {self.num_files} safetensors files written")
-        if self.num_files > 1:
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
-                indent=1))
 
 
 def block_of(name: str) -> str | None:
@@ -365,34 +319,6 @@ def _from_ours(short: str, params: Mapping[str, Any], cfg: GemmaConfig) -> np.nd
     elif leaf in ("gate", "up", "down"):
         value = value.T
     return np.ascontiguousarray(value)
-
-
-def _tensors(source) -> Iterator[tuple[str, Any]]:
-    """(name, loader) pairs from a mapping or, lazily, from a safetensors directory/file."""
-    if isinstance(source, Mapping):
-        for name, value in source.items():
-            yield name, lambda value=value: _to_numpy(value)
-        return
-    path = pathlib.Path(source)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not all(f.exists() for f in files):
-        raise ValueError(f"no safetensors files at {str(path)!r}")
-    for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                yield name, lambda f=f, name=name: f.get_tensor(name)
-
-
-def _to_numpy(value) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
-        import ml_dtypes
-        import torch
-
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
