@@ -106,8 +106,12 @@ def test_rloo_matches_its_formula_and_baselines_are_selectable():
         reinforce.rloo_advantage(jnp.asarray(r), 4)
     with pytest.raises(ValueError, match="unknown baseline 'ppo'"):
         reinforce.advantages(jnp.asarray(r), "ppo")
-    with pytest.raises(ValueError, match="adam_eps > 0"):
+    with pytest.raises(ValueError, match=r"RLConfig.adam_eps = 0.0: must be finite and > 0"):
         reinforce.RLConfig(adam_eps=0.0)
+    for field, value in (("beta", float("nan")), ("learning_rate", float("nan")),
+                         ("grad_clip", -1.0), ("mu", 1.5), ("temperature", 0.0)):
+        with pytest.raises(ValueError, match=rf"RLConfig.{field} = {value!r}: must"):
+            reinforce.RLConfig(**{field: value})
     assert hash(reinforce.RLConfig(eos_id=[1, 106])) == hash(reinforce.RLConfig(eos_id=(1, 106)))
 
 
@@ -337,7 +341,7 @@ def test_microbatches_and_remat_take_the_same_step_in_less_memory(policy, step_f
 
 def test_microbatches_must_split_the_prompts_into_whole_groups(policy):
     cfg, params, prompts = policy
-    with pytest.raises(ValueError, match="microbatches must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="microbatches = 0: must be a positive int"):
         dataclasses.replace(RL, microbatches=0)
     with pytest.raises(ValueError, match="needs a per-prompt baseline"):
         dataclasses.replace(RL, microbatches=2, baseline="mean")

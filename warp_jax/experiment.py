@@ -23,7 +23,7 @@ from tqdm import tqdm
 from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups
-from warp_jax.ingredients import Ingredients, mesh_shape, prepare, validate_config
+from warp_jax.ingredients import Ingredients, mesh_shape, prepare, rl_config, validate_config
 from warp_jax.report import write_outputs
 
 
@@ -85,20 +85,12 @@ class Experiment:
         self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
 
-    def rl_config(self, anchor: str) -> reinforce.RLConfig:
-        r = self.config.rl
-        return reinforce.RLConfig(
-            beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-            eos_id=self.setup.end_ids, learning_rate=r.learning_rate,
-            warmup_steps=r.warmup_steps, grad_clip=r.grad_clip or None, adam_eps=r.adam_eps,
-            microbatches=r.microbatches, remat=r.remat, sampler_backend=r.sampler_backend)
-
     def step_fn(self, anchor: str, num_runs: int):
         key = (anchor, num_runs)
         if key not in self._steps:
             self._steps[key] = reinforce.make_train_step(
-                self.setup.cfg, self.rl_config(anchor), self.rewards["proxy_reward"],
+                self.setup.cfg, rl_config(self.config, anchor, self.setup.end_ids),
+                self.rewards["proxy_reward"],
                 mesh=self.mesh, num_runs=num_runs)
         return self._steps[key]
 

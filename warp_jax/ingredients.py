@@ -76,8 +76,6 @@ def validate_config(c) -> None:
     positive = {"warp.iterations": c.warp.iterations, "warp.runs": c.warp.runs,
                 "warp.steps": c.warp.steps, "eval.every": c.eval.every,
                 "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
-                "rl.max_new_tokens": c.rl.max_new_tokens, "rl.num_samples": c.rl.num_samples,
-                "rl.microbatches": c.rl.microbatches,
                 "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len}
     for field, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -97,32 +95,34 @@ def validate_config(c) -> None:
         _fail("warp.baselines", tuple(c.warp.baselines), f"unknown {unknown}; use {BASELINES}")
     if c.reward.oracle not in ("vader", ""):
         _fail("reward.oracle", c.reward.oracle, "use 'vader' or ''")
-    if c.rl.beta < 0 or not 0 <= c.rl.mu <= 1 or c.rl.learning_rate <= 0:
-        _fail("rl", (c.rl.beta, c.rl.mu, c.rl.learning_rate),
-              "needs beta >= 0, mu in [0, 1] and learning_rate > 0")
     if not all(isinstance(p, str) and p for p in c.rl.stop_pieces):
         _fail("rl.stop_pieces", c.rl.stop_pieces, "needs a tuple of vocabulary pieces, "
               "e.g. ('<end_of_turn>',)")
-    if c.rl.sampler_backend not in sampling.BACKENDS:
-        _fail("rl.sampler_backend", c.rl.sampler_backend, f"use one of {sampling.BACKENDS}")
-    if c.rl.temperature <= 0:
-        _fail("rl.temperature", c.rl.temperature, "must be positive")
-    if c.rl.baseline not in reinforce.BASELINES:
-        _fail("rl.baseline", c.rl.baseline, f"use one of {reinforce.BASELINES}")
-    if c.rl.baseline == "rloo" and c.rl.num_samples < 2:
-        _fail("rl.num_samples", c.rl.num_samples, "the RLOO baseline needs >= 2")
+    try:  # the RL fields: RLConfig owns their checks
+        rl_config(c, anchor="ema", eos_id=None)
+    except ValueError as e:
+        raise ValueError(str(e).replace("RLConfig.", "config.rl.")) from None
     if c.rl.batch_size % c.rl.microbatches:
         _fail("rl.microbatches", c.rl.microbatches, f"must divide rl.batch_size "
               f"({c.rl.batch_size} prompts)")
-    if c.rl.microbatches > 1 and c.rl.baseline == "mean":
-        _fail("rl.microbatches", c.rl.microbatches, "needs a per-prompt baseline (rl.baseline "
-              "'rloo' or 'none'): 'mean' averages over the whole batch")
     if c.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", c.model.dtype, "use 'float32' or 'bfloat16'")
     if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
     mesh_shape(c, len(jax.devices()))
+
+
+def rl_config(c, anchor: str, eos_id) -> reinforce.RLConfig:
+    """The `RLConfig` of config `c`'s runs with `anchor` ("ema", "sft" or "none") and the
+    tokens that end a completion."""
+    r = c.rl
+    return reinforce.RLConfig(
+        beta=r.beta, mu=r.mu, anchor=anchor, num_samples=r.num_samples, baseline=r.baseline,
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=eos_id,
+        learning_rate=r.learning_rate, warmup_steps=r.warmup_steps,
+        grad_clip=r.grad_clip or None, adam_eps=r.adam_eps, microbatches=r.microbatches,
+        remat=r.remat, sampler_backend=r.sampler_backend)
 
 
 def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:

@@ -68,32 +68,38 @@ class RLConfig:
     def __post_init__(self):
         if self.eos_id is not None and not isinstance(self.eos_id, numbers.Integral):
             object.__setattr__(self, "eos_id", tuple(self.eos_id))  # a list, made hashable
-        if self.sampler_backend not in sampling.BACKENDS:
-            raise ValueError(f"RLConfig.sampler_backend must be one of {sampling.BACKENDS}, "
-                             f"got {self.sampler_backend!r}")
-        if self.anchor not in ANCHORS:
-            raise ValueError(f"RLConfig.anchor must be one of {ANCHORS}, got {self.anchor!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"RLConfig.baseline must be one of {BASELINES}, "
-                             f"got {self.baseline!r}")
+        choices = {"sampler_backend": sampling.BACKENDS, "anchor": ANCHORS,
+                   "baseline": BASELINES}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                _invalid(name, getattr(self, name), f"use one of {valid}")
+        ints = {"num_samples": 1, "max_new_tokens": 1, "warmup_steps": 0, "microbatches": 1}
+        for name, least in ints.items():
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and value >= least):
+                _invalid(name, value, "must be a positive int" if least else
+                         "must be a non-negative int")
         if self.baseline == "rloo" and self.num_samples < 2:
-            raise ValueError("RLConfig.num_samples must be >= 2 for the RLOO baseline, got "
-                             f"{self.num_samples}")
-        if self.num_samples < 1 or self.max_new_tokens < 1 or self.warmup_steps < 0:
-            raise ValueError("RLConfig.num_samples and max_new_tokens must be positive and "
-                             "warmup_steps non-negative")
-        if not (isinstance(self.microbatches, numbers.Integral) and self.microbatches >= 1):
-            raise ValueError(f"RLConfig.microbatches must be a positive int, got "
-                             f"{self.microbatches!r}")
+            _invalid("num_samples", self.num_samples, "the RLOO baseline needs >= 2")
         if self.microbatches > 1 and self.baseline == "mean":
-            raise ValueError("RLConfig.microbatches > 1 needs a per-prompt baseline ('rloo' or "
-                             "'none'): the 'mean' baseline averages over the whole batch")
+            _invalid("microbatches", self.microbatches, "needs a per-prompt baseline ('rloo' "
+                     "or 'none'): the 'mean' baseline averages over the whole batch")
+        # Written so that NaN fails every check.
         if not 0 <= self.mu <= 1:
-            raise ValueError(f"RLConfig.mu must be in [0, 1], got {self.mu}")
-        if (self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0
-                or self.adam_eps <= 0):
-            raise ValueError("RLConfig.beta must be >= 0, learning_rate, temperature and "
-                             "adam_eps > 0")
+            _invalid("mu", self.mu, "must be in [0, 1]")
+        if not 0 <= self.beta < float("inf"):
+            _invalid("beta", self.beta, "must be finite and >= 0")
+        for name in ("learning_rate", "temperature", "adam_eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                _invalid(name, getattr(self, name), "must be finite and > 0")
+        if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
+            _invalid("grad_clip", self.grad_clip, "must be finite and > 0, or None (off)")
+        if not (0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1):
+            _invalid("adam_b1, adam_b2", (self.adam_b1, self.adam_b2), "must be in [0, 1)")
+
+
+def _invalid(name: str, value: Any, valid: str) -> None:
+    raise ValueError(f"RLConfig.{name} = {value!r}: {valid}")
 
 
 class RLState(NamedTuple):
