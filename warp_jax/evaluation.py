@@ -62,7 +62,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = _mean_se(host_out[4])
     for name, fn in reward_fns.items():
-        result[name], result[f"{name}_se"] = _mean_se(rewards.score(fn, out[:4]))
+        result[name], result[f"{name}_se"] = _mean_se(rewards.score(fn, out[:4], host_out[:4]))
     result["completions"] = host_out[2:4]
     return result
 

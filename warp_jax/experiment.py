@@ -172,13 +172,14 @@ class Experiment:
 
     def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
-        records = self.load_records(stage)
-        if not self._records(stage).exists():
-            for eta in etas:
-                point = self.evaluate(self.liti(self.sft, merged, eta))
-                records.append({"method": method, "iteration": iteration, "run": None,
-                                "step": None, "eta": eta, **point})
-            self.save_records(stage, records)
+        if self._records(stage).exists():  # evaluated before a resume
+            return self.load_records(stage)
+        records = []
+        for eta in etas:
+            point = self.evaluate(self.liti(self.sft, merged, eta))
+            records.append({"method": method, "iteration": iteration, "run": None,
+                            "step": None, "eta": eta, **point})
+        self.save_records(stage, records)
         return records
 
     @classmethod

@@ -238,10 +238,9 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
         step, evaluate, init(rm_params), train, tuple(x[held_out] for x in pairs),
         steps=c.reward.steps, batch_size=c.reward.batch_size,
         seed=streams.seed(c.seed, "reward_model"), progress=sharding.is_main_process())
-    train_rows, rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     if sharding.is_main_process():
-        print(f"reward model: {len(train_rows)} oracle-labelled pairs, held-out accuracy "
-              f"{metrics['accuracy']:.3f} on {len(rows)}")
+        print(f"reward model: {len(train[0])} oracle-labelled pairs, held-out accuracy "
+              f"{metrics['accuracy']:.3f} on {int(held_out.sum())}")
     return state.params
 
 

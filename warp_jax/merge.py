@@ -37,7 +37,7 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenize
 
 
 class TensorSource:
-    """A checkpoint's tensors by Hugging Face name, with shapes and dtypes known up front.
+    """A checkpoint's tensors by Hugging Face name, with shapes known up front.
 
     A safetensors directory is read lazily (headers first, one group of tensors at a time).
     An orbax checkpoint of ours (Gemma params, or a state holding them as `params`) is
@@ -51,17 +51,14 @@ class TensorSource:
         self.files_dir = self.directory
         self.location: dict[str, pathlib.Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
         self._tensors: dict[str, np.ndarray] | None = None
         files = sorted(self.directory.glob("*.safetensors"))
         if files:
             for file in files:
                 with safe_open(str(file), framework="numpy") as f:
                     for name in f.keys():
-                        piece = f.get_slice(name)
                         self.location[name] = file
-                        self.shapes[name] = tuple(piece.get_shape())
-                        self.dtypes[name] = piece.get_dtype()
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
         else:
             self._read_orbax(hf_config)
         config = self.files_dir / "config.json"
@@ -85,8 +82,6 @@ class TensorSource:
         self._tensors = hf.params_to_hf(params, cfg, include_lm_head=False)
         for name, value in self._tensors.items():
             self.shapes[name] = value.shape
-            self.dtypes[name] = {"bfloat16": "BF16"}.get(str(value.dtype),
-                                                          value.dtype.str[1:].upper())
 
     def load(self, names: Sequence[str]) -> dict[str, np.ndarray]:
         if self._tensors is not None:

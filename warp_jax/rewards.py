@@ -177,12 +177,14 @@ def _jitted_reward(leaves, batch, *, fn, treedef):
     return call_reward(fn, treedef, leaves, batch)
 
 
-def score(reward_fn: Callable, batch) -> np.ndarray:
+def score(reward_fn: Callable, batch, host_batch=None) -> np.ndarray:
     """`reward_fn`'s `[B]` scores of `batch` (prompt tokens and mask, completion tokens and
-    mask) as NumPy, in every process: a host reward on the host, a jittable one as one jitted
-    program (its arrays passed in as arguments)."""
+    mask) as NumPy, in every process: a host reward on the host (on `host_batch`, `batch`
+    already on the host, when the caller has it), a jittable one as one jitted program (its
+    arrays passed in as arguments)."""
     if is_host_reward(reward_fn):
-        return np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
+        host_batch = sharding.to_host(batch) if host_batch is None else host_batch
+        return np.asarray(reward_fn(*host_batch), np.float32)
     leaves, treedef = reward_arrays(reward_fn)
     return sharding.to_host(_jitted_reward(leaves, batch, fn=reward_fn if treedef is None
                                            else None, treedef=treedef))

@@ -131,8 +131,6 @@ class Backend(Protocol):
     traced inside the decode loop.
     """
 
-    name: str
-
     def noise(self, rng: jax.Array, steps: int, batch: int) -> Any:
         """The randomness of `steps` draws of `batch` rows: a pytree of `[steps, ...]` arrays
         (computed once, before the loop), sliced per step for `draw`."""
@@ -150,8 +148,6 @@ class Backend(Protocol):
 class XlaBackend:
     """The default `Backend`: `jax.random.categorical` per step, `lax.top_k` and a sort for
     the filters (the ops XLA compiles well on TPU and GPU)."""
-
-    name = "xla"
 
     def noise(self, rng, steps, batch):
         return jax.random.split(rng, steps)
@@ -194,15 +190,18 @@ def get_backend(backend: str | Backend) -> Backend:
                          f"{backend!r}")
     if backend == "auto":
         backend = "cpu" if jax.default_backend() == "cpu" else "xla"
-    if backend == "cpu":
-        from warp_jax.backends.cpu import CpuBackend
-
-        return _CPU.setdefault("backend", CpuBackend())
-    return _XLA
+    return _cpu_backend() if backend == "cpu" else _XLA
 
 
 _XLA = XlaBackend()
-_CPU: dict[str, Backend] = {}  # the CPU backend, once imported
+
+
+@functools.cache
+def _cpu_backend() -> Backend:
+    """The one CPU backend (hashable by identity: one jit cache entry), imported on first use."""
+    from warp_jax.backends.cpu import CpuBackend
+
+    return CpuBackend()
 
 
 def end_token_ids(eos_id: Any, vocab_size: int) -> tuple[int, ...]:

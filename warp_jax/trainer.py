@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -337,7 +336,7 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
                 return programs["step", with_init](state, prompts, rng, init_params,
                                                    reward_leaves)
             batch = programs["rollout", False](state, prompts, rng)
-            reward = np.asarray(reward_fn(*sharding.to_host(batch)), np.float32)
+            reward = rewards.score(reward_fn, batch)
             if mesh is not None:
                 reward = sharding.to_mesh(reward, shard.rewards)
             return programs["update", with_init](state, batch, reward, init_params)

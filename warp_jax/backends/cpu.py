@@ -27,8 +27,6 @@ _NEG_INF = -jnp.inf
 class CpuBackend:
     """`sampling.Backend` for XLA:CPU (see the module docstring)."""
 
-    name = "cpu"
-
     def noise(self, rng, steps: int, batch: int):
         """One U[0, 1) draw per row and step, `[steps, batch]`, drawn at once."""
         return jax.random.uniform(rng, (steps, batch), jnp.float32)
