@@ -26,6 +26,9 @@ from ml_collections import config_flags
 from warp_jax import backends, sharding, warp
 
 _BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+# What a user's inputs cause (an unreadable or damaged file, a bad value): one line, exit
+# code 2. Anything else is a bug: a traceback.
+_USER_ERRORS = (OSError, ValueError)
 
 
 def _fail(error: BaseException) -> None:
@@ -42,15 +45,27 @@ def _fail(error: BaseException) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except _BAD_FLAG as e:
-        _fail(e)
+    except (*_BAD_FLAG, SyntaxError) as e:
+        _fail(ValueError(f"--config: {e}") if isinstance(e, SyntaxError) else e)
+
+
+def _config():
+    """The parsed config; a config file that could not be loaded is one line."""
+    config = flags.FLAGS.config
+    try:
+        config.rl  # noqa: B018 (ml_collections defers a missing file's error to the first read)
+        return config
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(ValueError(f"--config: {lines[-1]}"))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    backends.configure_process(flags.FLAGS.config.rl.sampler_backend)  # before JAX starts
+    config = _config()
+    backends.configure_process(config.rl.sampler_backend)  # before JAX starts
     f = flags.FLAGS
     cluster = (f.coordinator_address, f.num_processes, f.process_id)
     if f.distributed or any(x is not None for x in cluster):
@@ -63,8 +78,8 @@ def main(argv: list[str]) -> None:
                              "--num_processes and --process_id)"))
     workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
-        result = warp.run(flags.FLAGS.config, workdir)
-    except ValueError as e:
+        result = warp.run(config, workdir)
+    except _USER_ERRORS as e:
         _fail(e)
     if sharding.is_main_process():
         print(f"final front (eta, proxy reward, KL): "

@@ -15,7 +15,6 @@ activation memory.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
 import flax.linen as nn
@@ -28,6 +27,7 @@ from warp_jax import rewards, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
+from warp_jax.workdir import writable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,8 +93,7 @@ def run(args) -> dict[str, float]:
     batch_size = min(args.batch_size, len(train))
     mesh = _mesh(args, batch_size)  # a mesh that does not fit fails before anything is written
 
-    workdir = pathlib.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = writable(args.workdir)
     checkpoints = Checkpoints(workdir / "checkpoints")
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer)
@@ -105,9 +104,7 @@ def run(args) -> dict[str, float]:
         tokenizer = Tokenizer.train(texts, args.tokenizer_vocab)
         tokenizer.save(workdir / "tokenizer.model")
     if args.init:
-        from transformers import AutoConfig
-
-        cfg = hf.config_from_hf(AutoConfig.from_pretrained(args.init))
+        cfg = hf.read_config(args.init)
         params = hf.params_from_hf(args.init, cfg)
         params.setdefault("score", np.zeros((cfg.embed_dim,), np.dtype(cfg.param_dtype)))
     else:
@@ -123,9 +120,9 @@ def run(args) -> dict[str, float]:
     step_fn, evaluate, init = rewards.make_reward_train_step(cfg, optimizer, mesh=mesh,
                                                              remat=args.remat)
     state = init(params)
-    start = checkpoints.latest_step("reward_model")
-    if start is not None:
-        state = checkpoints.restore("reward_model", state)
+    saved = checkpoints.restore_latest("reward_model", state)
+    if saved is not None:
+        start, state = saved
         print(f"resumed from step {start}")
     eval_batch = rewards.encode_pairs(tokenizer, held_out, args.max_len)
     train_batch = rewards.encode_pairs(tokenizer, train, args.max_len)

@@ -1,14 +1,67 @@
-"""Orbax checkpoints: named, step-indexed, saved asynchronously with retention."""
+"""Orbax checkpoints: named, step-indexed, saved asynchronously with retention, and verified.
+
+Every saved step carries a checksum of each array's bits; a restore recomputes it, so a
+flipped bit, a truncated file or a step orbax cannot read is found before it is trusted.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from warp_jax import sharding
+
+_ITEMS = ("state", "default")  # the tree's item directory in a step (default: older layout)
+
+
+class DamagedCheckpoint(ValueError):
+    """A saved step that cannot be read, or whose arrays differ from what was saved."""
+
+
+def _uint_bits(x: jax.Array) -> jax.Array:
+    """The bits of every element as uint32 (elements of 1, 2 or 4 bytes)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def fingerprint(tree: Any) -> tuple[Any, Any]:
+    """Per array: a position-weighted sum of its bits modulo 2**32, and whether it is finite.
+
+    Integer sums do not depend on the order of reduction, so the checksum is the same on any
+    mesh; every weight is odd, so any single flipped bit changes it.
+    """
+    def checksum(x):
+        bits = _uint_bits(x)
+        index = jnp.zeros(x.shape, jnp.uint32)
+        for d in range(x.ndim):
+            index = index * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(
+                jnp.uint32, x.shape, d)
+        return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1),
+                       dtype=jnp.uint32)
+
+    def finite(x):
+        return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+
+    return jax.tree.map(checksum, tree), jax.tree.map(finite, tree)
+
+
+def _digest(tree: Any) -> tuple[dict[str, int], list[str]]:
+    """(path -> checksum, the paths of non-finite arrays) of `tree`, on the host."""
+    sums, finite = sharding.to_host(fingerprint(jax.tree.map(jnp.asarray, tree)))
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return (dict(zip(names, (int(s) for s in jax.tree.leaves(sums)), strict=True)),
+            [n for n, ok in zip(names, jax.tree.leaves(finite), strict=True) if not ok])
 
 
 class Checkpoints:
@@ -17,7 +70,7 @@ class Checkpoints:
     Saves are asynchronous: `save` returns once the arrays are copied off the devices, and
     the next `save`, `wait` or `close` waits for the write. A save is atomic (orbax writes to
     a temporary directory and renames it), so a kill at any moment leaves the last complete
-    checkpoint of every name readable.
+    checkpoint of every name readable. A tree with a non-finite array is never saved.
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 2,
@@ -34,8 +87,17 @@ class Checkpoints:
         return self._managers[name]
 
     def save(self, name: str, step: int, tree: Any) -> None:
-        """Saves `tree` (arrays only) as step `step` of `name`."""
-        self._manager(name).save(step, args=ocp.args.StandardSave(tree))
+        """Saves `tree` (arrays only) as step `step` of `name`, with its checksums.
+
+        Raises `ValueError` naming the arrays if any is not finite (a diverged run), before
+        anything is written."""
+        sums, bad = _digest(tree)
+        if bad:
+            raise ValueError(f"{name}, step {step}: non-finite values in {', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''} (the run diverged; try a lower "
+                             "learning rate or a gradient clip); not saved")
+        self._manager(name).save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), checksums=ocp.args.JsonSave(sums)))
 
     def latest_step(self, name: str) -> int | None:
         """The last complete step saved under `name`, or None."""
@@ -44,13 +106,64 @@ class Checkpoints:
         return self._manager(name).latest_step()
 
     def restore(self, name: str, like: Any, step: int | None = None) -> Any:
-        """Restores step `step` (default: the latest) of `name` with the structure, shapes,
-        dtypes and shardings of `like` (arrays or `jax.ShapeDtypeStruct`s)."""
+        """Restores and verifies step `step` (default: the latest) of `name` with the
+        structure, shapes, dtypes and shardings of `like` (arrays or `ShapeDtypeStruct`s).
+
+        Raises `DamagedCheckpoint` if the step cannot be read or its checksums differ.
+        """
         step = self.latest_step(name) if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint named {name!r} in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self._manager(name).restore(step, args=ocp.args.StandardRestore(abstract))
+        where = f"{self.directory / name / str(step)}"
+        try:
+            restored = self._manager(name).restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), checksums=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpoint(f"{where}: unreadable ({first[:200]})") from e
+        sums, bad = _digest(restored.state)
+        changed = [n for n, s in sums.items() if restored.checksums.get(n) != s]
+        if changed or bad:
+            raise DamagedCheckpoint(f"{where}: {'checksum mismatch' if changed else 'non-finite'}"
+                                    f" in {', '.join((changed or bad)[:3])}")
+        return restored.state
+
+    def restore_latest(self, name: str, like: Any) -> tuple[int, Any] | None:
+        """(step, tree) of the latest good step of `name`, or None if it has none saved.
+
+        A damaged step is moved to `directory/damaged/` with one warning line and the one
+        before it is tried; raises `DamagedCheckpoint` if no step is good.
+        """
+        if self.latest_step(name) is None:
+            return None
+        for step in sorted(self._manager(name).all_steps(), reverse=True):
+            try:
+                return step, self.restore(name, like, step)
+            except DamagedCheckpoint as e:
+                self._set_aside(name, step)
+                print(f"warning: {e}; moved to {self.directory / 'damaged'}, trying the step "
+                      "before", file=sys.stderr)
+        raise DamagedCheckpoint(f"{self.directory / name}: no good step left (the damaged ones "
+                                f"are in {self.directory / 'damaged'}); delete "
+                                f"{self.directory / name} to redo this stage")
+
+    def remove(self, name: str) -> None:
+        """Deletes every step of `name` (a stage that is redone from its start)."""
+        if name in self._managers:
+            self._managers.pop(name).close()
+        if sharding.is_main_process():
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+        sharding.barrier(f"checkpoint {name} removed")
+
+    def _set_aside(self, name: str, step: int) -> None:
+        self._managers.pop(name).close()
+        if sharding.is_main_process():
+            target = self.directory / "damaged" / f"{name}-{step}"
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / name / str(step), target)
+        sharding.barrier(f"checkpoint {name} {step} set aside")
 
     def wait(self) -> None:
         for manager in self._managers.values():
@@ -69,12 +182,12 @@ def read_tree(path: str | os.PathLike) -> Any:
     the item directory of a step.
     """
     path = pathlib.Path(path)
-    if (path / "default" / "_METADATA").exists():
-        path = path / "default"
-    elif not (path / "_METADATA").exists():
+    item = next((path / i for i in _ITEMS if (path / i / "_METADATA").exists()), None)
+    if item is None and not (path / "_METADATA").exists():
         steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) \
             if path.is_dir() else []
         if not steps:
             raise ValueError(f"{path}: not an orbax checkpoint (no _METADATA, no steps)")
-        path = path / str(steps[-1]) / "default"
-    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+        return read_tree(path / str(steps[-1]))
+    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(item or path))
+

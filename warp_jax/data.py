@@ -64,12 +64,22 @@ def chat_prompt(text: str) -> str:
     return f"{start}user\n{text}{end}\n{start}model\n"
 
 
+def utf8(raw: bytes, path: str | os.PathLike, number: int) -> str:
+    """`raw`, line `number` of `path`, decoded without its line ending; a line that is not
+    UTF-8 is a `ValueError` naming the file and line."""
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                         f"column {e.start + 1})") from None
+
+
 def read_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
     """Prompts from a text file (one per line) or jsonl (`{"prompt": ...}` per line)."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = utf8(raw, path, number)
             if not line.strip():
                 continue
             if str(path).endswith(".jsonl"):

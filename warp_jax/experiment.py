@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -25,31 +27,65 @@ from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import block_groups
 from warp_jax.ingredients import Ingredients, mesh_shape, prepare, rl_config, validate_config
 from warp_jax.report import write_outputs
+from warp_jax.workdir import record_config, writable
 
 
 class _Logger:
-    """Training metrics to `metrics.jsonl` and TensorBoard (from process 0 only)."""
+    """Training metrics to `metrics.jsonl` and TensorBoard (`tensorboard/<stage>`), from
+    process 0 only; each step once, also after a resume."""
 
     def __init__(self, workdir: pathlib.Path):
+        self._on = sharding.is_main_process()
+        self._workdir = workdir
+        self._jsonl = None
+        self._tb: dict[str, Any] = {}
+
+    def start(self, stage: str, step: int) -> None:
+        """Starts `stage` at `step`: drops what an interrupted run logged for it after `step`
+        (those steps are trained again), in metrics.jsonl and TensorBoard."""
+        if not self._on:
+            return
         from tensorboardX import SummaryWriter
 
-        self._on = sharding.is_main_process()
-        if self._on:
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        path = self._workdir / "metrics.jsonl"
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [line for line in lines if _logged_before(line, stage, step)]
+            if keep != lines:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(keep), encoding="utf-8")
+                os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if stage in self._tb:
+            self._tb.pop(stage).close()
+        self._tb[stage] = SummaryWriter(str(self._workdir / "tensorboard" / stage),
+                                        purge_step=step + 1)
 
     def log(self, stage: str, run: int, step: int, metrics: dict[str, float]) -> None:
         if not self._on:
             return
         self._jsonl.write(json.dumps({"stage": stage, "run": run, "step": step, **metrics})
                           + "\n")
+        self._jsonl.flush()
         for name, value in metrics.items():
-            self._tb.add_scalar(f"{stage}/run{run}/{name}", value, step)
+            self._tb[stage].add_scalar(f"run{run}/{name}", value, step)
 
     def close(self) -> None:
-        if self._on:
+        if self._jsonl is not None:
             self._jsonl.close()
-            self._tb.close()
+        for writer in self._tb.values():
+            writer.close()
+
+
+def _logged_before(line: str, stage: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is whole and not of `stage` after `step`."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # cut short by a kill
+        return False
+    return line.endswith("\n") and (record.get("stage") != stage or record.get("step", 0) <= step)
 
 
 class Experiment:
@@ -62,7 +98,7 @@ class Experiment:
 
     def __init__(self, config, workdir: pathlib.Path, setup: Ingredients):
         self.config, self.workdir, self.setup = config, workdir, setup
-        self.ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
+        self.ckpt = Checkpoints(workdir / "checkpoints")
         self.logger = _Logger(workdir)
         (workdir / "records").mkdir(exist_ok=True)
         self.mesh = sharding.make_mesh(**mesh_shape(config, len(jax.devices())))
@@ -94,9 +130,10 @@ class Experiment:
                 mesh=self.mesh, num_runs=num_runs)
         return self._steps[key]
 
-    def evaluate(self, params) -> dict[str, Any]:
+    def evaluate(self, params, where: str) -> dict[str, Any]:
         """Every point is evaluated with the same key (common random numbers), so differences
-        between points are not sampling noise of the held-out completions' draws."""
+        between points are not sampling noise of the held-out completions' draws. A
+        non-finite result (a diverged policy) is a `ValueError` naming `where`."""
         c = self.config
         result = evaluation.evaluate_policy(
             params, self.sft, self.setup.cfg, self.setup.eval_prompts, streams.key(c.seed, "eval"),
@@ -104,16 +141,26 @@ class Experiment:
             temperature=c.rl.temperature, num_samples=c.eval.samples,
             eos_id=self.setup.end_ids, backend=c.rl.sampler_backend)
         result.pop("completions")
+        bad = [k for k, v in result.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{where}: non-finite {', '.join(bad)} (the policy diverged; try a "
+                             "lower learning rate or a gradient clip)")
         return {k: round(v, 6) for k, v in result.items()}
 
     def _records(self, stage: str) -> pathlib.Path:
         return self.workdir / "records" / f"{stage}.json"
 
     def load_records(self, stage: str, upto: int | None = None) -> list[dict]:
+        """The records of `stage` (up to step `upto`); [] if there are none, or if the file
+        is damaged (with a warning: the stage is evaluated again)."""
         path = self._records(stage)
         if not path.exists():
             return []
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(path.read_text())
+        except ValueError:
+            print(f"warning: {path} is not JSON; evaluating {stage} again", file=sys.stderr)
+            return []
         return [r for r in records if upto is None or r.get("step", 0) <= upto]
 
     def save_records(self, stage: str, records: list[dict]) -> None:
@@ -133,12 +180,9 @@ class Experiment:
         orders = [streams.seed(seed, *run) for run in runs]
         run_keys = [streams.key(seed, *run) for run in runs]
         step_fn, init_fn = self.step_fn(anchor, num_runs)
-        state = init_fn(init)  # every run starts from `init`
-        start = self.ckpt.latest_step(stage) or 0
-        records = []
-        if start:
-            state = self.ckpt.restore(stage, state)
-            records = self.load_records(stage, upto=start)
+        # every run starts from `init`
+        start, state, records = self._resume(stage, init_fn(init), steps, num_runs)
+        self.logger.start(stage, start)
         batches = self.setup.train_prompts
         every = self.config.eval.every
         pending = None  # the previous step's metrics, read once the next step is dispatched
@@ -162,7 +206,8 @@ class Experiment:
                 flush()
                 pending = None
                 for m in range(num_runs):
-                    point = self.evaluate(self.unstack(state.params, m))
+                    point = self.evaluate(self.unstack(state.params, m),
+                                          f"{stage}, run {m}, step {t + 1}")
                     records.append({"method": method, "iteration": iteration, "run": m,
                                     "step": t + 1, "eta": None, **point})
                 self.save_records(stage, records)
@@ -170,13 +215,31 @@ class Experiment:
         self.ckpt.wait()
         return [self.unstack(state.params, m) for m in range(num_runs)]
 
+    def _resume(self, stage: str, state, steps: int, num_runs: int):
+        """(step, state, records up to it) of `stage`'s latest good checkpoint, or
+        (0, `state`, []) if it has none, or if its records are lost (it is redone)."""
+        found = self.ckpt.restore_latest(stage, state)
+        if found is None:
+            return 0, state, []
+        start, restored = found
+        records = self.load_records(stage, upto=start)
+        every = self.config.eval.every
+        want = {(m, s) for m in range(num_runs) for s in range(1, start + 1)
+                if s % every == 0 or s == steps}
+        if {(r["run"], r["step"]) for r in records} >= want:
+            return start, restored, records
+        print(f"warning: {self._records(stage)} lacks evaluations up to step {start}; "
+              f"training {stage} again from its start", file=sys.stderr)
+        self.ckpt.remove(stage)
+        return 0, state, []
+
     def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
-        if self._records(stage).exists():  # evaluated before a resume
-            return self.load_records(stage)
-        records = []
+        records = self.load_records(stage)
+        if records:  # evaluated before a resume
+            return records
         for eta in etas:
-            point = self.evaluate(self.liti(self.sft, merged, eta))
+            point = self.evaluate(self.liti(self.sft, merged, eta), f"{stage}, eta {eta:g}")
             records.append({"method": method, "iteration": iteration, "run": None,
                             "step": None, "eta": eta, **point})
         self.save_records(stage, records)
@@ -184,10 +247,12 @@ class Experiment:
 
     @classmethod
     def start(cls, config, workdir: str | os.PathLike) -> Experiment:
-        """Validates `config`, then prepares or restores what the experiment starts from."""
+        """Validates `config` and the workdir (writable; made by this config if it holds a
+        run: `workdir.record_config`), then prepares or restores what the experiment starts
+        from."""
         validate_config(config)
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = writable(workdir)
+        record_config(config, workdir)
         return cls(config, workdir, prepare(config, workdir))
 
     def baselines(self) -> list[dict]:

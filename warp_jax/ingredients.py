@@ -136,7 +136,7 @@ def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:
 
 
 def prepare(c, workdir: pathlib.Path) -> Ingredients:
-    ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=1)
+    ckpt = Checkpoints(workdir / "checkpoints")
     try:
         return _reviews(c, workdir, ckpt) if c.task.name == "reviews" else _local(c)
     finally:
@@ -180,8 +180,9 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
         "params"])
     # Several processes train the SFT policy and the reward model alike, each on its own
     # devices, and checkpoint them as one global array.
-    if ckpt.latest_step("sft") is not None:
-        sft_params = ckpt.restore("sft", sharding.host_local_to_global(init))
+    saved = ckpt.restore_latest("sft", sharding.host_local_to_global(init))
+    if saved is not None:
+        sft_params = saved[1]
     else:
         sft_params, _ = sft.train_lm(cfg, init, tokenizer, corpus, steps=c.sft.steps,
                                      batch_size=c.sft.batch_size, max_len=32,
@@ -195,8 +196,9 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
     eval_texts = data.review_prompts(c.task.eval_prompts, streams.seed(c.seed, "eval_prompts"))
     oracle = vader_oracle(tokenizer) if c.reward.oracle == "vader" else None
     rm_like = {**sft_params, "score": jnp.zeros((cfg.embed_dim,), cfg.param_dtype)}
-    if ckpt.latest_step("reward_model") is not None:
-        rm_params = ckpt.restore("reward_model", sharding.host_local_to_global(rm_like))
+    saved = ckpt.restore_latest("reward_model", sharding.host_local_to_global(rm_like))
+    if saved is not None:
+        rm_params = saved[1]
     else:
         if oracle is None:
             raise ValueError("config.reward.oracle = '': the built-in task trains its reward "
@@ -245,16 +247,14 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
 
 
 def _local(c) -> Ingredients:
-    from transformers import AutoConfig
-
     tokenizer = Tokenizer(c.model.tokenizer)
     end_ids = _end_ids(c, tokenizer)
     # The policy's weights stay float32 (see reinforce.make_train_step); the reward model is
     # frozen, so its weights take the compute dtype.
-    cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.model.hf_dir)).replace(
+    cfg = hf.read_config(c.model.hf_dir).replace(
         dtype=c.model.dtype, param_dtype="float32")
     sft_params = hf.params_from_hf(c.model.hf_dir, cfg)
-    rm_cfg = hf.config_from_hf(AutoConfig.from_pretrained(c.reward.hf_dir)).replace(
+    rm_cfg = hf.read_config(c.reward.hf_dir).replace(
         dtype=c.model.dtype, param_dtype=c.model.dtype)
     if rm_cfg.vocab_size != cfg.vocab_size:
         raise ValueError("config.reward.hf_dir: the reward model's vocabulary differs from the "

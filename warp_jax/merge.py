@@ -16,6 +16,7 @@ are checked before anything is written; the output appears only when complete.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pathlib
 import shutil
@@ -23,14 +24,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+import jax
 import numpy as np
-from safetensors import safe_open
 from tqdm import tqdm
 
-from warp_jax import merging
+from warp_jax import merging, stacking
 from warp_jax.checkpoint import read_tree
 from warp_jax.evaluation import task_vector_stats
-from warp_jax.gemma import hf, shards
+from warp_jax.gemma import abstract_params, hf, shards
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
            "tokenizer_config.json", "special_tokens_map.json")
@@ -43,28 +44,31 @@ class TensorSource:
     An orbax checkpoint of ours (Gemma params, or a state holding them as `params`) is
     restored whole and named through `hf.params_to_hf`; it needs `hf_config`, a Hugging Face
     directory whose config.json describes the architecture (and whose tokenizer files are
-    copied to the output).
+    copied to the output). A WARP stage's checkpoint (`checkpoints/iter1`) holds its M runs
+    stacked: `run` picks one, else `runs()` gives each.
     """
 
-    def __init__(self, directory: str | pathlib.Path, hf_config: str | None = None):
+    def __init__(self, directory: str | pathlib.Path, hf_config: str | None = None,
+                 run: int | None = None):
         self.directory = pathlib.Path(directory)
         self.files_dir = self.directory
-        self.location: dict[str, pathlib.Path] = {}
+        self.location: dict[str, shards.File] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._tensors: dict[str, np.ndarray] | None = None
+        self._runs: list[dict[str, np.ndarray]] = []
         files = sorted(self.directory.glob("*.safetensors"))
         if files:
-            for file in files:
-                with safe_open(str(file), framework="numpy") as f:
-                    for name in f.keys():
-                        self.location[name] = file
-                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            for file in map(shards.File, files):
+                self.location |= dict.fromkeys(file.shapes, file)
+                self.shapes |= file.shapes
         else:
-            self._read_orbax(hf_config)
+            self._read_orbax(hf_config, run)
         config = self.files_dir / "config.json"
-        self.config = json.loads(config.read_text()) if config.exists() else {}
+        try:
+            self.config = json.loads(config.read_text()) if config.exists() else {}
+        except ValueError as e:
+            raise ValueError(f"{config}: not JSON ({e})") from None
 
-    def _read_orbax(self, hf_config: str | None) -> None:
+    def _read_orbax(self, hf_config: str | None, run: int | None) -> None:
         if not self.directory.is_dir():
             raise ValueError(f"{self.directory}: no such checkpoint directory")
         tree = read_tree(self.directory)
@@ -75,23 +79,35 @@ class TensorSource:
         if hf_config is None:
             raise ValueError(f"{self.directory} is an orbax checkpoint: give --hf-config, a "
                              "Hugging Face directory with the architecture's config.json")
-        from transformers import AutoConfig
-
         self.files_dir = pathlib.Path(hf_config)
-        cfg = hf.config_from_hf(AutoConfig.from_pretrained(self.files_dir))
-        self._tensors = hf.params_to_hf(params, cfg, include_lm_head=False)
-        for name, value in self._tensors.items():
-            self.shapes[name] = value.shape
+        cfg = hf.read_config(self.files_dir)
+        embedding = params["input_embedding"]
+        num_runs = embedding.shape[0] if embedding.ndim == 3 else None
+        runs = [params]
+        if stacking.is_stacked(params, stacking.param_shapes(abstract_params(cfg)), num_runs):
+            if run is not None and not 0 <= run < num_runs:
+                raise ValueError(f"--run {run}: {self.directory} holds runs 0..{num_runs - 1}")
+            runs = [jax.tree.map(lambda x, m=m: x[m], params) for m in range(num_runs)]
+            runs = runs if run is None else [runs[run]]
+        self._runs = [hf.params_to_hf(p, cfg, include_lm_head=False) for p in runs]
+        self.shapes = {name: value.shape for name, value in self._runs[0].items()}
+
+    def runs(self) -> list[TensorSource]:
+        """One source per run this checkpoint holds (itself, unless stacked runs)."""
+        if len(self._runs) <= 1:
+            return [self]
+        sources = [copy.copy(self) for _ in self._runs]
+        for source, tensors in zip(sources, self._runs, strict=True):
+            source._runs = [tensors]
+        return sources
 
     def load(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        if self._tensors is not None:
-            return {n: self._tensors[n] for n in names}
+        if self._runs:
+            (tensors,) = self._runs  # stacked runs: load from each of `runs()`
+            return {n: tensors[n] for n in names}
         out = {}
-        for file in sorted({self.location[n] for n in names}):
-            with safe_open(str(file), framework="numpy") as f:
-                for name in names:
-                    if self.location[name] == file:
-                        out[name] = f.get_tensor(name)
+        for file in {self.location[n]: None for n in names}:
+            out |= file.load([n for n in names if self.location[n] is file])
         return out
 
 
@@ -125,10 +141,15 @@ def check_compatible(init: TensorSource, policies: Sequence[TensorSource]) -> No
 
 def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] | None = None,
           method: str = "slerp", granularity: str = "layer", etas: Sequence[float] = (1.0,),
-          subdirs: bool = False, hf_config: str | None = None,
+          subdirs: bool = False, hf_config: str | None = None, run: int | None = None,
           progress: bool = True) -> dict[str, dict[str, float]]:
     """Merges the policies' task vectors and writes `liti(init, merged, eta)` for each eta
-    (into `out_dir`, or `out_dir/eta_<eta>` when `subdirs`); returns the per-block report."""
+    (into `out_dir`, or `out_dir/eta_<eta>` when `subdirs`, with as many digits as tell the
+    etas apart); returns the per-block report.
+
+    A policy that is a WARP stage's checkpoint contributes each of its stacked runs (or run
+    `run`). A tensor that is not finite is refused, naming it and its checkpoint; nothing is
+    written then."""
     if method not in ("slerp", "lerp"):
         raise ValueError(f"--method must be 'slerp' or 'lerp', got {method!r}")
     if granularity not in ("layer", "tensor"):
@@ -138,17 +159,23 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
             raise ValueError(f"eta must be in [0, 1], got {eta}")
     if not policy_dirs:
         raise ValueError("give at least one --policy")
-    merging.validate_weights(weights, len(policy_dirs))
+    if len(set(etas)) < len(etas):
+        raise ValueError(f"the etas repeat a value: {list(etas)}")
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists; choose a new --out directory")
-    init = TensorSource(init_dir, hf_config)
-    policies = [TensorSource(d, hf_config) for d in policy_dirs]
+    init = TensorSource(init_dir, hf_config, run)
+    if len(init.runs()) > 1:
+        raise ValueError(f"--init {init_dir} holds {len(init.runs())} stacked runs; pick one "
+                         "with --run")
+    policies = [s for d in policy_dirs for s in TensorSource(d, hf_config, run).runs()]
+    merging.validate_weights(weights, len(policies))
     check_compatible(init, policies)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent or "."))
     try:
-        targets = {eta: (tmp / f"eta_{eta:g}" if subdirs else tmp) for eta in etas}
+        targets = {eta: (tmp / name if subdirs else tmp) for eta, name in zip(
+            etas, eta_dirs(etas), strict=True)}
         groups = _groups(list(init.shapes))
         writers = {}
         for eta, target in targets.items():
@@ -156,8 +183,8 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
             writers[eta] = shards.ShardWriter(target, len(groups))
         report: dict[str, dict[str, float]] = {}
         for key, names in tqdm(groups, desc="merging", unit="group", disable=not progress):
-            base = init.load(names)
-            runs = [p.load(names) for p in policies]
+            base = _finite(init, init.load(names))
+            runs = [_finite(p, p.load(names)) for p in policies]
             if len(runs) > 1 and key.startswith("layer_"):
                 stats = task_vector_stats(base, runs, dict.fromkeys(names, key))[key]
                 report[key] = {"task_cosine": stats["task_cosine"],
@@ -184,6 +211,24 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def eta_dirs(etas: Sequence[float]) -> list[str]:
+    """`eta_<eta>` for each of the (distinct) etas, with the fewest digits (at least 6) that
+    give every eta its own name: 0.1234567 and 0.1234568 do not share `eta_0.123457`."""
+    for digits in range(6, 18):
+        names = [f"eta_{eta:.{digits}g}" for eta in etas]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"the etas repeat a value: {list(etas)}")
+
+
+def _finite(source: TensorSource, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for name, value in tensors.items():
+        if value.dtype.kind not in "biu" and not np.isfinite(value.astype(np.float32)).all():
+            raise ValueError(f"{source.directory}: tensor {name!r} has non-finite values "
+                             "(NaN or inf); a diverged run cannot be merged")
+    return tensors
 
 
 def _plot(report: dict[str, dict[str, float]], path: pathlib.Path) -> None:
@@ -217,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the shared initialisation (HF dir or orbax checkpoint)")
     parser.add_argument("--policy", action="append", required=True,
                         help="a fine-tuned run (HF dir or orbax checkpoint); repeat for M runs")
+    parser.add_argument("--run", type=int, help="of a WARP stage's checkpoint (its M runs "
+                        "stacked, e.g. checkpoints/iter1): merge only this run (default: each "
+                        "run is a policy)")
     parser.add_argument("--hf-config", help="for orbax checkpoints: a Hugging Face directory "
                                             "whose config.json (and tokenizer) they follow")
     parser.add_argument("--weights", type=_floats, help="M weights summing to 1 (default 1/M)")
@@ -232,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         report = merge(args.init, args.policy, args.out, weights=args.weights,
                        method=args.method, granularity=args.granularity, etas=etas,
-                       subdirs=args.eta_grid is not None, hf_config=args.hf_config)
+                       subdirs=args.eta_grid is not None, hf_config=args.hf_config,
+                       run=args.run)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -240,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("| block | task-vector cosine | norm ratio |\n|---|---:|---:|")
         for key, stats in report.items():
             print(f"| {key} | {stats['task_cosine']:.4f} | {stats['norm_ratio']:.4f} |")
-    print(f"wrote {args.out} ({', '.join(f'eta {e:g}' for e in etas)})")
+    print(f"wrote {args.out} ({', '.join(eta_dirs(etas))})")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,12 @@ def read_preferences(path: str | os.PathLike, on_error: str = "raise") -> list[P
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError: a ValueError
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
                 missing = [k for k in ("prompt", "chosen", "rejected")

@@ -8,6 +8,7 @@ Tensor layouts (ours <- Hugging Face `nn.Linear` weights, which are `[out, in]`)
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -25,6 +26,22 @@ _HF_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
 _HF_REWARD_ARCH = {"gemma": "GemmaForSequenceClassification",
                    "gemma2": "Gemma2ForSequenceClassification",
                    "gemma3": "Gemma3TextForSequenceClassification"}
+
+
+def read_config(directory: str | os.PathLike) -> GemmaConfig:
+    """The `GemmaConfig` of a Hugging Face checkpoint directory, from its config.json; a
+    missing or malformed file is a `ValueError` naming it."""
+    path = pathlib.Path(directory) / "config.json"
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (expected a Hugging Face checkpoint "
+                         "directory)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config_from_hf(hf_config)
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:

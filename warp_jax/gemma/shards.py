@@ -4,14 +4,15 @@ as the shards and index transformers reads (`model-0000i-of-0000n.safetensors`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
@@ -64,6 +65,30 @@ class ShardWriter:
                 indent=1))
 
 
+class File:
+    """One safetensors file, read lazily: its tensors' shapes up front, tensors on demand.
+
+    A damaged file (truncated, not safetensors) is a `ValueError` naming it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        with self._open() as f:
+            self.shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+    @contextlib.contextmanager
+    def _open(self):
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                yield f
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from None
+
+    def load(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        with self._open() as f:
+            return {name: f.get_tensor(name) for name in names}
+
+
 def tensors(source) -> Iterator[tuple[str, Any]]:
     """(name, loader) pairs from a mapping or, lazily, from a safetensors directory/file."""
     if isinstance(source, Mapping):
@@ -74,10 +99,9 @@ def tensors(source) -> Iterator[tuple[str, Any]]:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not all(f.exists() for f in files):
         raise ValueError(f"no safetensors files at {str(path)!r}")
-    for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                yield name, lambda f=f, name=name: f.get_tensor(name)
+    for file in map(File, files):
+        for name in file.shapes:
+            yield name, lambda file=file, name=name: file.load([name])[name]
 
 
 def _to_numpy(value) -> np.ndarray:

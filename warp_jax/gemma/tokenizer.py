@@ -23,7 +23,10 @@ class Tokenizer:
         else:
             if not os.path.isfile(model):
                 raise ValueError(f"no SentencePiece model at {str(model)!r}")
-            self._sp = spm.SentencePieceProcessor(model_file=str(model))
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=str(model))
+            except RuntimeError as e:
+                raise ValueError(f"{str(model)!r}: not a SentencePiece model ({e})") from None
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.eos_id = self._sp.eos_id()
         self.bos_id = self._sp.bos_id()
