@@ -135,3 +135,60 @@ def test_orbax_checkpoints_merge_like_their_hf_exports(checkpoints, tmp_path):
         merge.main([*flags, "--policy", str(tmp_path / "orbax" / "run0"), "--policy",
                     str(runs[1]), "--out", str(tmp_path / "nope")])
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_stage_checkpoint_of_stacked_runs_merges_like_its_runs(checkpoints, tmp_path):
+    root, runs = checkpoints
+    cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(root / "init"))
+    policies = [hf.params_from_hf(run, cfg) for run in runs[:2]]
+    ckpt = Checkpoints(tmp_path / "checkpoints")  # as the main job saves a stage's runs
+    ckpt.save("iter1", 6, {"params": jax.tree.map(lambda *x: np.stack(x), *policies),
+                           "step": np.int32(6)})
+    ckpt.close()
+    flags = ["--init", str(root / "init"), "--hf-config", str(root / "init"), "--eta", "0.3"]
+    merge.main([*flags, "--policy", str(runs[0]), "--policy", str(runs[1]),
+                "--out", str(tmp_path / "from_hf")])
+    merge.main([*flags, "--policy", str(tmp_path / "checkpoints" / "iter1"),
+                "--out", str(tmp_path / "from_stage")])
+    merge.main(["--init", str(root / "init"), "--hf-config", str(root / "init"), "--policy",
+                str(tmp_path / "checkpoints" / "iter1"), "--run", "1",
+                "--out", str(tmp_path / "run1")])
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, hf.params_from_hf(tmp_path / "from_stage", cfg),
+                 hf.params_from_hf(tmp_path / "from_hf", cfg))
+    jax.tree.map(close, hf.params_from_hf(tmp_path / "run1", cfg), policies[1])
+
+
+def test_damaged_policies_and_colliding_etas_are_refused(checkpoints, tmp_path, capsys):
+    root, runs = checkpoints
+    nan_run = tmp_path / "nan_run"
+    nan_run.mkdir()
+    state = transformers.Gemma2ForCausalLM.from_pretrained(runs[1]).state_dict()
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file({k: v.numpy() for k, v in state.items() if k != "lm_head.weight"},
+              nan_run / "model.safetensors")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    raw = (runs[1] / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    base = ["--init", str(root / "init"), "--policy", str(runs[0])]
+    capsys.readouterr()
+    for flags, message in (
+            (["--policy", str(nan_run)], f"error: {nan_run}: tensor "
+             "'model.layers.1.mlp.up_proj.weight' has non-finite values (NaN or inf); a "
+             "diverged run cannot be merged"),
+            (["--policy", str(truncated)], f"error: {truncated / 'model.safetensors'}: not a "
+             "readable safetensors file (Error while deserializing header: "),
+            (["--policy", str(runs[1]), "--eta-grid", "0.5,0.3,0.5"],
+             "error: the etas repeat a value: [0.5, 0.3, 0.5]")):
+        with pytest.raises(SystemExit) as info:
+            merge.main([*base, *flags, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err  # the error, after the merge's progress bar if any
+        assert info.value.code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith(message), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    merge.main([*base, "--policy", str(runs[1]), "--eta-grid", "0.1234567,0.1234568,1",
+                "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == [
+        "eta_0.1234567", "eta_0.1234568", "eta_1"]

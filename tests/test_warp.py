@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,39 @@ def test_killed_then_resumed_gives_the_same_front(finished, tmp_path):
     _out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "pareto_front.json").read_text()) == reference
+    assert _logged_steps(tmp_path) == _logged_steps(finished[0])  # each step once
+
+
+def _logged_steps(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return sorted((r["stage"], r["run"], r["step"]) for r in map(json.loads, lines))
+
+
+def test_a_damaged_workdir_resumes_to_the_same_front(finished, tmp_path, capsys):
+    reference, workdir = finished[0], tmp_path / "w"
+    shutil.copytree(reference, workdir)
+    for name in ("pareto_front.json", "summary.md"):
+        (workdir / name).unlink()
+    data = max((workdir / "checkpoints" / "iter1" / "6").rglob("d/*"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:][:64])
+    data.write_bytes(bytes(raw))  # 64 flipped bytes in the latest step of iteration 1's runs
+    (workdir / "records" / "iter2.json").unlink()  # iteration 2 lost its evaluations
+    capsys.readouterr()
+    warp.run(get_config("test"), workdir)
+    err = capsys.readouterr().err
+    assert f"warning: {workdir / 'checkpoints' / 'iter1' / '6'}: checksum mismatch" in err
+    assert f"warning: {workdir / 'records' / 'iter2.json'} lacks evaluations" in err
+    assert (json.loads((workdir / "pareto_front.json").read_text())
+            == json.loads((reference / "pareto_front.json").read_text()))
+    assert _logged_steps(workdir) == _logged_steps(reference)
+    changed = get_config("test")
+    changed.rl.beta = 0.5
+    before = (workdir / "pareto_front.json").read_bytes()
+    with pytest.raises(ValueError, match=r"was made with another config: rl.beta \(0.1 -> 0.5\)"):
+        warp.run(changed, workdir)
+    assert (workdir / "pareto_front.json").read_bytes() == before
 
 
 def test_a_bad_config_value_is_one_clear_line_and_leaves_the_workdir_intact(tmp_path):

@@ -6,6 +6,7 @@ flipped bit, a truncated file or a step orbax cannot read is found before it is 
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from warp_jax import sharding
 
@@ -34,33 +36,59 @@ def _uint_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-@jax.jit
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: a bijection of uint32 that spreads every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _shard_fingerprint(x: jax.Array, start: jax.Array, shape: tuple[int, ...]):
+    """(sum of the element hashes, all finite) of one shard `x` of an array of `shape`
+    whose first element sits at index `start`."""
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for d in range(x.ndim):
+        index = index * jnp.uint32(shape[d]) + jax.lax.broadcasted_iota(
+            jnp.uint32, x.shape, d) + start[d]
+    hashed = _mix(_uint_bits(x) ^ _mix(index + jnp.uint32(0x9E3779B9)))
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return jnp.sum(hashed, dtype=jnp.uint32), jnp.asarray(finite)
+
+
 def fingerprint(tree: Any) -> tuple[Any, Any]:
-    """Per array: a position-weighted sum of its bits modulo 2**32, and whether it is finite.
+    """Per array: the sum modulo 2**32 of a hash of each element's bits and position, and
+    whether it is finite (host values, the same in every process).
 
     Integer sums do not depend on the order of reduction, so the checksum is the same on any
-    mesh; every weight is odd, so any single flipped bit changes it.
+    mesh; the hash of an element is a bijection of its bits, so changing any one element (a
+    single flipped bit, say) changes the sum. Each shard is summed on its own device and the
+    shards' sums on the host: no collectives (XLA:CPU can deadlock on many small programs
+    with collectives in flight).
     """
-    def checksum(x):
-        bits = _uint_bits(x)
-        index = jnp.zeros(x.shape, jnp.uint32)
-        for d in range(x.ndim):
-            index = index * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(
-                jnp.uint32, x.shape, d)
-        return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1),
-                       dtype=jnp.uint32)
-
-    def finite(x):
-        return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
-
-    return jax.tree.map(checksum, tree), jax.tree.map(finite, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = []  # per leaf, the (sum, finite) of each shard this process holds a first copy of
+    for x in leaves:
+        x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+        parts.append([_shard_fingerprint(s.data, np.array([i.start or 0 for i in s.index],
+                                                          np.uint32), x.shape)
+                      for s in x.addressable_shards if s.replica_id == 0])
+    sums = np.array([sum(int(p[0]) for p in leaf) % 2**32 for leaf in parts], np.uint32)
+    finite = np.array([all(bool(p[1]) for p in leaf) for leaf in parts], bool)
+    if jax.process_count() > 1:  # every process's shards
+        sums = multihost_utils.process_allgather(sums).sum(0, dtype=np.uint32)
+        finite = multihost_utils.process_allgather(finite).all(0)
+    return (treedef.unflatten([int(v) for v in sums]),
+            treedef.unflatten([bool(v) for v in finite]))
 
 
 def _digest(tree: Any) -> tuple[dict[str, int], list[str]]:
-    """(path -> checksum, the paths of non-finite arrays) of `tree`, on the host."""
-    sums, finite = sharding.to_host(fingerprint(jax.tree.map(jnp.asarray, tree)))
+    """(path -> checksum, the paths of non-finite arrays) of `tree`."""
+    sums, finite = fingerprint(tree)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return (dict(zip(names, (int(s) for s in jax.tree.leaves(sums)), strict=True)),
+    return (dict(zip(names, jax.tree.leaves(sums), strict=True)),
             [n for n, ok in zip(names, jax.tree.leaves(finite), strict=True) if not ok])
 
 

@@ -9,6 +9,7 @@ local checkpoints named by the config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from warp_jax import data, reinforce, rewards, sampling, sft, sharding, streams
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import Gemma, GemmaConfig, abstract_params, hf
 from warp_jax.gemma.tokenizer import Tokenizer
+from warp_jax.workdir import flatten
 
 BASELINES = ("reinforce_sft", "reinforce_ema", "lerp")
 
@@ -59,6 +61,13 @@ def mesh_shape(c, num_devices: int) -> dict[str, int]:
 
 def validate_config(c) -> None:
     """Raises `ValueError` naming the first bad field, before anything is written."""
+    for field, value in flatten(c.to_dict()).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(field, value, "must be a finite number")
+    for field in ("sft.learning_rate", "reward.learning_rate"):
+        section, key = field.split(".")
+        if not c[section][key] > 0:
+            _fail(field, c[section][key], "must be positive")
     if c.task.name not in ("reviews", "prompts"):
         _fail("task.name", c.task.name, "use 'reviews' (built-in) or 'prompts'")
     if c.task.chat and c.task.name != "prompts":
@@ -98,6 +107,8 @@ def validate_config(c) -> None:
     if not all(isinstance(p, str) and p for p in c.rl.stop_pieces):
         _fail("rl.stop_pieces", c.rl.stop_pieces, "needs a tuple of vocabulary pieces, "
               "e.g. ('<end_of_turn>',)")
+    if not c.rl.grad_clip >= 0:
+        _fail("rl.grad_clip", c.rl.grad_clip, "must be >= 0 (0: no clipping)")
     try:  # the RL fields: RLConfig owns their checks
         rl_config(c, anchor="ema", eos_id=None)
     except ValueError as e:
