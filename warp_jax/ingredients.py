@@ -59,8 +59,12 @@ def mesh_shape(c, num_devices: int) -> dict[str, int]:
                                       "batch_size": "config.rl.batch_size"})
 
 
-def validate_config(c) -> None:
-    """Raises `ValueError` naming the first bad field, before anything is written."""
+def validate_config(c, files: bool = True, num_devices: int | None = None) -> None:
+    """Raises `ValueError` naming the first bad field, before anything is written.
+
+    `files=False` skips the check that the local files exist (planning a job elsewhere);
+    the mesh is checked on `num_devices` devices (default: this process's JAX devices).
+    """
     for field, value in flatten(c.to_dict()).items():
         if isinstance(value, float) and not math.isfinite(value):
             _fail(field, value, "must be a finite number")
@@ -76,7 +80,7 @@ def validate_config(c) -> None:
     for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
         section, key = field.split(".")
         path = c[section][key]
-        if c.task.name == "prompts" and (not path or not os.path.exists(path)):
+        if files and c.task.name == "prompts" and (not path or not os.path.exists(path)):
             _fail(field, path, "this variant needs an existing local path")
         if c.task.name == "reviews" and path:  # would be ignored: the run would not be theirs
             _fail(field, path, "is read by task 'prompts' only (add --config.task.name=prompts, "
@@ -121,7 +125,7 @@ def validate_config(c) -> None:
     if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
-    mesh_shape(c, len(jax.devices()))
+    mesh_shape(c, len(jax.devices()) if num_devices is None else num_devices)
 
 
 def rl_config(c, anchor: str, eos_id) -> reinforce.RLConfig:

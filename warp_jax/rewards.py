@@ -162,7 +162,8 @@ def reward_arrays(reward_fn: Callable) -> tuple[list, Any]:
     or `([], None)` for any other callable. Jitted code takes those arrays as arguments (see
     `call_reward`) instead of baking them in as constants."""
     leaves, treedef = jax.tree.flatten(reward_fn)
-    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+                      for x in leaves):
         return leaves, treedef
     return [], None
 

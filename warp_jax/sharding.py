@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("run", "data", "fsdp", "model")
@@ -46,15 +46,24 @@ def activation_sharding(mesh: Mesh):
 
 def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,
               devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh with axes `("run", "data", "fsdp", "model")` over `run*data*fsdp*model` devices."""
+    """A mesh with axes `("run", "data", "fsdp", "model")` over `run*data*fsdp*model` devices.
+
+    On a TPU slice the devices are laid out along its torus (`create_device_mesh`), each
+    run's devices a contiguous block; where no mesh axis fits whole onto physical axes (run
+    2 x fsdp 32 on a v5p-128's 4x4x4 chips, say) physical axes are split between mesh axes.
+    """
     shape = (run, data, fsdp, model)
     devices = list(jax.devices() if devices is None else devices)
     size = int(np.prod(shape))
     if any(s < 1 for s in shape) or size > len(devices):
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs "
                          f"{size} devices; {len(devices)} available")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4,
-                         devices=devices[:size])
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices[:size])
+    except (AssertionError, NotImplementedError, ValueError):
+        grid = mesh_utils.create_device_mesh(shape, devices[:size],
+                                             allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
 def mesh_shape(num_devices: int, *, runs: int = 1, data: int = 0, fsdp: int = 0,

@@ -284,6 +284,9 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     Returns:
       The step, and `init(params) -> state` that builds the (stacked) state already sharded.
+      `train_step.lower(...)` and `init.lower(params)` lower their jitted programs for
+      abstract inputs (planning a job for another topology: `warp_jax.plan`);
+      `train_step.shardings` holds the inputs' and outputs' shardings.
       With `num_runs`, `init` takes M stacked params (one init per run) or one run's params,
       which every run starts from (copied inside the jitted init, straight into the `run`
       sharding). Params that fit neither raise `ValueError` naming the leaf.
@@ -303,8 +306,10 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         reward_shardings = [
             x.sharding if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
             and x.sharding.mesh == mesh else sharding.replicated(mesh) for x in reward_leaves]
-        reward_leaves = [jax.device_put(x, sh)
-                         for x, sh in zip(reward_leaves, reward_shardings, strict=True)]
+        reward_leaves = [  # abstract ones (planning a job) take the sharding they would have
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+            if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, sh)
+            for x, sh in zip(reward_leaves, reward_shardings, strict=True)]
 
     def jit(fn, in_axes, in_shardings, out_shardings, donate):
         """`fn` (of one run) stacked over the runs and jitted with its shardings (on a mesh)
@@ -341,6 +346,27 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
                 reward = sharding.to_mesh(reward, shard.rewards)
             return programs["update", with_init](state, batch, reward, init_params)
 
+    def lower(state, prompts, rng, init_params=None) -> dict[str, Any]:
+        """The step's jitted programs lowered for these inputs (arrays, or
+        `jax.ShapeDtypeStruct`s with shardings: nothing is allocated), as `train_step` would
+        run them: `{"step": ...}`, or `{"rollout": ..., "update": ...}` around a host reward."""
+        with_init = init_params is not None
+        with (contextlib.nullcontext() if mesh is None else sharding.activation_sharding(mesh)):
+            if not host:
+                return {"step": programs["step", with_init].lower(
+                    state, prompts, rng, init_params, reward_leaves)}
+            batch = jax.eval_shape(programs["rollout", False], state, prompts, rng)
+            reward = jax.ShapeDtypeStruct(batch[0].shape[:-1], jnp.float32)
+            if mesh is not None:
+                batch, reward = jax.tree.map(
+                    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                    (batch, reward), (shard.batch, shard.rewards))
+            return {"rollout": programs["rollout", False].lower(state, prompts, rng),
+                    "update": programs["update", with_init].lower(state, batch, reward,
+                                                                  init_params)}
+
+    train_step.lower = lower
+    train_step.shardings = shard
     init_fn = functools.partial(init_state, rl=rl)
     out = {} if mesh is None else dict(out_shardings=shard.state)
     init_one = jax.jit(init_fn, **out)
@@ -352,10 +378,15 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
                               **out)
     shapes = stacking.param_shapes(boxed)
 
-    def init(params):
+    def program(params):
         if stacking.is_stacked(params, shapes, num_runs):
-            return init_stacked(params)
-        return init_shared(params) if num_runs else init_one(params)
+            return init_stacked
+        return init_shared if num_runs else init_one
+
+    def init(params):
+        return program(params)(params)
+
+    init.lower = lambda params: program(params).lower(params)
 
     return train_step, init
 

@@ -1,0 +1,124 @@
+"""Will the WARP job fit on a TPU slice? Compile it for the slice, here, before renting it.
+
+    python -m experiments.plan --config=experiments/configs/gemma_warp.py:gemma_7b_paper \
+        --topology=v5p-128 [--out=plan.json] [--config.rl.microbatches=2 ...]
+
+Needs libtpu (`pip install "jax[tpu]==<our jax>"`; `make test` installs it). Builds the job's
+mesh on the slice's compile-only devices and compiles every jitted program of the job (the
+stacked train step, its init, the SLERP of the runs, LITI) with the TPU compiler from abstract
+inputs: no weights, tokenizer or prompts are read (with `--config.model.hf_dir` set, only its
+config.json). Prints per program the per-chip memory against the chip's HBM, compile time,
+FLOPs and HBM bytes per call, and the train step's roofline; `--out` writes the same as JSON.
+
+Exit code 0 if every program fits; 1 with one line naming the program, the shortfall and a
+setting that fits (it tries more microbatches, remat and tensor parallelism); 2 for bad input.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are compile-only
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.gemma_warp import _BAD_FLAG, _config, _fail, _parse_flags
+
+
+def _table(result: dict) -> str:
+    chip = result["chip"]
+    lines = [f"{result['topology']}: {result['chips']} chips of {result['hbm_gib_per_chip']} GiB "
+             f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s; mesh "
+             f"{result['mesh']}",
+             "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
+             "| compile s | GFLOP/call | GB/call |", "|---|---|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|"]
+    for name, r in result["programs"].items():
+        if "peak_gib_per_chip" not in r:
+            lines.append(f"| {name} | **no**: needs {r['used_gib']} of {r['hbm_gib']} GiB "
+                         f"| | | | | | {r['compile_s']:.3g} | | |")
+            continue
+        lines.append(
+            f"| {name} | {'yes' if r['fits'] else '**no**'} | {r['peak_gib_per_chip']:.3g} | "
+            f"{r['arguments_gib']:.3g} | {r['outputs_gib']:.3g} | {r['temporaries_gib']:.3g} | "
+            f"{r['generated_code_mib']:.3g} | {r['compile_s']:.3g} | {r['flops'] / 1e9:.3g} | "
+            f"{r['bytes'] / 1e9:.3g} |")
+    roof = result["train_step_roofline"]
+    if roof:
+        lines.append(f"train step: {roof['analytic_flops'] / 1e12:.3g} TFLOP (matmuls, by hand);"
+                     f" roofline >= {roof['step_time_lower_bound_s']:.3g} s/step (compute "
+                     f"{roof['compute_bound_s']:.3g} s, HBM {roof['hbm_bound_s']:.3g} s), MFU "
+                     f"<= {roof['mfu_upper_bound']:.0%}")
+    return "\n".join(lines)
+
+
+def _remedies(config):
+    """Settings to try, one change each, in the order they cost the least throughput."""
+    rl = config.rl
+    prompts = rl.batch_size
+    for micro in (rl.microbatches * 2, rl.microbatches * 4):
+        if prompts % micro == 0:
+            yield f"--config.rl.microbatches={micro}", ("rl", "microbatches", micro)
+    if not rl.remat:
+        yield "--config.rl.remat=True", ("rl", "remat", True)
+    yield f"--config.mesh.model={config.mesh.model * 2}", ("mesh", "model",
+                                                           config.mesh.model * 2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    config = _config()
+    from warp_jax import plan
+
+    # Without them libtpu probes for a TPU VM's metadata and warns that it found none.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", flags.FLAGS.topology)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        topo = plan.topology(flags.FLAGS.topology)
+        result = plan.plan(config, topo, progress=lambda m: print(m, file=sys.stderr))
+    except (OSError, ValueError) as e:
+        _fail(e)
+    print(_table(result))
+    if flags.FLAGS.out:
+        pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
+    if result["fits"]:
+        return
+    name, worst = next((n, r) for n, r in result["programs"].items() if not r["fits"])
+    short = worst.get("shortfall_gib") or round(worst["peak_gib_per_chip"] - topo.chip.hbm_gib,
+                                                 2)
+    fix = "none of more microbatches, remat or more tensor parallelism; use more chips"
+    for flag, (section, key, value) in _remedies(config):
+        tried = config.copy_and_resolve_references()
+        tried[section][key] = value
+        print(f"trying {flag} ...", file=sys.stderr)
+        try:
+            programs, _ = plan.lowered_programs(tried, topo.devices)
+        except ValueError:  # e.g. a tensor-parallel degree the mesh cannot take
+            continue
+        if plan.compile_report(programs[name], topo.chip)["fits"]:
+            fix = f"{flag} fits"
+            break
+    print(f"error: {name} does not fit on {topo.name}: short by {short} GiB of the "
+          f"{topo.chip.hbm_gib} GiB per chip; {fix}", file=sys.stderr)
+    sys.exit(1)
+
+
+def cli() -> None:
+    try:
+        config_flags.DEFINE_config_file(
+            "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
+            "experiment config file, optionally with :variant", lock_config=True)
+    except _BAD_FLAG as e:
+        _fail(e)
+    flags.DEFINE_string("topology", None, "a Cloud TPU accelerator type: v4-32, v5e-16 "
+                        "(v5litepod-16), v5p-128, v6e-32", required=True)
+    flags.DEFINE_string("out", None, "write the plan as JSON here")
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

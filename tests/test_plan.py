@@ -1,0 +1,83 @@
+"""Planning the job for TPU slices with the real TPU compiler (libtpu's compile-only devices);
+the suite itself still runs on the 8 emulated CPU devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments.configs.gemma_warp import get_config
+from warp_jax import ingredients, plan, sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"{ROOT}/experiments/configs/gemma_warp.py"
+
+
+def _plan(*flags):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "experiments.plan", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_the_suite_runs_on_cpu_with_libtpu_installed():
+    assert jax.default_backend() == "cpu" and len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("name, chips, shape", [
+    ("v4-16", 8, (2, 2, 2)), ("v4-512", 256, (4, 8, 8)), ("v5e-8", 8, (2, 4)),
+    ("v5litepod-16", 16, (4, 4)), ("v5e-256", 256, (16, 16)), ("v5p-64", 32, (2, 4, 4)),
+    ("v5p-128", 64, (4, 4, 4)), ("v6e-32", 32, (4, 8)), ("v6e-256", 256, (16, 16))])
+def test_topologies_and_the_meshes_of_the_tpu_variants(name, chips, shape):
+    topo = plan.topology(name)
+    assert (len(topo.devices), topo.shape) == (chips, shape)
+    assert all(d.platform == "tpu" for d in topo.devices)
+    for variant in ("gemma_2b", "gemma_7b_paper"):  # run 2 x fsdp chips/2 (data 1)
+        config = get_config(variant)
+        config.rl.batch_size = max(config.rl.batch_size, chips // 2)
+        mesh = sharding.make_mesh(**ingredients.mesh_shape(config, chips), devices=topo.devices)
+        assert dict(mesh.shape) == {"run": 2, "data": 1, "fsdp": chips // 2, "model": 1}
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in topo.devices)
+
+
+def test_unknown_topologies_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"--topology 'v5p-127': not a single-slice size; use "
+                                         r"one of v5p-8, v5p-16"):
+        plan.topology("v5p-127")
+    with pytest.raises(ValueError, match=r"--topology 'tpu7': expected a Cloud TPU accelerator "
+                                         r"type"):
+        plan.topology("tpu7")
+
+
+def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", f"--out={out}")
+    assert code == 0, stderr[-3000:]
+    assert "Involuntary full rematerialization" not in stderr
+    result = json.loads(out.read_text())
+    assert (result["topology"], result["chips"], result["hbm_gib_per_chip"]) == ("v5e-8", 8, 16)
+    assert result["mesh"] == {"run": 2, "data": 4, "fsdp": 1, "model": 1} and result["fits"]
+    assert set(result["programs"]) == {"train_step/step", "init", "slerp", "liti"}
+    for report in result["programs"].values():
+        assert report["fits"] and 0 < report["peak_gib_per_chip"] < 16
+        assert report["compile_s"] >= 0 and report["flops"] >= 0 and report["bytes"] > 0
+    assert result["train_step_roofline"]["step_time_lower_bound_s"] > 0
+    assert "| train_step/step | yes |" in stdout
+
+
+def test_a_job_that_does_not_fit_is_one_line_with_a_remedy_tried():
+    # A 2-layer model with a 2M x 2048 embedding: 16 GiB of float32 weights, replicated over
+    # `data`, before Adam's moments and the EMA: over a v5e's 16 GiB, whatever the schedule.
+    code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8",
+                            "--config.task.vocab_size=2000000",
+                            "--config.model.overrides.embed_dim=2048")
+    assert code == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train_step/step does not fit on v5e-8: short by "), last
+    assert last.endswith("GiB of the 16 GiB per chip; none of more microbatches, remat or more "
+                         "tensor parallelism; use more chips"), last

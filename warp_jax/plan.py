@@ -1,0 +1,245 @@
+"""Will the job fit on the slice I rent? Compile it for a TPU topology from this machine.
+
+libtpu (`pip install "jax[tpu]==<our jax>"`) describes any Cloud TPU slice as compile-only
+devices (`jax.experimental.topologies`), on which the job's mesh is built and every jitted
+program of the WARP job is compiled by the real TPU compiler from abstract inputs: nothing is
+allocated, and no weights, tokenizer or prompts are read. Each program's per-chip memory
+comes from the compiler (`memory_analysis`), FLOPs and HBM bytes per call from its cost
+analysis, and the step's time is bounded below by a roofline from the chip's published peak.
+
+`plan(config, topology(name))` is what `python -m experiments.plan` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from warp_jax import ingredients, merging, reinforce, rewards, sharding
+from warp_jax.gemma import GemmaConfig, abstract_params, block_groups, hf
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation's published figures, per chip."""
+    hbm_gib: float
+    bf16_tflops: float  # peak dense bfloat16 FLOP/s, in 1e12
+    hbm_gbps: float  # HBM bandwidth, in 1e9 bytes/s
+    cores: int  # TensorCores per chip: v4 and v5p names count cores, v5e and v6e names chips
+    libtpu: str  # the generation's name in libtpu's topology names
+
+
+# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+CHIPS = {
+    "v4": Chip(hbm_gib=32, bf16_tflops=275, hbm_gbps=1228, cores=2, libtpu="v4"),
+    "v5e": Chip(hbm_gib=16, bf16_tflops=197, hbm_gbps=819, cores=1, libtpu="v5e"),
+    "v5p": Chip(hbm_gib=95, bf16_tflops=459, hbm_gbps=2765, cores=2, libtpu="v5"),
+    "v6e": Chip(hbm_gib=32, bf16_tflops=918, hbm_gbps=1640, cores=1, libtpu="v6e"),
+}
+# Chips -> the slice's shape: v4/v5p chips form a 3-D torus, v5e/v6e chips a 2-D one.
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)}
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+              128: (8, 16), 256: (16, 16)}
+
+
+@dataclasses.dataclass
+class Topology:
+    name: str  # as Cloud TPU spells the accelerator type: v5p-128
+    generation: str
+    chip: Chip
+    shape: tuple[int, ...]  # chips along each axis of the torus
+    devices: list  # compile-only devices, one per chip
+
+
+def topology(name: str) -> Topology:
+    """The compile-only devices of a Cloud TPU slice: `v4-32`, `v5e-16` (`v5litepod-16`),
+    `v5p-128`, `v6e-32`. Raises `ValueError` for an unknown name, or without libtpu."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if match is None:
+        raise ValueError(f"--topology {name!r}: expected a Cloud TPU accelerator type, e.g. "
+                         "v4-32, v5e-16 (or v5litepod-16), v5p-128, v6e-32")
+    generation = {"v5litepod": "v5e"}.get(match[1], match[1])
+    chip = CHIPS[generation]
+    shapes = _SHAPES_3D if chip.cores == 2 else _SHAPES_2D
+    chips, rest = divmod(int(match[2]), chip.cores)
+    if rest or chips not in shapes:
+        sizes = ", ".join(f"{generation}-{n * chip.cores}" for n in shapes)
+        raise ValueError(f"--topology {name!r}: not a single-slice size; use one of {sizes}")
+    shape = shapes[chips]
+    if chip.cores == 2:  # a full cube of 4 or more chips a side wraps around in every axis
+        wrap = (min(shape) >= 4,) * 3
+    else:  # a 2-D slice wraps along an axis of 16 chips
+        wrap = (*(d == 16 for d in shape), False)
+    # Compile-only use claims no chip: several processes may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(
+            topology_name=f"{chip.libtpu}:{'x'.join(map(str, shape))}", platform="tpu",
+            chip_config_name="megacore" if chip.cores == 2 else "default",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap)
+    except (RuntimeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--topology {name}: libtpu could not describe it ({first[:160]}); "
+                         f'install it with pip install "jax[tpu]=={jax.__version__}"') from None
+    return Topology(name, generation, chip, shape, list(desc.devices))
+
+
+def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
+    """The policy's and the reward model's `GemmaConfig` for config `c`, without weights:
+    from `model.hf_dir`'s / `reward.hf_dir`'s config.json if set, else the variant's preset
+    (the built-in task's vocabulary for it; the reward model then shares the architecture)."""
+    if c.model.hf_dir:
+        cfg = hf.read_config(c.model.hf_dir)
+    else:
+        preset = {"gemma_2b": "gemma_2b", "gemma_7b_paper": "gemma_7b"}.get(c.variant,
+                                                                             c.model.preset)
+        overrides = {} if preset != c.model.preset else dict(c.model.overrides)
+        if c.task.name == "reviews":
+            overrides["vocab_size"] = c.task.vocab_size
+        cfg = GemmaConfig.from_preset(preset, **overrides)
+    cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32")
+    rm_cfg = hf.read_config(c.reward.hf_dir) if c.reward.hf_dir else cfg
+    return cfg, rm_cfg.replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _params(boxed, mesh) -> Any:
+    """Abstract params with the shardings `sharding.param_shardings` gives them."""
+    import flax.linen as nn
+
+    return _abstract(nn.unbox(boxed), sharding.param_shardings(boxed, mesh))
+
+
+def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every jitted program of the WARP job of config `c` on `devices`, lowered from abstract
+    inputs: the stacked train step (one program with a model reward), its init, the SLERP of
+    the runs and LITI. Also returns the mesh shape and sizes the report needs."""
+    ingredients.validate_config(c, files=False, num_devices=len(devices))
+    cfg, rm_cfg = model_configs(c)
+    shape = ingredients.mesh_shape(c, len(devices))
+    mesh = sharding.make_mesh(**shape, devices=devices)
+    runs = c.warp.runs
+    params = _params(abstract_params(cfg), mesh)
+    reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
+    train_step, init = reinforce.make_train_step(
+        cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
+    shards = train_step.shardings
+    state = _abstract(jax.eval_shape(init, params), shards.state)
+    rows = (runs, c.rl.batch_size, c.task.prompt_len)
+    prompts = (jax.ShapeDtypeStruct(rows, jnp.int32, sharding=shards.prompts[0]),
+               jax.ShapeDtypeStruct(rows, jnp.bool_, sharding=shards.prompts[1]))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), runs))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=shards.keys)
+    programs = {f"train_step/{k}": v for k, v in train_step.lower(state, prompts, keys).items()}
+    programs["init"] = init.lower(params)
+    groups = block_groups(params) if c.warp.granularity == "layer" else None
+    out = dict(out_shardings=sharding.param_shardings(abstract_params(cfg), mesh))
+    policies = [params] * runs
+    programs["slerp"] = jax.jit(functools.partial(merging.slerp_tree, groups=groups),
+                                **out).lower(params, policies)
+    programs["liti"] = jax.jit(merging.liti_tree, **out).lower(params, params, c.warp.eta)
+    sizes = dict(mesh=shape, cfg=cfg, rm_cfg=rm_cfg)
+    return programs, sizes
+
+
+def matmul_params(cfg: GemmaConfig) -> int:
+    """Weights that take part in a matmul per token: every block's projections and MLP, and
+    the tied embedding as the output layer (the lookup itself is no matmul)."""
+    attention = cfg.embed_dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * cfg.embed_dim * cfg.mlp_dim
+    return cfg.num_layers * (attention + mlp) + cfg.vocab_size * cfg.embed_dim
+
+
+def step_flops(c, cfg: GemmaConfig, rm_cfg: GemmaConfig) -> float:
+    """Matmul FLOPs of one train step of all runs, counted by hand (attention scores left
+    out): per token of the M x B x K sequences of P + T tokens, 2 N to sample, 2 N for the
+    anchor's log-probs, 6 N for the policy's forward and backward (8 N with remat), and
+    2 N_rm for the reward model."""
+    tokens = c.warp.runs * c.rl.batch_size * c.rl.num_samples * (
+        c.task.prompt_len + c.rl.max_new_tokens)
+    policy = (2 + 2 + (8 if c.rl.remat else 6)) * matmul_params(cfg)
+    return float(tokens * (policy + 2 * matmul_params(rm_cfg)))
+
+
+# The TPU compiler's two ways of saying a program does not fit (sizes in GiB, "773.00M").
+_OOM = (re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm"),
+        re.compile(r"memory required for .*?\(([\d.]+[KMGT]?)\) exceeds available HBM "
+                   r"\(([\d.]+[KMGT]?)\)"))
+
+
+def _gib(size: str) -> float:
+    scale = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0, "T": 2.0**10}.get(size[-1], 2.0**-30)
+    return float(size.rstrip("KMGT")) * scale
+
+
+def compile_report(lowered, chip: Chip) -> dict[str, Any]:
+    """Compiles `lowered` and reports its per-chip memory, cost and compile time; a program
+    the compiler finds too large for HBM reports `fits: False` with the shortfall."""
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        oom = next((m for m in (p.search(str(e)) for p in _OOM) if m), None)
+        if "RESOURCE_EXHAUSTED" not in str(e) or oom is None:
+            raise
+        used, hbm = _gib(oom[1]), _gib(oom[2])
+        return {"fits": False, "compile_s": round(time.perf_counter() - start, 1),
+                "used_gib": round(used, 2), "hbm_gib": round(hbm, 2),
+                "shortfall_gib": round(used - hbm, 2)}
+    seconds = time.perf_counter() - start
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+    gib = 2.0 ** -30
+    peak = memory.peak_memory_in_bytes or (memory.argument_size_in_bytes
+                                           + memory.output_size_in_bytes
+                                           + memory.temp_size_in_bytes
+                                           - memory.alias_size_in_bytes)
+    return {
+        "fits": peak * gib <= chip.hbm_gib,
+        "peak_gib_per_chip": round(peak * gib, 3),
+        "arguments_gib": round(memory.argument_size_in_bytes * gib, 3),
+        "outputs_gib": round(memory.output_size_in_bytes * gib, 3),
+        "temporaries_gib": round(memory.temp_size_in_bytes * gib, 3),
+        "generated_code_mib": round(memory.generated_code_size_in_bytes / 2**20, 1),
+        "compile_s": round(seconds, 1),
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes": float(cost.get("bytes accessed", 0.0)),
+    }
+
+
+def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
+    """The plan of config `c` on `topo`: per program, its report (`compile_report`), and for
+    the train step a roofline lower bound on its time and upper bound on MFU."""
+    programs, sizes = lowered_programs(c, topo.devices)
+    chips, chip = len(topo.devices), topo.chip
+    reports = {}
+    for name, lowered in programs.items():
+        progress(f"compiling {name} for {topo.name} ...")
+        reports[name] = compile_report(lowered, chip)
+    flops = step_flops(c, sizes["cfg"], sizes["rm_cfg"])
+    step = [r for n, r in reports.items() if n.startswith("train_step/") and r["fits"]]
+    roofline = None
+    if step and len(step) == sum(n.startswith("train_step/") for n in reports):
+        compute_s = flops / chips / (chip.bf16_tflops * 1e12)
+        memory_s = sum(r["bytes"] for r in step) / (chip.hbm_gbps * 1e9)
+        bound = max(compute_s, memory_s)
+        roofline = {"analytic_flops": flops, "compute_bound_s": compute_s,
+                    "hbm_bound_s": memory_s, "step_time_lower_bound_s": bound,
+                    "mfu_upper_bound": compute_s / bound}
+    return {"topology": topo.name, "chips": chips, "hbm_gib_per_chip": chip.hbm_gib,
+            "chip": dataclasses.asdict(chip), "mesh": sizes["mesh"],
+            "fits": all(r["fits"] for r in reports.values()), "programs": reports,
+            "train_step_roofline": roofline}
