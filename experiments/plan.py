@@ -31,7 +31,7 @@ def _table(result: dict) -> str:
     chip = result["chip"]
     lines = [f"{result['topology']}: {result['chips']} chips of {result['hbm_gib_per_chip']} GiB "
              f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s; mesh "
-             f"{result['mesh']}",
+             f"{result['mesh']}; the runs' state {result['state_gib_per_chip']:.3g} GiB/chip",
              "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
              "| compile s | GFLOP/call | GB/call |", "|---|---|---:|---:|---:|---:|---:|---:|"
              "---:|---:|"]
@@ -91,7 +91,11 @@ def main(argv: list[str]) -> None:
     short = worst.get("shortfall_gib") or round(worst["peak_gib_per_chip"] - topo.chip.hbm_gib,
                                                  2)
     fix = "none of more microbatches, remat or more tensor parallelism; use more chips"
-    for flag, (section, key, value) in _remedies(config):
+    state = result["state_gib_per_chip"]
+    if state > topo.chip.hbm_gib:  # what the remedies cut is not what overflows
+        fix = (f"the runs' state alone (weights, EMA anchors, Adam moments) takes {state:.1f} "
+               "GiB per chip; use more chips")
+    for flag, (section, key, value) in _remedies(config) if state <= topo.chip.hbm_gib else ():
         tried = config.copy_and_resolve_references()
         tried[section][key] = value
         print(f"trying {flag} ...", file=sys.stderr)

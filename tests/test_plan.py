@@ -62,7 +62,7 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
     result = json.loads(out.read_text())
     assert (result["topology"], result["chips"], result["hbm_gib_per_chip"]) == ("v5e-8", 8, 16)
     assert result["mesh"] == {"run": 2, "data": 4, "fsdp": 1, "model": 1} and result["fits"]
-    assert set(result["programs"]) == {"train_step/step", "init", "slerp", "liti"}
+    assert set(result["programs"]) == {"train_step/step", "init", "evaluate", "slerp", "liti"}
     for report in result["programs"].values():
         assert report["fits"] and 0 < report["peak_gib_per_chip"] < 16
         assert report["compile_s"] >= 0 and report["flops"] >= 0 and report["bytes"] > 0
@@ -70,14 +70,15 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
     assert "| train_step/step | yes |" in stdout
 
 
-def test_a_job_that_does_not_fit_is_one_line_with_a_remedy_tried():
+def test_a_job_that_does_not_fit_is_one_line_naming_what_overflows():
     # A 2-layer model with a 2M x 2048 embedding: 16 GiB of float32 weights, replicated over
-    # `data`, before Adam's moments and the EMA: over a v5e's 16 GiB, whatever the schedule.
-    code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8",
-                            "--config.task.vocab_size=2000000",
-                            "--config.model.overrides.embed_dim=2048")
+    # `data`, four times over with the EMA anchor and Adam's moments: over a v5e's 16 GiB.
+    code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8",
+                                 "--config.task.vocab_size=2000000",
+                                 "--config.model.overrides.embed_dim=2048")
     assert code == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: train_step/step does not fit on v5e-8: short by "), last
-    assert last.endswith("GiB of the 16 GiB per chip; none of more microbatches, remat or more "
-                         "tensor parallelism; use more chips"), last
+    assert last.endswith("GiB of the 16 GiB per chip; the runs' state alone (weights, EMA "
+                         "anchors, Adam moments) takes 61.1 GiB per chip; use more chips"), last
+    assert "| train_step/step | **no**: needs " in stdout

@@ -24,8 +24,10 @@ def _mean_se(values) -> tuple[float, float]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature",
                                              "num_samples", "eos_id", "backend"))
-def _sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens, temperature,
-                   num_samples, eos_id, backend):
+def sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens, temperature,
+                  num_samples, eos_id, backend):
+    """The evaluation's program: `num_samples` completions of each prompt and their
+    sequence-level log-ratio to `sft_params` (`evaluate_policy` adds the rewards)."""
     tokens, mask = (jnp.repeat(x, num_samples, axis=0) for x in (tokens, mask))
     out = sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens,
                           temperature=temperature, eos_id=eos_id, backend=backend)
@@ -53,7 +55,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
     host rewards (`host = True`) on the decoded arrays. `backend` is the sampler's.
     """
-    out = _sample_and_kl(
+    out = sample_and_kl(
         params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
         max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
         eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None,  # static: hashable

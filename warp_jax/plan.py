@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import time
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from warp_jax import ingredients, merging, reinforce, rewards, sharding
+from warp_jax import evaluation, ingredients, merging, reinforce, rewards, sampling, sharding
 from warp_jax.gemma import GemmaConfig, abstract_params, block_groups, hf
 
 
@@ -126,9 +127,14 @@ def _params(boxed, mesh) -> Any:
 
 def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every jitted program of the WARP job of config `c` on `devices`, lowered from abstract
-    inputs: the stacked train step (one program with a model reward), its init, the SLERP of
-    the runs and LITI. Also returns the mesh shape and sizes the report needs."""
+    inputs: the stacked train step (one program with a model reward), its init, the
+    evaluation's sampler and KL, the SLERP of the runs and LITI. Also returns the mesh shape
+    and sizes the report needs. The sampler backend "auto" is planned as "xla", what it picks
+    on a TPU."""
     ingredients.validate_config(c, files=False, num_devices=len(devices))
+    c = c.copy_and_resolve_references()
+    if c.rl.sampler_backend == "auto":  # what "auto" picks on the slice, not on this host
+        c.rl.sampler_backend = "xla"
     cfg, rm_cfg = model_configs(c)
     shape = ingredients.mesh_shape(c, len(devices))
     mesh = sharding.make_mesh(**shape, devices=devices)
@@ -146,14 +152,29 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=shards.keys)
     programs = {f"train_step/{k}": v for k, v in train_step.lower(state, prompts, keys).items()}
     programs["init"] = init.lower(params)
+    eval_prompts = [jax.ShapeDtypeStruct((c.task.eval_prompts, c.task.prompt_len), dtype,
+                                         sharding=sharding.replicated(mesh))
+                    for dtype in (jnp.int32, jnp.bool_)]
+    programs["evaluate"] = evaluation.sample_and_kl.lower(
+        params, params, *eval_prompts, jax.eval_shape(lambda: jax.random.key(0)), cfg=cfg,
+        max_new_tokens=c.rl.max_new_tokens, temperature=c.rl.temperature,
+        num_samples=c.eval.samples, eos_id=(1,),
+        backend=sampling.get_backend(c.rl.sampler_backend))
     groups = block_groups(params) if c.warp.granularity == "layer" else None
     out = dict(out_shardings=sharding.param_shardings(abstract_params(cfg), mesh))
     policies = [params] * runs
     programs["slerp"] = jax.jit(functools.partial(merging.slerp_tree, groups=groups),
                                 **out).lower(params, policies)
     programs["liti"] = jax.jit(merging.liti_tree, **out).lower(params, params, c.warp.eta)
-    sizes = dict(mesh=shape, cfg=cfg, rm_cfg=rm_cfg)
+    sizes = dict(mesh=shape, cfg=cfg, rm_cfg=rm_cfg, state_gib_per_chip=gib_per_chip(state))
     return programs, sizes
+
+
+def gib_per_chip(tree) -> float:
+    """GiB that the largest shard of each array of `tree` (`ShapeDtypeStruct`s with
+    shardings) takes on one chip, summed."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree)) / 2**30
 
 
 def matmul_params(cfg: GemmaConfig) -> int:
@@ -215,7 +236,7 @@ def compile_report(lowered, chip: Chip) -> dict[str, Any]:
         "temporaries_gib": round(memory.temp_size_in_bytes * gib, 3),
         "generated_code_mib": round(memory.generated_code_size_in_bytes / 2**20, 1),
         "compile_s": round(seconds, 1),
-        "flops": float(cost.get("flops", 0.0)),
+        "flops": max(float(cost.get("flops", 0.0)), 0.0),
         "bytes": float(cost.get("bytes accessed", 0.0)),
     }
 
@@ -241,5 +262,6 @@ def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
                     "mfu_upper_bound": compute_s / bound}
     return {"topology": topo.name, "chips": chips, "hbm_gib_per_chip": chip.hbm_gib,
             "chip": dataclasses.asdict(chip), "mesh": sizes["mesh"],
+            "state_gib_per_chip": round(sizes["state_gib_per_chip"], 3),
             "fits": all(r["fits"] for r in reports.values()), "programs": reports,
             "train_step_roofline": roofline}
