@@ -1,6 +1,7 @@
 """Planning the job for TPU slices with the real TPU compiler (libtpu's compile-only devices);
 the suite itself still runs on the 8 emulated CPU devices."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -62,7 +63,8 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
     result = json.loads(out.read_text())
     assert (result["topology"], result["chips"], result["hbm_gib_per_chip"]) == ("v5e-8", 8, 16)
     assert result["mesh"] == {"run": 2, "data": 4, "fsdp": 1, "model": 1} and result["fits"]
-    assert set(result["programs"]) == {"train_step/step", "init", "evaluate", "slerp", "liti"}
+    assert set(result["programs"]) == {"train_step/step", "init", "baseline_step/step",
+                                       "evaluate", "slerp", "liti"}
     for report in result["programs"].values():
         assert report["fits"] and 0 < report["peak_gib_per_chip"] < 16
         assert report["compile_s"] >= 0 and report["flops"] >= 0 and report["bytes"] > 0
@@ -82,3 +84,13 @@ def test_a_job_that_does_not_fit_is_one_line_naming_what_overflows():
     assert last.endswith("GiB of the 16 GiB per chip; the runs' state alone (weights, EMA "
                          "anchors, Adam moments) takes 61.1 GiB per chip; use more chips"), last
     assert "| train_step/step | **no**: needs " in stdout
+
+
+def test_plan_first_stops_the_job_naming_the_program_that_does_not_fit():
+    topo = plan.topology("v5e-8")
+    small = dataclasses.replace(topo.chip, hbm_gib=0.001)  # 1 MiB of HBM
+    with pytest.raises(ValueError, match=r"config.plan_first: train_step/step does not fit: "
+                                         r"short by [\d.]+ GiB of the 0.0 GiB per chip; plan a "
+                                         r"setting that fits with python -m experiments.plan"):
+        plan.check_fits(get_config("test"), topo.devices, small)
+    assert get_config("gemma_7b_paper").plan_first and not get_config("cpu_demo").plan_first

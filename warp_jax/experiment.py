@@ -247,10 +247,15 @@ class Experiment:
 
     @classmethod
     def start(cls, config, workdir: str | os.PathLike) -> Experiment:
-        """Validates `config` and the workdir (writable; made by this config if it holds a
-        run: `workdir.record_config`), then prepares or restores what the experiment starts
+        """Validates `config`, on a TPU compiles every program first if `plan_first`
+        (`plan.check_fits`), validates the workdir (writable; made by this config if it holds
+        a run: `workdir.record_config`), then prepares or restores what the experiment starts
         from."""
         validate_config(config)
+        if config.plan_first and jax.default_backend() == "tpu":
+            from warp_jax import plan
+
+            plan.check_fits(config, jax.devices(), plan.chip_of(jax.devices()[0]))
         workdir = writable(workdir)
         record_config(config, workdir)
         return cls(config, workdir, prepare(config, workdir))

@@ -95,6 +95,35 @@ def topology(name: str) -> Topology:
     return Topology(name, generation, chip, shape, list(desc.devices))
 
 
+def chip_of(device) -> Chip:
+    """The `Chip` of a real TPU device, its HBM as the runtime reports it where it does."""
+    kind = device.device_kind.lower()
+    generation = ("v5e" if "lite" in kind or "v5e" in kind else "v5p" if "v5" in kind
+                  else "v6e" if "v6" in kind else "v4" if "v4" in kind else None)
+    if generation is None:
+        raise ValueError(f"no published figures for TPU kind {device.device_kind!r}")
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    chip = CHIPS[generation]
+    return dataclasses.replace(chip, hbm_gib=limit / 2**30) if limit else chip
+
+
+def check_fits(c, devices: list, chip: Chip) -> dict[str, Any]:
+    """Compiles every program of config `c`'s job for `devices` (the job's own, before it
+    starts: `--config.plan_first`); raises `ValueError` naming the first program that does
+    not fit in `chip`'s HBM and by how much. Returns the reports."""
+    programs, _ = lowered_programs(c, devices)
+    reports = {}
+    for name, lowered in programs.items():
+        reports[name] = report = compile_report(lowered, chip)
+        if not report["fits"]:
+            short = report.get("shortfall_gib",
+                               round(report.get("peak_gib_per_chip", 0) - chip.hbm_gib, 2))
+            raise ValueError(f"config.plan_first: {name} does not fit: short by {short} GiB of "
+                             f"the {chip.hbm_gib:.1f} GiB per chip; plan a setting that fits "
+                             "with python -m experiments.plan (docs/tpu.md)")
+    return reports
+
+
 def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
     """The policy's and the reward model's `GemmaConfig` for config `c`, without weights:
     from `model.hf_dir`'s / `reward.hf_dir`'s config.json if set, else the variant's preset
@@ -128,9 +157,9 @@ def _params(boxed, mesh) -> Any:
 def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every jitted program of the WARP job of config `c` on `devices`, lowered from abstract
     inputs: the stacked train step (one program with a model reward), its init, the
-    evaluation's sampler and KL, the SLERP of the runs and LITI. Also returns the mesh shape
-    and sizes the report needs. The sampler backend "auto" is planned as "xla", what it picks
-    on a TPU."""
+    baselines' one-run step, the evaluation's sampler and KL, the SLERP of the runs and LITI.
+    Also returns the mesh shape and sizes the report needs. The sampler backend "auto" is
+    planned as "xla", what it picks on a TPU."""
     ingredients.validate_config(c, files=False, num_devices=len(devices))
     c = c.copy_and_resolve_references()
     if c.rl.sampler_backend == "auto":  # what "auto" picks on the slice, not on this host
@@ -152,6 +181,16 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=shards.keys)
     programs = {f"train_step/{k}": v for k, v in train_step.lower(state, prompts, keys).items()}
     programs["init"] = init.lower(params)
+    if {"reinforce_sft", "reinforce_ema"} & set(c.warp.baselines):  # one run at a time
+        step_1, init_1 = reinforce.make_train_step(
+            cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=1)
+        state_1 = _abstract(jax.eval_shape(init_1, params), step_1.shardings.state)
+        inputs_1 = [jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype, sharding=sh)
+                    for x, sh in zip((*prompts, keys), (*step_1.shardings.prompts,
+                                                        step_1.shardings.keys), strict=True)]
+        programs |= {f"baseline_step/{k}": v
+                     for k, v in step_1.lower(state_1, tuple(inputs_1[:2]),
+                                              inputs_1[2]).items()}
     eval_prompts = [jax.ShapeDtypeStruct((c.task.eval_prompts, c.task.prompt_len), dtype,
                                          sharding=sharding.replicated(mesh))
                     for dtype in (jnp.int32, jnp.bool_)]

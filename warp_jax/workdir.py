@@ -16,8 +16,10 @@ from typing import Any
 
 import jax
 
-# Fields a resumed run may change: the device layout and the update's memory schedule.
-LAYOUT_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.model", "rl.remat", "rl.microbatches")
+# Fields a resumed run may change: the device layout, the update's memory schedule and the
+# check that the job fits.
+LAYOUT_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.model", "rl.remat", "rl.microbatches",
+                 "plan_first")
 
 
 def writable(path: str | os.PathLike, flag: str = "--workdir") -> pathlib.Path:

@@ -17,6 +17,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0  # every key and data order derives from it
+    c.plan_first = False  # on a TPU: compile every program first, stop in a minute if it won't fit
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # GemmaConfig preset of the built-in task's policy
@@ -105,6 +106,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.warp.iterations = 5 if variant == "gemma_7b_paper" else 2
         c.eval.every, c.eval.samples = 100, 2
         c.mesh.data = 1  # every device of a run shards the weights (FSDP)
+        c.plan_first = True
     else:
         raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b or "
                          "gemma_7b_paper")
