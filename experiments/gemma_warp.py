@@ -25,13 +25,13 @@ from ml_collections import config_flags
 
 from warp_jax import backends, sharding, warp
 
-_BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 # What a user's inputs cause (an unreadable or damaged file, a bad value): one line, exit
 # code 2. Anything else is a bug: a traceback.
-_USER_ERRORS = (OSError, ValueError)
+USER_ERRORS = (OSError, ValueError)
 
 
-def _fail(error: BaseException) -> None:
+def fail(error: BaseException) -> None:
     """A bad flag, config override or config value: one line on stderr, exit code 2."""
     while error.args and isinstance(error.args[0], BaseException):  # unwrap re-raises
         error = error.args[0]
@@ -42,14 +42,14 @@ def _fail(error: BaseException) -> None:
     sys.exit(2)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except (*_BAD_FLAG, SyntaxError) as e:
-        _fail(ValueError(f"--config: {e}") if isinstance(e, SyntaxError) else e)
+    except (*BAD_FLAG, SyntaxError) as e:
+        fail(ValueError(f"--config: {e}") if isinstance(e, SyntaxError) else e)
 
 
-def _config():
+def load_config():
     """The parsed config; a config file that could not be loaded is one line."""
     config = flags.FLAGS.config
     try:
@@ -57,30 +57,30 @@ def _config():
         return config
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        _fail(ValueError(f"--config: {lines[-1]}"))
+        fail(ValueError(f"--config: {lines[-1]}"))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    config = _config()
+    config = load_config()
     backends.configure_process(config.rl.sampler_backend)  # before JAX starts
     f = flags.FLAGS
     cluster = (f.coordinator_address, f.num_processes, f.process_id)
     if f.distributed or any(x is not None for x in cluster):
         if f.coordinator_address and None in cluster:
-            _fail(ValueError("--coordinator_address needs --num_processes and --process_id"))
+            fail(ValueError("--coordinator_address needs --num_processes and --process_id"))
         try:
             sharding.initialize_distributed(*cluster)
         except ValueError as e:  # no cluster detected, or a bad address
-            _fail(ValueError(f"--distributed: {e} (give --coordinator_address, "
+            fail(ValueError(f"--distributed: {e} (give --coordinator_address, "
                              "--num_processes and --process_id)"))
     workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
         result = warp.run(config, workdir)
-    except _USER_ERRORS as e:
-        _fail(e)
+    except USER_ERRORS as e:
+        fail(e)
     if sharding.is_main_process():
         print(f"final front (eta, proxy reward, KL): "
               f"{[(eta, round(r, 3), round(kl, 2)) for eta, r, kl in result.front]}")
@@ -95,8 +95,8 @@ def cli() -> None:
         config_flags.DEFINE_config_file(
             "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
             "experiment config file, optionally with :variant", lock_config=True)
-    except _BAD_FLAG as e:
-        _fail(e)
+    except BAD_FLAG as e:
+        fail(e)
     flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints (with several "
                         "processes: a directory that every process sees)")
     flags.DEFINE_bool("distributed", False, "join a multi-process job (one process per host of "
@@ -106,7 +106,7 @@ def cli() -> None:
     flags.DEFINE_integer("num_processes", None, "the number of processes (with "
                          "--coordinator_address)")
     flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are compile-onl
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.gemma_warp import _BAD_FLAG, _config, _fail, _parse_flags
+from experiments.gemma_warp import BAD_FLAG, USER_ERRORS, fail, load_config, parse_flags
 
 
 def _table(result: dict) -> str:
@@ -33,18 +33,19 @@ def _table(result: dict) -> str:
              f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s; mesh "
              f"{result['mesh']}; the runs' state {result['state_gib_per_chip']:.3g} GiB/chip",
              "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
-             "| compile s | GFLOP/call | GB/call |", "|---|---|---:|---:|---:|---:|---:|---:|"
-             "---:|---:|"]
+             "| compile s | GFLOP/call | GB/call | collectives |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in result["programs"].items():
         if "peak_gib_per_chip" not in r:
             lines.append(f"| {name} | **no**: needs {r['used_gib']} of {r['hbm_gib']} GiB "
-                         f"| | | | | | {r['compile_s']:.3g} | | |")
+                         f"| | | | | | {r['compile_s']:.3g} | | | |")
             continue
         lines.append(
             f"| {name} | {'yes' if r['fits'] else '**no**'} | {r['peak_gib_per_chip']:.3g} | "
             f"{r['arguments_gib']:.3g} | {r['outputs_gib']:.3g} | {r['temporaries_gib']:.3g} | "
             f"{r['generated_code_mib']:.3g} | {r['compile_s']:.3g} | {r['flops'] / 1e9:.3g} | "
-            f"{r['bytes'] / 1e9:.3g} |")
+            f"{r['bytes'] / 1e9:.3g} | "
+            f"{', '.join(f'{n} {k}' for k, n in r['collectives'].items() if n) or 'none'} |")
     roof = result["train_step_roofline"]
     if roof:
         lines.append(f"train step: {roof['analytic_flops'] / 1e12:.3g} TFLOP (matmuls, by hand);"
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    config = _config()
+    config = load_config()
     from warp_jax import plan
 
     # Without them libtpu probes for a TPU VM's metadata and warns that it found none.
@@ -80,8 +81,11 @@ def main(argv: list[str]) -> None:
     try:
         topo = plan.topology(flags.FLAGS.topology)
         result = plan.plan(config, topo, progress=lambda m: print(m, file=sys.stderr))
-    except (OSError, ValueError) as e:
-        _fail(e)
+    except USER_ERRORS as e:
+        fail(e)
+    from experiments.benchmarks._machine import device_description, stamp
+
+    print(f"Compiled on {device_description()}; {stamp()}")
     print(_table(result))
     if flags.FLAGS.out:
         pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -116,12 +120,12 @@ def cli() -> None:
         config_flags.DEFINE_config_file(
             "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
             "experiment config file, optionally with :variant", lock_config=True)
-    except _BAD_FLAG as e:
-        _fail(e)
+    except BAD_FLAG as e:
+        fail(e)
     flags.DEFINE_string("topology", None, "a Cloud TPU accelerator type: v4-32, v5e-16 "
                         "(v5litepod-16), v5p-128, v6e-32", required=True)
     flags.DEFINE_string("out", None, "write the plan as JSON here")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
     for report in result["programs"].values():
         assert report["fits"] and 0 < report["peak_gib_per_chip"] < 16
         assert report["compile_s"] >= 0 and report["flops"] >= 0 and report["bytes"] > 0
+    # data = 4: each run's gradient is summed over its data-parallel devices.
+    assert result["programs"]["train_step/step"]["collectives"]["all-reduce"] > 0
     assert result["train_step_roofline"]["step_time_lower_bound_s"] > 0
     assert "| train_step/step | yes |" in stdout
 

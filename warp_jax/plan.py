@@ -277,7 +277,18 @@ def compile_report(lowered, chip: Chip) -> dict[str, Any]:
         "compile_s": round(seconds, 1),
         "flops": max(float(cost.get("flops", 0.0)), 0.0),
         "bytes": float(cost.get("bytes accessed", 0.0)),
+        "collectives": collectives(compiled.as_text()),
     }
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                "collective-permute")
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """How many collective instructions of each kind the compiled HLO holds (their `-start`
+    halves, where asynchronous, counted once)."""
+    return {kind: len(re.findall(rf" {kind}(?:-start)?\(", hlo)) for kind in _COLLECTIVES}
 
 
 def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
