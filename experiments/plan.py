@@ -73,8 +73,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     config = load_config()
+    from experiments.benchmarks._machine import device_description, stamp
     from warp_jax import plan
 
+    header = f"Compiled on {device_description()}; {stamp()}"  # the code this run started with
     # Without them libtpu probes for a TPU VM's metadata and warns that it found none.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", flags.FLAGS.topology)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -83,9 +85,7 @@ def main(argv: list[str]) -> None:
         result = plan.plan(config, topo, progress=lambda m: print(m, file=sys.stderr))
     except USER_ERRORS as e:
         fail(e)
-    from experiments.benchmarks._machine import device_description, stamp
-
-    print(f"Compiled on {device_description()}; {stamp()}")
+    print(header)
     print(_table(result))
     if flags.FLAGS.out:
         pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
