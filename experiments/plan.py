@@ -32,7 +32,7 @@ def _table(result: dict) -> str:
     lines = [f"{result['topology']}: {result['chips']} chips of {result['hbm_gib_per_chip']} GiB "
              f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s; mesh "
              f"{result['mesh']}; the runs' state {result['state_gib_per_chip']:.3g} GiB/chip",
-             "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
+             "", "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
              "| compile s | GFLOP/call | GB/call | collectives |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in result["programs"].items():
@@ -48,6 +48,7 @@ def _table(result: dict) -> str:
             f"{', '.join(f'{n} {k}' for k, n in r['collectives'].items() if n) or 'none'} |")
     roof = result["train_step_roofline"]
     if roof:
+        lines.append("")
         lines.append(f"train step: {roof['analytic_flops'] / 1e12:.3g} TFLOP (matmuls, by hand);"
                      f" roofline >= {roof['step_time_lower_bound_s']:.3g} s/step (compute "
                      f"{roof['compute_bound_s']:.3g} s, HBM {roof['hbm_bound_s']:.3g} s), MFU "
