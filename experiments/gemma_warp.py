@@ -88,15 +88,20 @@ def main(argv: list[str]) -> None:
               "metrics.jsonl, tensorboard/, final_policy/")
 
 
-def cli() -> None:
-    # ml_collections applies --config.* overrides while defining the flag, so a typo in one
-    # surfaces here rather than in absl's parsing.
+def define_config_flag() -> None:
+    """`--config` (experiments/configs/gemma_warp.py, optionally with :variant) and its
+    `--config.*` overrides. ml_collections applies the overrides while defining the flag, so
+    a typo in one surfaces here, as one line, rather than in absl's parsing."""
     try:
         config_flags.DEFINE_config_file(
             "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
             "experiment config file, optionally with :variant", lock_config=True)
     except BAD_FLAG as e:
         fail(e)
+
+
+def cli() -> None:
+    define_config_flag()
     flags.DEFINE_string("workdir", "workdir/cpu_demo", "outputs and checkpoints (with several "
                         "processes: a directory that every process sees)")
     flags.DEFINE_bool("distributed", False, "join a multi-process job (one process per host of "

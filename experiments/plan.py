@@ -22,9 +22,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are compile-only
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from experiments.gemma_warp import BAD_FLAG, USER_ERRORS, fail, load_config, parse_flags
+from experiments.gemma_warp import USER_ERRORS, define_config_flag, fail, load_config, parse_flags
 
 
 def _table(result: dict) -> str:
@@ -117,12 +116,7 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    try:
-        config_flags.DEFINE_config_file(
-            "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
-            "experiment config file, optionally with :variant", lock_config=True)
-    except BAD_FLAG as e:
-        fail(e)
+    define_config_flag()
     flags.DEFINE_string("topology", None, "a Cloud TPU accelerator type: v4-32, v5e-16 "
                         "(v5litepod-16), v5p-128, v6e-32", required=True)
     flags.DEFINE_string("out", None, "write the plan as JSON here")
