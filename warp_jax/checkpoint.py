@@ -75,6 +75,7 @@ def fingerprint(tree: Any) -> tuple[Any, Any]:
         parts.append([_shard_fingerprint(s.data, np.array([i.start or 0 for i in s.index],
                                                           np.uint32), x.shape)
                       for s in x.addressable_shards if s.replica_id == 0])
+    parts = jax.device_get(parts)  # one transfer for all the shards' results
     sums = np.array([sum(int(p[0]) for p in leaf) % 2**32 for leaf in parts], np.uint32)
     finite = np.array([all(bool(p[1]) for p in leaf) for leaf in parts], bool)
     if jax.process_count() > 1:  # every process's shards

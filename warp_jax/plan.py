@@ -168,7 +168,8 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     shape = ingredients.mesh_shape(c, len(devices))
     mesh = sharding.make_mesh(**shape, devices=devices)
     runs = c.warp.runs
-    params = _params(abstract_params(cfg), mesh)
+    boxed = abstract_params(cfg)
+    params = _params(boxed, mesh)
     reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
     train_step, init = reinforce.make_train_step(
         cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
@@ -200,7 +201,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
         num_samples=c.eval.samples, eos_id=(1,),
         backend=sampling.get_backend(c.rl.sampler_backend))
     groups = block_groups(params) if c.warp.granularity == "layer" else None
-    out = dict(out_shardings=sharding.param_shardings(abstract_params(cfg), mesh))
+    out = dict(out_shardings=jax.tree.map(lambda x: x.sharding, params))
     policies = [params] * runs
     programs["slerp"] = jax.jit(functools.partial(merging.slerp_tree, groups=groups),
                                 **out).lower(params, policies)
