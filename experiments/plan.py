@@ -48,10 +48,13 @@ def _table(result: dict) -> str:
     roof = result["train_step_roofline"]
     if roof:
         lines.append("")
-        lines.append(f"train step: {roof['analytic_flops'] / 1e12:.3g} TFLOP (matmuls, by hand);"
-                     f" roofline >= {roof['step_time_lower_bound_s']:.3g} s/step (compute "
-                     f"{roof['compute_bound_s']:.3g} s, HBM {roof['hbm_bound_s']:.3g} s), MFU "
-                     f"<= {roof['mfu_upper_bound']:.0%}")
+        lines.append(f"train step, counted by hand: {roof['analytic_flops'] / 1e12:.3g} TFLOP "
+                     f"of matmuls, >= {roof['analytic_hbm_bytes_per_chip'] / 1e9:.3g} GB of "
+                     f"HBM traffic per chip; roofline >= {roof['step_time_lower_bound_s']:.3g} "
+                     f"s/step (compute {roof['compute_bound_s']:.3g} s, HBM "
+                     f"{roof['hbm_bound_s']:.3g} s), MFU <= {roof['mfu_upper_bound']:.0%}")
+    lines.append("(GFLOP and GB per call are XLA's cost analysis, which counts a loop's body "
+                 "once: the sampler's tokens and scanned layers are missing from them)")
     return "\n".join(lines)
 
 

@@ -6,9 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
 
-from warp_jax import evaluation, reinforce
-from warp_jax.gemma import Gemma, GemmaConfig
+from warp_jax import evaluation, reinforce, sharding
+from warp_jax.gemma import Gemma, GemmaConfig, abstract_params
 
 V, N, T = 4, 2, 0.9  # vocabulary, completion length, temperature: V**N completions
 
@@ -59,3 +61,23 @@ def test_a_policy_is_at_zero_kl_from_itself_in_bfloat16_too():
                                         {"reward": _reward}, max_new_tokens=64,
                                         num_samples=4)
     assert result["kl"] == 0.0 and result["kl_se"] == 0.0
+
+
+def test_on_a_mesh_each_device_samples_its_rows_with_the_same_result(sampler_backend):
+    cfg = GemmaConfig.from_preset("tiny", vocab_size=64, num_layers=2)
+    policy, sft = _params(cfg, 0, scale=2.0), _params(cfg, 1, scale=2.0)
+    prompts = (np.asarray(jax.random.randint(jax.random.key(3), (8, 5), 3, 64), np.int32),
+               np.ones((8, 5), bool))
+    kwargs = dict(max_new_tokens=6, temperature=T, num_samples=2, backend=sampler_backend)
+    want = evaluation.evaluate_policy(policy, sft, cfg, prompts, jax.random.key(4),
+                                      {"reward": _reward}, **kwargs)
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+    assert evaluation.prompt_sharding(mesh, 8).spec == PartitionSpec(("data", "fsdp"), None)
+    assert evaluation.prompt_sharding(mesh, 6) is None  # 4 batch devices: replicated
+    shardings = sharding.param_shardings(abstract_params(cfg), mesh)
+    placed = jax.device_put((policy, sft), (shardings, shardings))
+    got = evaluation.evaluate_policy(*placed, cfg, prompts, jax.random.key(4),
+                                     {"reward": _reward}, mesh=mesh, **kwargs)
+    np.testing.assert_array_equal(got["completions"][0], want["completions"][0])
+    for key in ("kl", "reward"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key

@@ -10,8 +10,17 @@ import torch
 import transformers
 from jax.ad_checkpoint import print_saved_residuals
 
-from warp_jax import merging, sampling, sharding
-from warp_jax.gemma import Gemma, GemmaConfig, block_groups, hf, init_cache
+from warp_jax import evaluation, merging, sampling, sharding
+from warp_jax.gemma import (
+    Gemma,
+    GemmaConfig,
+    abstract_params,
+    block_groups,
+    hf,
+    init_cache,
+    stack_layers,
+    unstack_layers,
+)
 
 B, T = 3, 11
 
@@ -340,6 +349,82 @@ def test_remat_keeps_only_the_blocks_outputs_for_the_backward_pass(capsys):
     assert all(name in saved[False] for name in inside)
     assert not any(name in saved[True] for name in inside)
     assert saved[True].count("(Block.__call__)") == cfg.num_layers
+
+
+def test_scanned_layers_are_the_same_model(case):
+    """`scan_layers`: params stacked along a layer axis, read from and written to Hugging Face
+    exactly, the same logits (full, cached, last positions) and gradients as the unscanned
+    model."""
+    name, model, cfg, state, params, apply = case
+    scan_cfg = cfg.replace(scan_layers=True)
+    stacked = hf.params_from_hf(state, scan_cfg)
+    jax.tree.map(np.testing.assert_array_equal, stacked, stack_layers(params, cfg.num_layers))
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+    assert jax.tree.leaves(stacked["layers"])[0].shape[0] == cfg.num_layers
+    for hf_name, value in hf.params_to_hf(stacked, scan_cfg).items():
+        np.testing.assert_array_equal(value, state[hf_name].numpy(), err_msg=hf_name)
+
+    scanned = Gemma(scan_cfg)
+    tokens, mask, positions = _inputs(cfg.vocab_size)
+    args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    logits, _ = jax.jit(scanned.apply)({"params": stacked}, *args)
+    assert _max_rel_err(logits, _hf_logits(model, tokens, mask, positions), mask) < 1e-4, name
+    want, _ = apply({"params": params}, *args)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    last, _ = scanned.apply({"params": stacked}, *args, logits_to_keep=3)
+    np.testing.assert_allclose(last, want[:, -3:], rtol=1e-5, atol=1e-5)
+
+    prefill, cache = scanned.apply({"params": stacked}, *(x[:, :6] for x in args),
+                                   init_cache(scan_cfg, B, T))
+    assert cache["layers"]["k"].shape == (cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim)
+    rest, cache = scanned.apply({"params": stacked}, *(x[:, 6:] for x in args), cache)
+    decoded = np.concatenate([prefill, rest], axis=1)
+    np.testing.assert_allclose(decoded[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
+
+    def loss(p, c):
+        out, _ = Gemma(c, remat=True).apply({"params": p}, *args, logits_to_keep=4)
+        return jnp.sum(jax.nn.log_softmax(out)[..., 0])
+
+    chex.assert_trees_all_close(jax.grad(loss)(stacked, scan_cfg),
+                                stack_layers(jax.grad(loss)(params, cfg), cfg.num_layers),
+                                rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_slerp_merges_each_block_as_the_unscanned_one(case):
+    _, _, cfg, _, params, _ = case
+    rng = np.random.default_rng(1)
+    runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
+            for _ in range(2)]
+    want = merging.slerp_tree(params, runs, groups=block_groups(params))
+    stacked = [stack_layers(t, cfg.num_layers) for t in (params, *runs)]
+    groups = block_groups(stacked[0])
+    assert set(jax.tree.leaves(groups["layers"])) == {merging.Stacked("layer", 0)}
+    merged = merging.slerp_tree(stacked[0], stacked[1:], groups=groups)
+    chex.assert_trees_all_close(unstack_layers(merged), want, rtol=1e-5, atol=1e-6)
+    stats = evaluation.task_vector_stats(stacked[0], stacked[1:], groups)
+    want_stats = evaluation.task_vector_stats(params, runs, block_groups(params))
+    assert stats.keys() == want_stats.keys()
+    for key, value in stats.items():
+        assert value == pytest.approx(want_stats[key]), key
+
+
+def test_scanned_program_does_not_grow_with_depth():
+    """Unrolled, the compiled forward and backward grow with every block; scanned, a model of
+    12 blocks compiles to the program of 6."""
+    sizes = {}
+    for scan in (False, True):
+        for layers in (6, 12):
+            cfg = GemmaConfig.from_preset("tiny_gemma3", num_layers=layers, scan_layers=scan)
+            params = abstract_params(cfg)
+            tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+            def loss(p, tokens, cfg=cfg):
+                return jnp.sum(Gemma(cfg, remat=True).apply({"params": p}, tokens)[0])
+
+            hlo = jax.jit(jax.grad(loss)).lower(nn.unbox(params), tokens).as_text()
+            sizes[scan, layers] = hlo.count("\n")
+    assert sizes[False, 12] > 1.8 * sizes[False, 6]
+    assert sizes[True, 12] == sizes[True, 6]
 
 
 def test_bad_checkpoints_and_configs_name_the_problem(case):

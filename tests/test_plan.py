@@ -55,9 +55,11 @@ def test_unknown_topologies_are_one_clear_error():
         plan.topology("tpu7")
 
 
-def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     out = tmp_path / "plan.json"
-    code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", f"--out={out}")
+    code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", f"--out={out}",
+                                 f"--config.model.scan_layers={scan}")
     assert code == 0, stderr[-3000:]
     assert "Involuntary full rematerialization" not in stderr
     result = json.loads(out.read_text())

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from warp_jax import losses, merging, rewards, sampling, sharding, trainer
 from warp_jax.gemma import GemmaConfig
@@ -42,24 +45,43 @@ def sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens,
     return tokens, mask, out.tokens, out.mask, kl
 
 
+def prompt_sharding(mesh: Mesh | None, rows: int) -> NamedSharding | None:
+    """The evaluation's `rows` prompts split over `mesh`'s batch axes (`data`, `fsdp`), so
+    each device samples its share; None (every device samples all of them, as without a
+    mesh) where those axes do not divide the rows."""
+    if mesh is None or rows % math.prod(mesh.shape[a] for a in sharding.RULES["batch"]):
+        return None
+    return sharding.batch_sharding(mesh, 2)
+
+
 def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     prompts: tuple[np.ndarray, np.ndarray], rng: jax.Array,
                     reward_fns: Mapping[str, Callable], *, max_new_tokens: int,
                     temperature: float = 0.9, num_samples: int = 1,
                     eos_id: int | Sequence[int] | None = None,
-                    backend: str = "auto") -> dict[str, Any]:
+                    backend: str = "auto", mesh: Mesh | None = None) -> dict[str, Any]:
     """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
     with its standard error, over `num_samples` completions of each held-out prompt.
 
     The KL is sequence level: the mean over samples `y ~ pi` of `sum_t log pi(y_t) -
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
-    host rewards (`host = True`) on the decoded arrays. `backend` is the sampler's.
+    host rewards (`host = True`) on the decoded arrays. `backend` is the sampler's. On a
+    `mesh` (that of the params), the prompts are split over its batch axes where they divide
+    them (`prompt_sharding`), so each device samples its rows, not all of them.
     """
-    out = sample_and_kl(
-        params, sft_params, jnp.asarray(prompts[0]), jnp.asarray(prompts[1]), rng, cfg=cfg,
-        max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
-        eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None,  # static: hashable
-        backend=sampling.get_backend(backend))
+    rows = prompt_sharding(mesh, len(prompts[0]))
+    if rows is None:
+        tokens, mask = map(jnp.asarray, prompts)
+    elif jax.process_count() > 1:
+        tokens, mask = sharding.to_mesh(tuple(prompts), (rows, rows))
+    else:
+        tokens, mask = jax.device_put(tuple(prompts), rows)
+    with contextlib.nullcontext() if rows is None else sharding.activation_sharding(mesh):
+        out = sample_and_kl(
+            params, sft_params, tokens, mask, rng, cfg=cfg,
+            max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
+            eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None,  # static: hashable
+            backend=sampling.get_backend(backend))
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = _mean_se(host_out[4])
@@ -75,7 +97,8 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
 
     Accumulated in float64 over chunks of each tensor, so it holds no copy of a tree (in
     every process: they all call it together).
-    Leaves whose group label is None are reported under their own path.
+    Leaves whose group label is None are reported under their own path; slice i of a leaf
+    labelled `merging.Stacked(name, axis)` under `f"{name}_{i}"`.
     """
     if len(policies) < 2:
         raise ValueError("task-vector statistics need at least two runs")
@@ -84,15 +107,21 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
     for (path, base), label, a, b in zip(jax.tree_util.tree_flatten_with_path(init)[0], labels,
                                          jax.tree.leaves(policies[0]),
                                          jax.tree.leaves(policies[1]), strict=True):
-        key = label if label is not None else jax.tree_util.keystr(path)
-        base, a, b = (sharding.to_host(x).ravel() for x in (base, a, b))
-        for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
-            window = slice(start, start + _CHUNK)
-            x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))
-            task = merging.gram(x0, [xa, xb])  # task vectors, then full weights (base 0)
-            full = merging.gram(np.zeros_like(x0), [xa, xb])
-            sums[key] = sums.get(key, 0) + np.array(
-                [task[0, 1], task[0, 0], task[1, 1], full[0, 1], full[0, 0], full[1, 1]])
+        base, a, b = (sharding.to_host(x) for x in (base, a, b))
+        if isinstance(label, merging.Stacked):
+            parts = [(f"{label.name}_{i}", *(np.take(x, i, axis=label.axis) for x in (base, a, b)))
+                     for i in range(base.shape[label.axis])]
+        else:
+            parts = [(label if label is not None else jax.tree_util.keystr(path), base, a, b)]
+        for key, *arrays in parts:
+            base, a, b = (x.ravel() for x in arrays)
+            for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
+                window = slice(start, start + _CHUNK)
+                x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))
+                task = merging.gram(x0, [xa, xb])  # task vectors, then full weights (base 0)
+                full = merging.gram(np.zeros_like(x0), [xa, xb])
+                sums[key] = sums.get(key, 0) + np.array(
+                    [task[0, 1], task[0, 0], task[1, 1], full[0, 1], full[0, 0], full[1, 1]])
 
     def cosine(dot, aa, bb):
         return float(dot / np.sqrt(aa * bb)) if aa * bb > 0 else float("nan")

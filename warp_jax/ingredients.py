@@ -189,7 +189,7 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
     end_ids = _end_ids(c, tokenizer)
     cfg = GemmaConfig.from_preset(c.model.preset, vocab_size=tokenizer.vocab_size,
                                   dtype=c.model.dtype, param_dtype="float32",
-                                  **dict(c.model.overrides))
+                                  scan_layers=c.model.scan_layers, **dict(c.model.overrides))
     boxed = abstract_params(cfg)
     init = nn.unbox(Gemma(cfg).init(streams.key(c.seed, "init"), jnp.zeros((1, 1), jnp.int32))[
         "params"])
@@ -267,10 +267,10 @@ def _local(c) -> Ingredients:
     # The policy's weights stay float32 (see reinforce.make_train_step); the reward model is
     # frozen, so its weights take the compute dtype.
     cfg = hf.read_config(c.model.hf_dir).replace(
-        dtype=c.model.dtype, param_dtype="float32")
+        dtype=c.model.dtype, param_dtype="float32", scan_layers=c.model.scan_layers)
     sft_params = hf.params_from_hf(c.model.hf_dir, cfg)
     rm_cfg = hf.read_config(c.reward.hf_dir).replace(
-        dtype=c.model.dtype, param_dtype=c.model.dtype)
+        dtype=c.model.dtype, param_dtype=c.model.dtype, scan_layers=c.model.scan_layers)
     if rm_cfg.vocab_size != cfg.vocab_size:
         raise ValueError("config.reward.hf_dir: the reward model's vocabulary differs from the "
                          "policy's; wrap it in a rewards.TextReward with its own tokenizer")

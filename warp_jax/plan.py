@@ -5,13 +5,15 @@ devices (`jax.experimental.topologies`), on which the job's mesh is built and ev
 program of the WARP job is compiled by the real TPU compiler from abstract inputs: nothing is
 allocated, and no weights, tokenizer or prompts are read. Each program's per-chip memory
 comes from the compiler (`memory_analysis`), FLOPs and HBM bytes per call from its cost
-analysis, and the step's time is bounded below by a roofline from the chip's published peak.
+analysis (which counts a loop's body once), and the step's time is bounded below by a roofline
+of FLOPs and HBM bytes counted by hand against the chip's published peaks.
 
 `plan(config, topology(name))` is what `python -m experiments.plan` prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -131,15 +133,15 @@ def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
     if c.model.hf_dir:
         cfg = hf.read_config(c.model.hf_dir)
     else:
-        preset = {"gemma_2b": "gemma_2b", "gemma_7b_paper": "gemma_7b"}.get(c.variant,
-                                                                             c.model.preset)
-        overrides = {} if preset != c.model.preset else dict(c.model.overrides)
+        overrides = dict(c.model.overrides)
         if c.task.name == "reviews":
             overrides["vocab_size"] = c.task.vocab_size
-        cfg = GemmaConfig.from_preset(preset, **overrides)
-    cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32")
+        cfg = GemmaConfig.from_preset(c.model.preset, **overrides)
+    cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32",
+                      scan_layers=c.model.scan_layers)
     rm_cfg = hf.read_config(c.reward.hf_dir) if c.reward.hf_dir else cfg
-    return cfg, rm_cfg.replace(dtype=c.model.dtype, param_dtype=c.model.dtype)
+    return cfg, rm_cfg.replace(dtype=c.model.dtype, param_dtype=c.model.dtype,
+                               scan_layers=c.model.scan_layers)
 
 
 def _abstract(tree, shardings):
@@ -192,14 +194,16 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
         programs |= {f"baseline_step/{k}": v
                      for k, v in step_1.lower(state_1, tuple(inputs_1[:2]),
                                               inputs_1[2]).items()}
+    rows = evaluation.prompt_sharding(mesh, c.task.eval_prompts)  # as evaluate_policy
     eval_prompts = [jax.ShapeDtypeStruct((c.task.eval_prompts, c.task.prompt_len), dtype,
-                                         sharding=sharding.replicated(mesh))
+                                         sharding=rows or sharding.replicated(mesh))
                     for dtype in (jnp.int32, jnp.bool_)]
-    programs["evaluate"] = evaluation.sample_and_kl.lower(
-        params, params, *eval_prompts, jax.eval_shape(lambda: jax.random.key(0)), cfg=cfg,
-        max_new_tokens=c.rl.max_new_tokens, temperature=c.rl.temperature,
-        num_samples=c.eval.samples, eos_id=(1,),
-        backend=sampling.get_backend(c.rl.sampler_backend))
+    with contextlib.nullcontext() if rows is None else sharding.activation_sharding(mesh):
+        programs["evaluate"] = evaluation.sample_and_kl.lower(
+            params, params, *eval_prompts, jax.eval_shape(lambda: jax.random.key(0)),
+            cfg=cfg, max_new_tokens=c.rl.max_new_tokens, temperature=c.rl.temperature,
+            num_samples=c.eval.samples, eos_id=(1,),
+            backend=sampling.get_backend(c.rl.sampler_backend))
     groups = block_groups(params) if c.warp.granularity == "layer" else None
     out = dict(out_shardings=jax.tree.map(lambda x: x.sharding, params))
     policies = [params] * runs
@@ -234,6 +238,22 @@ def step_flops(c, cfg: GemmaConfig, rm_cfg: GemmaConfig) -> float:
         c.task.prompt_len + c.rl.max_new_tokens)
     policy = (2 + 2 + (8 if c.rl.remat else 6)) * matmul_params(cfg)
     return float(tokens * (policy + 2 * matmul_params(rm_cfg)))
+
+
+def step_hbm_bytes(c, cfg: GemmaConfig, rm_cfg: GemmaConfig, mesh: dict[str, int],
+                   state_gib_per_chip: float) -> float:
+    """A lower bound on the HBM bytes one chip moves in one train step, counted by hand:
+    every pass over its run's model reads the weights the chip computes with (gathered over
+    `fsdp`, split over `model`, in the compute dtype) once, and the update reads and writes
+    the chip's share of the runs' state once. Passes: a prefill and one per new token to
+    sample, the anchor's log-probs, the policy's forward and backward (one more forward with
+    remat), per microbatch, and the reward model's forward. Activations, the KV cache and
+    the collectives are left out, so the bound stays a bound. (XLA's cost analysis counts a
+    loop's body once, so its bytes miss the sampler's tokens and scanned layers.)"""
+    dtype = jnp.dtype(c.model.dtype).itemsize
+    passes = 1 + c.rl.max_new_tokens + c.rl.microbatches * (1 + 2 + bool(c.rl.remat))
+    weights = passes * matmul_params(cfg) + matmul_params(rm_cfg)
+    return float(weights * dtype / mesh["model"] + 2 * state_gib_per_chip * 2**30)
 
 
 # The TPU compiler's two ways of saying a program does not fit (sizes in GiB, "773.00M").
@@ -305,12 +325,14 @@ def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
     step = [r for n, r in reports.items() if n.startswith("train_step/") and r["fits"]]
     roofline = None
     if step and len(step) == sum(n.startswith("train_step/") for n in reports):
+        hbm_bytes = step_hbm_bytes(c, sizes["cfg"], sizes["rm_cfg"], sizes["mesh"],
+                                   sizes["state_gib_per_chip"])
         compute_s = flops / chips / (chip.bf16_tflops * 1e12)
-        memory_s = sum(r["bytes"] for r in step) / (chip.hbm_gbps * 1e9)
+        memory_s = hbm_bytes / (chip.hbm_gbps * 1e9)
         bound = max(compute_s, memory_s)
-        roofline = {"analytic_flops": flops, "compute_bound_s": compute_s,
-                    "hbm_bound_s": memory_s, "step_time_lower_bound_s": bound,
-                    "mfu_upper_bound": compute_s / bound}
+        roofline = {"analytic_flops": flops, "analytic_hbm_bytes_per_chip": hbm_bytes,
+                    "compute_bound_s": compute_s, "hbm_bound_s": memory_s,
+                    "step_time_lower_bound_s": bound, "mfu_upper_bound": compute_s / bound}
     return {"topology": topo.name, "chips": chips, "hbm_gib_per_chip": chip.hbm_gib,
             "chip": dataclasses.asdict(chip), "mesh": sizes["mesh"],
             "state_gib_per_chip": round(sizes["state_gib_per_chip"], 3),

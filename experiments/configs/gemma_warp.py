@@ -20,12 +20,14 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.plan_first = False  # on a TPU: compile every program first, stop in a minute if it won't fit
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # GemmaConfig preset of the built-in task's policy
+    c.model.preset = "tiny"  # GemmaConfig preset: the built-in task's policy; what plans use
+    # without model.hf_dir
     c.model.overrides = ml_collections.ConfigDict({"num_layers": 2, "embed_dim": 64,
                                                    "mlp_dim": 128})  # preset field overrides
     c.model.hf_dir = ""  # a local Hugging Face Gemma checkpoint: the SFT policy
     c.model.tokenizer = ""  # its SentencePiece tokenizer.model
     c.model.dtype = "float32"  # compute dtype; the policy's weights and Adam state stay float32
+    c.model.scan_layers = False  # blocks under one lax.scan: compile time flat in depth (TPU)
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "reviews"  # "reviews" (built-in) or "prompts" (c.task.prompts)
@@ -96,7 +98,10 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.warp.eta_grid = (0.0, 0.5, 1.0)
     elif variant in ("gemma_2b", "gemma_7b_paper"):
         c.task.name = "prompts"
+        c.model.preset = "gemma_7b" if variant == "gemma_7b_paper" else "gemma_2b"
+        c.model.overrides = ml_collections.ConfigDict()
         c.model.dtype = "bfloat16"
+        c.model.scan_layers = True
         c.task.prompt_len = 256
         c.reward.oracle = ""
         c.rl.update(dict(mu=0.01, batch_size=128 // c.rl.num_samples, max_new_tokens=320,

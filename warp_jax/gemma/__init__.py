@@ -7,7 +7,9 @@ from warp_jax.gemma.model import (
     block_groups,
     init_cache,
     left_padded_positions,
+    stack_layers,
+    unstack_layers,
 )
 
 __all__ = ["PRESETS", "Gemma", "GemmaConfig", "abstract_params", "block_groups", "init_cache",
-           "left_padded_positions"]
+           "left_padded_positions", "stack_layers", "unstack_layers"]

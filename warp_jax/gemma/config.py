@@ -47,6 +47,10 @@ class GemmaConfig:
       dtype: compute dtype ("float32" in tests, "bfloat16" on TPU).
       param_dtype: parameter dtype.
       pad_id, eos_id, bos_id: Gemma's special tokens.
+      scan_layers: run the blocks under one `lax.scan` over params stacked along a leading
+        layer axis (`params["layers"]`, see `gemma.stack_layers`), as MaxText and Tunix do on
+        TPU: compile time and program size stop growing with depth. Same logits; another
+        params layout (Hugging Face import and export follow it).
     """
 
     vocab_size: int
@@ -74,8 +78,11 @@ class GemmaConfig:
     pad_id: int = 0
     eos_id: int = 1
     bos_id: int = 2
+    scan_layers: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"GemmaConfig.scan_layers must be a bool, got {self.scan_layers!r}")
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "mlp_dim"):
             value = getattr(self, name)

@@ -202,7 +202,8 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
             raise ValueError(f"tensor {hf_name!r} has shape {tuple(value.shape)}, expected "
                              f"{expected[short]} for this config")
         ours, array = _to_ours(short, value, cfg)
-        _set(params, ours, array.astype(dtype))
+        path, layer = _stacked(ours, cfg)
+        _set(params, path, array.astype(dtype), layer, cfg.num_layers)
         found.add(short)
     missing = sorted(set(expected) - found, key=_natural)
     if missing:
@@ -321,13 +322,13 @@ def _to_ours(short: str, value: np.ndarray, cfg: GemmaConfig):
 
 
 def _from_ours(short: str, params: Mapping[str, Any], cfg: GemmaConfig) -> np.ndarray:
-    path = _our_path(short, cfg)
+    path, layer = _stacked(_our_path(short, cfg), cfg)
     node = params
     for key in path:
         if key not in node:
             raise ValueError(f"params has no {'/'.join(path)} (needed for {short!r})")
         node = node[key]
-    value = np.asarray(node)
+    value = np.asarray(node if layer is None else node[layer])
     leaf = path[-1]
     if leaf in ("q", "k", "v"):
         value = value.transpose(1, 2, 0).reshape(-1, value.shape[0])
@@ -338,10 +339,23 @@ def _from_ours(short: str, params: Mapping[str, Any], cfg: GemmaConfig) -> np.nd
     return np.ascontiguousarray(value)
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def _stacked(path: tuple[str, ...], cfg: GemmaConfig) -> tuple[tuple[str, ...], int | None]:
+    """Our path of a tensor in `cfg`'s layout, and its layer's index along the stacked axis
+    (None unless `cfg.scan_layers` and the tensor belongs to a block)."""
+    if cfg.scan_layers and path[0].startswith("layer_"):
+        return ("layers", *path[1:]), int(path[0].removeprefix("layer_"))
+    return path, None
+
+
+def _set(tree: dict, path: tuple[str, ...], value, layer: int | None, num_layers: int) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    if layer is None:
+        tree[path[-1]] = value
+        return
+    if path[-1] not in tree:  # the stacked array, filled one layer at a time
+        tree[path[-1]] = np.empty((num_layers, *value.shape), value.dtype)
+    tree[path[-1]][layer] = value
 
 
 def _first(value, default):

@@ -17,15 +17,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from warp_jax.gemma.config import GemmaConfig
+from warp_jax.merging import Stacked
 
 Cache = dict[str, Any]
 _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax, not NaN
 
 
 def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`.
+    """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`
+    (with `cfg.scan_layers`, one `"layers": {"k", "v"}` stacking the layers' caches).
 
     Keys and values are `[B, S, K, H]`, the layout of the projections that write them (one
     slot is one contiguous `[K, H]` row), as in MaxText and the `gemma` package.
@@ -36,6 +39,10 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
     }
+    if cfg.scan_layers:
+        stacked = (cfg.num_layers, *shape)
+        cache["layers"] = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+        return cache
     for i in range(cfg.num_layers):
         cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return cache
@@ -58,13 +65,47 @@ def block_groups(params: Any) -> Any:
     """Labels each parameter with its transformer block (`"layer_i"`) or None (outside blocks).
 
     The `groups` argument of `merging.slerp_tree` for the paper's per-block SLERP: every tensor
-    of one block shares one angle; the embedding and the final norm get one each.
+    of one block shares one angle; the embedding and the final norm get one each. The stacked
+    blocks of a scanned model (`params["layers"]`) get `merging.Stacked("layer")`: slice i
+    along their leading axis is block i, the same groups as the unscanned layout's.
     """
-    return {
-        name: jax.tree.map(lambda _, name=name: name, sub) if name.startswith("layer_")
-        else jax.tree.map(lambda _: None, sub)
-        for name, sub in params.items()
-    }
+    def label(name):
+        if name == "layers":
+            return Stacked("layer", 0)
+        return name if name.startswith("layer_") else None
+
+    return {name: jax.tree.map(lambda _, name=name: label(name), sub)
+            for name, sub in params.items()}
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+    """The scanned layout (`GemmaConfig.scan_layers`) of unscanned params: the blocks
+    `"layer_0" .. "layer_{L-1}"` become one `"layers"` subtree whose leaves stack them along a
+    new leading axis; everything else (a reward model's `"score"` too) is kept."""
+    missing = [f"layer_{i}" for i in range(num_layers) if f"layer_{i}" not in params]
+    if missing or "layers" in params:
+        raise ValueError(f"stack_layers: expected unscanned params with blocks layer_0.."
+                         f"layer_{num_layers - 1}; missing {missing[:3]}"
+                         + (" (already scanned: has 'layers')" if "layers" in params else ""))
+    blocks = [params[f"layer_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree.map(lambda *xs: _xp(xs).stack(xs), *blocks)
+    return out
+
+
+def unstack_layers(params: Any) -> Any:
+    """The unscanned layout of scanned params (the inverse of `stack_layers`)."""
+    if "layers" not in params:
+        raise ValueError("unstack_layers: expected scanned params (a 'layers' subtree)")
+    out = {k: v for k, v in params.items() if k != "layers"}
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(num_layers):
+        out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def _xp(arrays):
+    return np if all(isinstance(x, np.ndarray) for x in arrays) else jnp
 
 
 def _param(module, name, init, shape, axes, dtype):
@@ -113,11 +154,13 @@ def _softcap(x, cap):
 
 class Attention(nn.Module):
     cfg: GemmaConfig
-    attention_type: str
 
     @nn.compact
-    def __call__(self, x_BTD, rope, slots_T, key_mask_BS, cache, keep=None):
-        """Self-attention; with `keep`, only the last `keep` tokens query (all write K/V)."""
+    def __call__(self, x_BTD, rope, slots_T, key_mask_BS, cache, keep=None, local=False):
+        """Self-attention; with `keep`, only the last `keep` tokens query (all write K/V).
+
+        `local` (a bool, or a traced bool under a scan over layers) limits each query to the
+        last `sliding_window` slots."""
         cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
         dt = jnp.dtype(cfg.dtype)
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -150,8 +193,9 @@ class Attention(nn.Module):
             new_cache = {"k": k_BTKH, "v": v_BTKH}
         slots_S, query_slots = jnp.arange(key_mask_BS.shape[1]), slots_T[first:]
         allowed_TS = slots_S[None, :] <= query_slots[:, None]
-        if self.attention_type == "local":
-            allowed_TS &= query_slots[:, None] - slots_S[None, :] < cfg.sliding_window
+        if cfg.sliding_window is not None and local is not False:
+            allowed_TS &= jnp.logical_not(local) | (
+                query_slots[:, None] - slots_S[None, :] < cfg.sliding_window)
         mask_BTS = allowed_TS[None] & key_mask_BS[:, None, :]
 
         # The G = N / K query heads that share a KV head attend together.
@@ -184,23 +228,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer block of a fixed `attention_type`, or with None (a scan over layers)
+    of the type its `local` argument gives."""
+
     cfg: GemmaConfig
-    attention_type: str
+    attention_type: str | None = None
 
     @nn.compact
-    def __call__(self, x, rope, slots, key_mask, cache, keep=None):
-        """One block; with `keep`, its output is that of the last `keep` tokens only."""
+    def __call__(self, x, ropes, slots, key_mask, cache, keep=None, local=None):
+        """One block; with `keep`, its output is that of the last `keep` tokens only.
+
+        `ropes` maps each attention type to its `rope_tables`."""
         cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
+        if self.attention_type is not None:
+            local = self.attention_type == "local"
+            rope = ropes[self.attention_type]
+        elif len(ropes) == 1:
+            (rope,) = ropes.values()
+        else:
+            rope = tuple(jnp.where(local, a, b)
+                         for a, b in zip(ropes["local"], ropes["global"], strict=True))
         h = RMSNorm(cfg.norm_eps, pd, name="pre_attention_norm")(x)
-        h, cache = Attention(cfg, self.attention_type, name="attn")(h, rope, slots, key_mask,
-                                                                    cache, keep)
+        h, cache = Attention(cfg, name="attn")(h, rope, slots, key_mask, cache, keep, local)
         if cfg.use_post_attn_norm:
             h = RMSNorm(cfg.norm_eps, pd, name="post_attention_norm")(h)
         x = x[:, x.shape[1] - h.shape[1]:] + h
         h = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pd, name="pre_ffw_norm")(x))
         if cfg.use_post_ffw_norm:
             h = RMSNorm(cfg.norm_eps, pd, name="post_ffw_norm")(h)
-        return x + h, cache
+        return _residual(x + h), cache
 
 
 class Gemma(nn.Module):
@@ -221,7 +277,9 @@ class Gemma(nn.Module):
 
     `Gemma(cfg, remat=True)` rematerialises each block in the backward pass: a gradient keeps
     only the blocks' inputs, not their activations, for one more forward pass of compute.
-    Same params, same outputs.
+    Same params, same outputs. With `cfg.scan_layers` the blocks run under one `lax.scan`
+    over their stacked params (`params["layers"]`, leading axis L): the compiled program holds
+    one block, not L, whatever the depth.
     """
 
     cfg: GemmaConfig
@@ -289,15 +347,40 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
                      "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
     ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind])
              for kind in dict.fromkeys(cfg.attention_types)}
-    last = len(cfg.attention_types) - 1
-    # `keep` (argument 6, counting the module) sizes arrays, so it stays static.
-    block = nn.remat(Block, static_argnums=(6,)) if module.remat else Block
-    for i, attention_type in enumerate(cfg.attention_types):
-        layer_cache = None if cache is None else cache[f"layer_{i}"]
-        x, layer_cache = block(cfg, attention_type, name=f"layer_{i}", parent=module)(
-            x, ropes[attention_type], slots, key_mask, layer_cache, keep if i == last else None)
-        x = _residual(x)
+    if cfg.scan_layers:
+        x, layers_cache = _scanned_blocks(module)(
+            x, ropes, slots, key_mask, None if cache is None else cache["layers"], None,
+            jnp.array([kind == "local" for kind in cfg.attention_types]))
         if cache is not None:
-            new_cache[f"layer_{i}"] = layer_cache
+            new_cache["layers"] = layers_cache
+        if keep is not None:
+            x = x[:, t - keep:]
+    else:
+        last = len(cfg.attention_types) - 1
+        block = nn.remat(Block, static_argnums=_KEEP) if module.remat else Block
+        for i, attention_type in enumerate(cfg.attention_types):
+            layer_cache = None if cache is None else cache[f"layer_{i}"]
+            x, layer_cache = block(cfg, attention_type, name=f"layer_{i}", parent=module)(
+                x, ropes, slots, key_mask, layer_cache, keep if i == last else None)
+            if cache is not None:
+                new_cache[f"layer_{i}"] = layer_cache
     x = RMSNorm(cfg.norm_eps, pd, name="final_norm", parent=module)(x)
     return x, embedding, new_cache
+
+
+# `keep` (argument 6 of `Block.__call__`, counting the module) sizes arrays, so it stays static.
+_KEEP = (6,)
+
+
+def _scanned_blocks(module: nn.Module) -> nn.Module:
+    """The L blocks as one `nn.scan` named "layers" on `module`: the residual stream is the
+    carry, each layer's params, cache and `local` flag are scanned along their leading axis
+    (logical name "layers", never sharded), the rest is broadcast. Every layer runs on all
+    tokens; `decode` keeps the last `keep` afterwards."""
+    cfg = module.cfg
+    block = (nn.remat(Block, static_argnums=_KEEP, prevent_cse=False) if module.remat
+             else Block)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, name="layers", parent=module)
