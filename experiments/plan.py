@@ -17,6 +17,7 @@ setting that fits (it tries more microbatches, remat and tensor parallelism); 2 
 import json
 import os
 import pathlib
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are compile-only
@@ -58,6 +59,37 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _row(result: dict, config, command: str) -> str:
+    """The plan in one markdown row (docs/tpu.md's table): the model, runs, slice and mesh,
+    whether it fits, the train step's per-chip peak and compile time, the largest program,
+    and the step's FLOPs and roofline bound."""
+    mesh = result["mesh"]
+    programs = result["programs"]
+    step = [r for n, r in programs.items() if n.startswith("train_step/")]
+    fitting = {n: r for n, r in programs.items() if "peak_gib_per_chip" in r}
+    largest = max(fitting, key=lambda n: fitting[n]["peak_gib_per_chip"], default=None)
+    roof = result["train_step_roofline"]
+    cells = [
+        f"`{command}`", config.model.hf_dir or config.model.preset, str(config.warp.runs),
+        f"{result['topology']} ({result['chips']} chips)",
+        "x".join(str(mesh[a]) for a in ("run", "data", "fsdp", "model")),
+        "yes" if result["fits"] else "**no**",
+        " + ".join(f"{r['peak_gib_per_chip']:.1f}" if "peak_gib_per_chip" in r
+                   else f"needs {r['used_gib']:.1f}" for r in step),
+        f"{fitting[largest]['peak_gib_per_chip']:.1f} ({largest})" if largest else "",
+        " + ".join(f"{r['compile_s']:.0f}" for r in step),
+        " + ".join(f"{r['generated_code_mib']:.0f}" for r in step if "generated_code_mib" in r),
+        f"{roof['analytic_flops'] / 1e12:.3g}" if roof else "",
+        f"{roof['step_time_lower_bound_s']:.2f}" if roof else "",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+ROW_HEADER = ("| command | model | M | slice | mesh run x data x fsdp x model | fits | step peak "
+              "GiB/chip | largest peak GiB/chip | step compile s | step code MiB | TFLOP/step "
+              "| roofline s/step |\n|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+
 def _remedies(config):
     """Settings to try, one change each, in the order they cost the least throughput."""
     rl = config.rl
@@ -80,6 +112,8 @@ def main(argv: list[str]) -> None:
     from warp_jax import plan
 
     header = f"Compiled on {device_description()}; {stamp()}"  # the code this run started with
+    command = " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    command = re.sub(r"--config=\S*gemma_warp\.py:", "", command)  # the variant stays
     # Without them libtpu probes for a TPU VM's metadata and warns that it found none.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", flags.FLAGS.topology)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -88,8 +122,11 @@ def main(argv: list[str]) -> None:
         result = plan.plan(config, topo, progress=lambda m: print(m, file=sys.stderr))
     except USER_ERRORS as e:
         fail(e)
+    result["compiled_on"] = header
+    result["row"] = _row(result, config, command)
     print(header)
     print(_table(result))
+    print(f"\n{ROW_HEADER}\n{result['row']}")
     if flags.FLAGS.out:
         pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
     if result["fits"]:

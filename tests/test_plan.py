@@ -46,6 +46,22 @@ def test_topologies_and_the_meshes_of_the_tpu_variants(name, chips, shape):
         assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in topo.devices)
 
 
+def test_multislice_meshes_give_every_run_slices_of_its_own():
+    topo = plan.topology("2xv5p-128")
+    assert (len(topo.devices), topo.slices) == (128, 2)
+    mesh = sharding.make_mesh(**ingredients.mesh_shape(get_config("gemma_7b_paper"), 128),
+                              devices=topo.devices)
+    assert dict(mesh.shape) == {"run": 2, "data": 1, "fsdp": 64, "model": 1}
+    assert [{d.slice_index for d in mesh.devices[m].flat} for m in range(2)] == [{0}, {1}]
+    # One run over four slices: its fsdp axis spans them.
+    topo = plan.topology("4xv5e-16")
+    mesh = sharding.make_mesh(run=1, fsdp=64, devices=topo.devices)
+    assert {d.slice_index for d in mesh.devices[0, 0, :16].flat} == {0}
+    with pytest.raises(ValueError, match=r"over 4 slices: run, data or fsdp must be a multiple "
+                                         r"of 4"):
+        sharding.make_mesh(run=2, fsdp=2, model=16, devices=topo.devices)
+
+
 def test_unknown_topologies_are_one_clear_error():
     with pytest.raises(ValueError, match=r"--topology 'v5p-127': not a single-slice size; use "
                                          r"one of v5p-8, v5p-16"):
@@ -74,6 +90,8 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     assert result["programs"]["train_step/step"]["collectives"]["all-reduce"] > 0
     assert result["train_step_roofline"]["step_time_lower_bound_s"] > 0
     assert "| train_step/step | yes |" in stdout
+    assert result["row"].startswith("| `test --topology=v5e-8 --config.model.scan_layers=")
+    assert result["row"] in stdout and result["compiled_on"] in stdout
 
 
 def test_a_job_that_does_not_fit_is_one_line_naming_what_overflows():

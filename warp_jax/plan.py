@@ -55,24 +55,28 @@ _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8
 
 @dataclasses.dataclass
 class Topology:
-    name: str  # as Cloud TPU spells the accelerator type: v5p-128
+    name: str  # as Cloud TPU spells the accelerator type: v5p-128 (2xv5p-128: two slices)
     generation: str
     chip: Chip
-    shape: tuple[int, ...]  # chips along each axis of the torus
-    devices: list  # compile-only devices, one per chip
+    shape: tuple[int, ...]  # chips along each axis of one slice's torus
+    devices: list  # compile-only devices, one per chip of every slice
+    slices: int = 1
 
 
 def topology(name: str) -> Topology:
     """The compile-only devices of a Cloud TPU slice: `v4-32`, `v5e-16` (`v5litepod-16`),
-    `v5p-128`, `v6e-32`. Raises `ValueError` for an unknown name, or without libtpu."""
-    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    `v5p-128`, `v6e-32`, or of several such slices joined over the data-center network
+    (multi-slice: `2xv5p-128`). Raises `ValueError` for an unknown name, or without libtpu."""
+    match = re.fullmatch(r"(?:([1-9]\d*)x)?(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if match is None:
         raise ValueError(f"--topology {name!r}: expected a Cloud TPU accelerator type, e.g. "
-                         "v4-32, v5e-16 (or v5litepod-16), v5p-128, v6e-32")
-    generation = {"v5litepod": "v5e"}.get(match[1], match[1])
+                         "v4-32, v5e-16 (or v5litepod-16), v5p-128, v6e-32, or N of them "
+                         "(2xv5p-128)")
+    slices = int(match[1] or 1)
+    generation = {"v5litepod": "v5e"}.get(match[2], match[2])
     chip = CHIPS[generation]
     shapes = _SHAPES_3D if chip.cores == 2 else _SHAPES_2D
-    chips, rest = divmod(int(match[2]), chip.cores)
+    chips, rest = divmod(int(match[3]), chip.cores)
     if rest or chips not in shapes:
         sizes = ", ".join(f"{generation}-{n * chip.cores}" for n in shapes)
         raise ValueError(f"--topology {name!r}: not a single-slice size; use one of {sizes}")
@@ -89,12 +93,12 @@ def topology(name: str) -> Topology:
         desc = topologies.get_topology_desc(
             topology_name=f"{chip.libtpu}:{'x'.join(map(str, shape))}", platform="tpu",
             chip_config_name="megacore" if chip.cores == 2 else "default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap)
+            chips_per_host_bounds=(2, 2, 1), num_slices=slices, wrap=wrap)
     except (RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--topology {name}: libtpu could not describe it ({first[:160]}); "
                          f'install it with pip install "jax[tpu]=={jax.__version__}"') from None
-    return Topology(name, generation, chip, shape, list(desc.devices))
+    return Topology(name, generation, chip, shape, list(desc.devices), slices)
 
 
 def chip_of(device) -> Chip:

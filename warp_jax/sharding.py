@@ -51,6 +51,10 @@ def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,
     On a TPU slice the devices are laid out along its torus (`create_device_mesh`), each
     run's devices a contiguous block; where no mesh axis fits whole onto physical axes (run
     2 x fsdp 32 on a v5p-128's 4x4x4 chips, say) physical axes are split between mesh axes.
+    Across several slices (multi-slice, over the data-center network) the first of `run`,
+    `data` and `fsdp` that the number of slices divides is split between them
+    (`create_hybrid_device_mesh`): with `run` that, every run trains on slices of its own
+    and only the merges cross the network.
     """
     shape = (run, data, fsdp, model)
     devices = list(jax.devices() if devices is None else devices)
@@ -58,11 +62,23 @@ def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,
     if any(s < 1 for s in shape) or size > len(devices):
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs "
                          f"{size} devices; {len(devices)} available")
+    devices = devices[:size]
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        across = next((i for i in range(3) if shape[i] % slices == 0), None)
+        if across is None:
+            raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} over "
+                             f"{slices} slices: run, data or fsdp must be a multiple of "
+                             f"{slices}")
+        dcn = tuple(slices if i == across else 1 for i in range(4))
+        per_slice = tuple(n // d for n, d in zip(shape, dcn, strict=True))
+        grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices[:size])
+        grid = mesh_utils.create_device_mesh(shape, devices)
     except (AssertionError, NotImplementedError, ValueError):
-        grid = mesh_utils.create_device_mesh(shape, devices[:size],
-                                             allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
