@@ -86,8 +86,11 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     for report in result["programs"].values():
         assert report["fits"] and 0 < report["peak_gib_per_chip"] < 16
         assert report["compile_s"] >= 0 and report["flops"] >= 0 and report["bytes"] > 0
-    # data = 4: each run's gradient is summed over its data-parallel devices.
+    # data = 4: each run's gradient is summed over its data-parallel devices, and with the
+    # weights replicated no program gathers any.
     assert result["programs"]["train_step/step"]["collectives"]["all-reduce"] > 0
+    for report in result["programs"].values():
+        assert report["collectives"]["all-gather"] == 0
     assert result["train_step_roofline"]["step_time_lower_bound_s"] > 0
     assert "| train_step/step | yes |" in stdout
     assert result["row"].startswith("| `test --topology=v5e-8 --config.model.scan_layers=")
