@@ -4,11 +4,13 @@
         --topology=v5p-128 [--out=plan.json] [--config.rl.microbatches=2 ...]
 
 Needs libtpu (`pip install "jax[tpu]==<our jax>"`; `make test` installs it). Builds the job's
-mesh on the slice's compile-only devices and compiles every jitted program of the job (the
-stacked train step, its init, the SLERP of the runs, LITI) with the TPU compiler from abstract
-inputs: no weights, tokenizer or prompts are read (with `--config.model.hf_dir` set, only its
+mesh on the slice's compile-only devices (several slices: `--topology=2xv5p-128`) and compiles
+every jitted program of the job (the stacked train step, its init, the baselines' step, the
+evaluation, the SLERP of the runs, LITI) with the TPU compiler from abstract inputs: no
+weights, tokenizer or prompts are read (with `--config.model.hf_dir` set, only its
 config.json). Prints per program the per-chip memory against the chip's HBM, compile time,
-FLOPs and HBM bytes per call, and the train step's roofline; `--out` writes the same as JSON.
+FLOPs and HBM bytes per call and its collectives, the train step's roofline, and the plan as
+one table row (docs/tpu.md); `--out` writes the same as JSON.
 
 Exit code 0 if every program fits; 1 with one line naming the program, the shortfall and a
 setting that fits (it tries more microbatches, remat and tensor parallelism); 2 for bad input.
@@ -158,7 +160,8 @@ def main(argv: list[str]) -> None:
 def cli() -> None:
     define_config_flag()
     flags.DEFINE_string("topology", None, "a Cloud TPU accelerator type: v4-32, v5e-16 "
-                        "(v5litepod-16), v5p-128, v6e-32", required=True)
+                        "(v5litepod-16), v5p-128, v6e-32; 2xv5p-128 for two slices",
+                        required=True)
     flags.DEFINE_string("out", None, "write the plan as JSON here")
     app.run(main, flags_parser=parse_flags)
 
