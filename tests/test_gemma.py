@@ -15,7 +15,6 @@ from warp_jax.gemma import (
     Gemma,
     GemmaConfig,
     abstract_params,
-    block_groups,
     hf,
     init_cache,
     stack_layers,
@@ -293,7 +292,7 @@ def test_sharded_forward_equals_unsharded():
 
 def test_block_groups_give_one_angle_per_block(case):
     _, _, _cfg, _, params, _ = case
-    groups = block_groups(params)
+    groups = merging.block_groups(params)
     assert groups["input_embedding"] is None and groups["final_norm"]["scale"] is None
     assert set(jax.tree.leaves(groups["layer_1"])) == {"layer_1"}
     rng = np.random.default_rng(0)
@@ -395,14 +394,14 @@ def test_scanned_slerp_merges_each_block_as_the_unscanned_one(case):
     rng = np.random.default_rng(1)
     runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
             for _ in range(2)]
-    want = merging.slerp_tree(params, runs, groups=block_groups(params))
+    want = merging.slerp_tree(params, runs, groups=merging.block_groups(params))
     stacked = [stack_layers(t, cfg.num_layers) for t in (params, *runs)]
-    groups = block_groups(stacked[0])
+    groups = merging.block_groups(stacked[0])
     assert set(jax.tree.leaves(groups["layers"])) == {merging.Stacked("layer", 0)}
     merged = merging.slerp_tree(stacked[0], stacked[1:], groups=groups)
     chex.assert_trees_all_close(unstack_layers(merged), want, rtol=1e-5, atol=1e-6)
     stats = evaluation.task_vector_stats(stacked[0], stacked[1:], groups)
-    want_stats = evaluation.task_vector_stats(params, runs, block_groups(params))
+    want_stats = evaluation.task_vector_stats(params, runs, merging.block_groups(params))
     assert stats.keys() == want_stats.keys()
     for key, value in stats.items():
         assert value == pytest.approx(want_stats[key]), key

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from warp_jax import merge, merging
 from warp_jax.checkpoint import Checkpoints
-from warp_jax.gemma import block_groups, hf
+from warp_jax.gemma import hf
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_cli_output_equals_the_library(checkpoints, tmp_path, num, granularity, 
     cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(root / "init"))
     init = hf.params_from_hf(root / "init", cfg)
     policies = [hf.params_from_hf(d, cfg) for d in runs[:num]]
-    groups = block_groups(init) if granularity == "layer" else None
+    groups = merging.block_groups(init) if granularity == "layer" else None
     merged = merging.slerp_tree(init, policies, [float(w) for w in weights.split(",")],
                                 groups=groups)
     for eta in (0.3, 1.0):

@@ -18,7 +18,6 @@ import transformers
 from experiments.configs.gemma_warp import get_config
 from warp_jax import data, ingredients, merging, warp
 from warp_jax.checkpoint import read_tree
-from warp_jax.gemma import block_groups
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/experiments/configs/gemma_warp.py:test"
@@ -67,7 +66,7 @@ def test_merged_policy_is_slerp_of_the_saved_runs_and_liti_gives_the_next_init(f
         init = jax.device_get(result.inits[i - 1])
         saved = read_tree(workdir / "checkpoints" / f"iter{i}")["params"]  # the runs' states
         policies = [jax.tree.map(lambda x, m=m: np.asarray(x[m]), saved) for m in range(2)]
-        want = merging.slerp_tree(init, policies, groups=block_groups(init))
+        want = merging.slerp_tree(init, policies, groups=merging.block_groups(init))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      jax.device_get(merged), want)
         next_init = merging.liti_tree(init, jax.device_get(merged), 0.3)

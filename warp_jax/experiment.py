@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
 from warp_jax.checkpoint import Checkpoints
-from warp_jax.gemma import block_groups
 from warp_jax.ingredients import Ingredients, mesh_shape, prepare, rl_config, validate_config
 from warp_jax.report import write_outputs
 from warp_jax.workdir import record_config, writable
@@ -110,7 +109,7 @@ class Experiment:
         self.rewards = {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)}
         if setup.oracle is not None:
             self.rewards["oracle_reward"] = setup.oracle
-        self.groups = (block_groups(setup.sft_params) if config.warp.granularity == "layer"
+        self.groups = (merging.block_groups(setup.sft_params) if config.warp.granularity == "layer"
                        else None)
         # The merges and the unstacking of a run as one program each, with the params'
         # sharding out (op by op, every op on arrays spanning processes is its own program).
@@ -280,7 +279,7 @@ class Experiment:
         if "lerp" in c.warp.baselines and i == 1:
             records += self.front(f"{stage}_lerp_front", self.lerp(init, policies), "lerp", i,
                                   c.warp.eta_grid)
-        geometry = (evaluation.task_vector_stats(init, policies, block_groups(init))
+        geometry = (evaluation.task_vector_stats(init, policies, merging.block_groups(init))
                     if len(policies) > 1 else {})
         if sharding.is_main_process():
             (self.workdir / "records" / f"{stage}_geometry.json").write_text(

@@ -41,6 +41,24 @@ class Stacked:
     axis: int = 0
 
 
+def block_groups(params: PyTree) -> PyTree:
+    """The paper's per-block angle groups of Gemma params (`warp_jax.gemma`): the `groups`
+    argument of `slerp_tree`.
+
+    Every tensor of a transformer block `"layer_i"` gets the label `"layer_i"` (one angle per
+    block); the embedding and the final norm get None (one angle each). The stacked blocks of
+    a scanned model (`params["layers"]`, `GemmaConfig.scan_layers`) get `Stacked("layer")`:
+    slice i along their leading axis is block i, the same groups as the unscanned layout's.
+    """
+    def label(name):
+        if name == "layers":
+            return Stacked("layer", 0)
+        return name if name.startswith("layer_") else None
+
+    return {name: jax.tree.map(lambda _, name=name: label(name), sub)
+            for name, sub in params.items()}
+
+
 def ema_update(ema: PyTree, params: PyTree, mu: float) -> PyTree:
     """Returns `(1 - mu) * ema + mu * params`, leafwise, in `ema`'s dtypes.
 

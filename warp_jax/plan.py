@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from warp_jax import evaluation, ingredients, merging, reinforce, rewards, sampling, sharding
-from warp_jax.gemma import GemmaConfig, abstract_params, block_groups, hf
+from warp_jax.gemma import GemmaConfig, abstract_params, hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +174,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     shape = ingredients.mesh_shape(c, len(devices))
     mesh = sharding.make_mesh(**shape, devices=devices)
     runs = c.warp.runs
-    boxed = abstract_params(cfg)
-    params = _params(boxed, mesh)
+    params = _params(abstract_params(cfg), mesh)
     reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
     train_step, init = reinforce.make_train_step(
         cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
@@ -208,7 +207,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
             cfg=cfg, max_new_tokens=c.rl.max_new_tokens, temperature=c.rl.temperature,
             num_samples=c.eval.samples, eos_id=(1,),
             backend=sampling.get_backend(c.rl.sampler_backend))
-    groups = block_groups(params) if c.warp.granularity == "layer" else None
+    groups = merging.block_groups(params) if c.warp.granularity == "layer" else None
     out = dict(out_shardings=jax.tree.map(lambda x: x.sharding, params))
     policies = [params] * runs
     programs["slerp"] = jax.jit(functools.partial(merging.slerp_tree, groups=groups),

@@ -4,12 +4,11 @@ from warp_jax.gemma.config import PRESETS, GemmaConfig
 from warp_jax.gemma.model import (
     Gemma,
     abstract_params,
-    block_groups,
     init_cache,
     left_padded_positions,
     stack_layers,
     unstack_layers,
 )
 
-__all__ = ["PRESETS", "Gemma", "GemmaConfig", "abstract_params", "block_groups", "init_cache",
+__all__ = ["PRESETS", "Gemma", "GemmaConfig", "abstract_params", "init_cache",
            "left_padded_positions", "stack_layers", "unstack_layers"]

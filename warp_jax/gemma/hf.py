@@ -248,7 +248,7 @@ def save_hf(params: Mapping[str, Any], cfg: GemmaConfig, directory: str | os.Pat
 
 
 def block_of(name: str) -> str | None:
-    """The transformer block (`"layer_i"`, as in `gemma.block_groups`) of a Hugging Face
+    """The transformer block (`"layer_i"`, as in `merging.block_groups`) of a Hugging Face
     tensor name (`model.layers.i.*`, `model.language_model.layers.i.*`), or None outside the
     blocks."""
     match = _BLOCK.match(name)

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from warp_jax.gemma.config import GemmaConfig
-from warp_jax.merging import Stacked
 
 Cache = dict[str, Any]
 _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax, not NaN
@@ -59,23 +58,6 @@ def left_padded_positions(mask_BT):
     """RoPE positions `[B, T]` of left-padded rows, counted from each row's first real token
     (0 on the padding)."""
     return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
-
-
-def block_groups(params: Any) -> Any:
-    """Labels each parameter with its transformer block (`"layer_i"`) or None (outside blocks).
-
-    The `groups` argument of `merging.slerp_tree` for the paper's per-block SLERP: every tensor
-    of one block shares one angle; the embedding and the final norm get one each. The stacked
-    blocks of a scanned model (`params["layers"]`) get `merging.Stacked("layer")`: slice i
-    along their leading axis is block i, the same groups as the unscanned layout's.
-    """
-    def label(name):
-        if name == "layers":
-            return Stacked("layer", 0)
-        return name if name.startswith("layer_") else None
-
-    return {name: jax.tree.map(lambda _, name=name: label(name), sub)
-            for name, sub in params.items()}
 
 
 def stack_layers(params: Any, num_layers: int) -> Any:
