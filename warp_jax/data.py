@@ -118,13 +118,9 @@ def split_by_movie(snippets: Sequence[Snippet], fractions: dict[str, float],
         part_of |= dict.fromkeys(order[first:round(start * len(movies))], name)
     parts: dict[str, list[Snippet]] = {name: [] for name in fractions}
     seen: set[str] = set()
-    for name in fractions:
-        texts = set()
-        for snippet in snippets:
-            if part_of.get(snippet.movie) == name and snippet.text not in seen:
-                parts[name].append(snippet)
-                texts.add(snippet.text)
-        seen |= texts
+    for name, part in parts.items():
+        part.extend(s for s in snippets if part_of.get(s.movie) == name and s.text not in seen)
+        seen.update(s.text for s in part)
     return parts
 
 

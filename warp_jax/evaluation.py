@@ -107,17 +107,17 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
     for (path, base), label, a, b in zip(jax.tree_util.tree_flatten_with_path(init)[0], labels,
                                          jax.tree.leaves(policies[0]),
                                          jax.tree.leaves(policies[1]), strict=True):
-        base, a, b = (sharding.to_host(x) for x in (base, a, b))
-        if isinstance(label, merging.Stacked):
-            parts = [(f"{label.name}_{i}", *(np.take(x, i, axis=label.axis) for x in (base, a, b)))
-                     for i in range(base.shape[label.axis])]
+        leaves = [sharding.to_host(x) for x in (base, a, b)]
+        if isinstance(label, merging.Stacked):  # one group per slice along the stacked axis
+            parts = [(f"{label.name}_{i}", [np.take(x, i, axis=label.axis) for x in leaves])
+                     for i in range(leaves[0].shape[label.axis])]
         else:
-            parts = [(label if label is not None else jax.tree_util.keystr(path), base, a, b)]
-        for key, *arrays in parts:
-            base, a, b = (x.ravel() for x in arrays)
-            for start in range(0, base.size, _CHUNK):  # float64 temporaries of one chunk only
+            parts = [(label if label is not None else jax.tree_util.keystr(path), leaves)]
+        for key, arrays in parts:
+            flat = [x.ravel() for x in arrays]
+            for start in range(0, flat[0].size, _CHUNK):  # float64 temporaries of one chunk
                 window = slice(start, start + _CHUNK)
-                x0, xa, xb = (np.asarray(x[window], np.float64) for x in (base, a, b))
+                x0, xa, xb = (np.asarray(x[window], np.float64) for x in flat)
                 task = merging.gram(x0, [xa, xb])  # task vectors, then full weights (base 0)
                 full = merging.gram(np.zeros_like(x0), [xa, xb])
                 sums[key] = sums.get(key, 0) + np.array(

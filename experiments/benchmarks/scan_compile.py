@@ -7,7 +7,7 @@ Compiles the job's stacked train step (`experiments.plan`'s `train_step/*` progr
 slice's compile-only TPU devices twice in one run, with the blocks unrolled (one copy per
 layer) and under a scan over stacked layers, and prints the compiler's figures side by side:
 compile time on this machine, generated code and the per-chip peak, with their ratios.
-Needs libtpu, as `experiments.plan` does; the unrolled 7B step takes about 15 minutes to
+Needs libtpu, as `experiments.plan` does; the unrolled 7B step takes about 6 minutes to
 compile on 2 cores.
 """
 
