@@ -34,7 +34,10 @@ def main() -> None:
     from warp_jax import plan
 
     header = f"Compiled on {device_description()}; {stamp()}"
-    topo = plan.topology(args.topology)
+    try:
+        topo = plan.topology(args.topology)
+    except ValueError as e:
+        parser.error(str(e))
     rows = []
     for scan in (False, True):
         config = get_config(args.variant)
