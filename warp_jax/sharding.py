@@ -26,6 +26,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("model",),
     "head_dim": (),
     "mlp": ("model",),
+    # Gemma 4: experts split over `model` (expert parallelism; their `mlp` axis then stays
+    # whole, a mesh axis splitting one dimension of a tensor at most), per-layer inputs as
+    # the embedding.
+    "expert": ("model",),
+    "per_layer_embed": ("fsdp",),
 }
 
 

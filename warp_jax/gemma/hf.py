@@ -4,6 +4,11 @@ Tensor layouts (ours <- Hugging Face `nn.Linear` weights, which are `[out, in]`)
 `attn.q` `[D, N, H]` <- `q_proj` `[N*H, D]`; `attn.k`/`attn.v` `[D, K, H]` <- `[K*H, D]`;
 `attn.o` `[N, H, D]` <- `o_proj` `[D, N*H]`; `mlp.gate`/`mlp.up` `[D, F]` <- `[F, D]`;
 `mlp.down` `[F, D]` <- `[D, F]`. Norm scales and the embedding are stored as they are.
+Gemma 4 adds: `experts.gate_up` `[E, D, 2I]` <- `gate_up_proj` `[E, 2I, D]`, `experts.down`
+`[E, I, D]` <- `down_proj` `[E, D, I]`, `router.proj` `[D, E]` <- `[E, D]`, the per-layer
+gate `[D, P]` and projection `[P, D]` transposed, and the packed per-layer tables
+`per_layer_embedding` `[V, L, P]` <- `embed_tokens_per_layer` `[V, L*P]` and
+`per_layer_projection` `[D, L, P]` <- `per_layer_model_projection` `[L*P, D]`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import pathlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,10 +27,13 @@ from warp_jax.gemma.config import GemmaConfig
 
 _PREFIX = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?")
 _HF_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM"}
+            "gemma3": "Gemma3ForCausalLM", "gemma4": "Gemma4ForCausalLM"}
 _HF_REWARD_ARCH = {"gemma": "GemmaForSequenceClassification",
                    "gemma2": "Gemma2ForSequenceClassification",
-                   "gemma3": "Gemma3TextForSequenceClassification"}
+                   "gemma3": "Gemma3TextForSequenceClassification",
+                   # transformers has no Gemma 4 sequence classifier: the causal LM's layout
+                   # plus `score.weight`, which AutoModelForCausalLM loads without the head.
+                   "gemma4": "Gemma4ForCausalLM"}
 
 
 def read_config(directory: str | os.PathLike) -> GemmaConfig:
@@ -45,20 +53,25 @@ def read_config(directory: str | os.PathLike) -> GemmaConfig:
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
-    """A `GemmaConfig` from a transformers Gemma/Gemma2/Gemma3(Text) config (or its dict)."""
+    """A `GemmaConfig` from a transformers Gemma/Gemma2/Gemma3(Text)/Gemma4(Text) config (or
+    its dict). A multimodal Gemma 3 or 4 config gives its text decoder's (the vision and audio
+    towers are not supported, and their tensors are skipped on import)."""
     if isinstance(hf_config, Mapping):
         import transformers
 
         hf_config = transformers.AutoConfig.for_model(**hf_config)
-    if getattr(hf_config, "model_type", None) == "gemma3" and hasattr(hf_config, "text_config"):
+    if (getattr(hf_config, "model_type", None) in ("gemma3", "gemma4")
+            and hasattr(hf_config, "text_config")):
         _reject_unsupported(hf_config)  # the multimodal config holds tie_word_embeddings
         hf_config = hf_config.text_config
     model_type = getattr(hf_config, "model_type", None)
-    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type)
+    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+              "gemma4_text": "gemma4"}.get(model_type)
     if family is None:
         raise ValueError(
             f"unknown architecture: model_type {model_type!r}; supported: gemma, gemma2, "
-            "gemma3_text (and gemma3's text model)"
+            "gemma3_text, gemma4_text (and the text decoder of gemma3 and gemma4; their "
+            "vision and audio towers are not supported)"
         )
     c = hf_config
     _reject_unsupported(c)
@@ -71,11 +84,13 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
                          f"Gemma uses GeGLU with the tanh GELU ({' or '.join(tanh_names)})")
     fields: dict[str, Any] = dict(
         vocab_size=c.vocab_size, embed_dim=c.hidden_size, num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, mlp_dim=c.intermediate_size, family=family,
+        num_heads=c.num_attention_heads, mlp_dim=c.intermediate_size, family=family,
         norm_eps=c.rms_norm_eps, pad_id=_first(c.pad_token_id, 0),
         eos_id=_first(c.eos_token_id, 1), bos_id=_first(c.bos_token_id, 2),
     )
+    if family == "gemma4":  # head shapes vary by layer type: read per layer
+        return GemmaConfig(**{**fields, **_gemma4_fields(c), **overrides})
+    fields.update(num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
     rope = getattr(c, "rope_parameters", None) or {}
     if family != "gemma3" and rope.get("rope_type", "default") != "default":
         raise ValueError(f"unsupported RoPE type {rope['rope_type']!r} for {model_type}: "
@@ -109,6 +124,51 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
     return GemmaConfig(**{**fields, **overrides})
 
 
+def _gemma4_fields(c: Any) -> dict[str, Any]:
+    """The Gemma 4 fields of a `Gemma4TextConfig`: per-type head shapes (its
+    `per_layer_config`), KV sharing, per-layer inputs, experts and proportional RoPE."""
+    types = tuple("local" if t == "sliding_attention" else "global" for t in c.layer_types)
+    shapes: dict[str, set[tuple[int, int]]] = {"local": set(), "global": set()}
+    for i, kind in enumerate(types):
+        layer = c.per_layer_config[i]
+        shapes[kind].add((layer.head_dim, layer.num_key_value_heads))
+    if any(len(found) > 1 for found in shapes.values()):
+        raise ValueError(f"unsupported per_layer_config in the {c.model_type} config: this "
+                         "Gemma 4 gives all global layers one head shape and all sliding "
+                         f"layers another, got (head_dim, num_key_value_heads) {shapes}")
+    (head_dim, kv_heads), = shapes["local"] or shapes["global"]
+    (global_head_dim, global_kv), = shapes["global"] or shapes["local"]
+    rope = c.rope_parameters or {}
+    full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    for where, params, kinds in (("full_attention", full, ("default", "proportional")),
+                                 ("sliding_attention", sliding, ("default",))):
+        if params.get("rope_type", "default") not in kinds:
+            raise ValueError(f"unsupported RoPE type {params['rope_type']!r} in rope_parameters"
+                             f"['{where}']: Gemma 4 uses {' or '.join(kinds)}")
+    proportional = full.get("rope_type") == "proportional"
+    moe = bool(c.enable_moe_block)
+    return dict(
+        family="gemma4", attention_pattern=types, head_dim=head_dim, num_kv_heads=kv_heads,
+        sliding_window=c.sliding_window if "local" in types else None,
+        final_logit_softcap=c.final_logit_softcapping, use_post_attn_norm=True,
+        use_post_ffw_norm=True, use_qk_norm=True,
+        rope_base=float(full.get("rope_theta", 1_000_000.0)),
+        rope_local_base=float(sliding.get("rope_theta", 10_000.0)),
+        rope_scale_factor=float(full.get("factor", 1.0)) if proportional else 1.0,
+        rope_global_fraction=float(full.get("partial_rotary_factor", 1.0)) if proportional
+        else 1.0,
+        global_head_dim=global_head_dim, num_global_kv_heads=global_kv,
+        attention_k_eq_v=bool(c.attention_k_eq_v), num_kv_shared_layers=c.num_kv_shared_layers,
+        double_wide_mlp=bool(c.use_double_wide_mlp),
+        per_layer_input_dim=c.hidden_size_per_layer_input or 0,
+        per_layer_vocab_size=(c.vocab_size_per_layer_input if c.hidden_size_per_layer_input
+                              and c.vocab_size_per_layer_input != c.vocab_size else None),
+        num_experts=c.num_experts if moe else 0,
+        experts_per_token=c.top_k_experts if moe else 0,
+        expert_mlp_dim=c.moe_intermediate_size if moe else 0,
+    )
+
+
 # transformers fields whose non-default values this model does not implement: accepting them
 # would silently give other logits than transformers'.
 _UNSUPPORTED = {
@@ -121,13 +181,16 @@ _UNSUPPORTED = {
 def _reject_unsupported(hf_config: Any) -> None:
     for name, (default, why) in _UNSUPPORTED.items():
         value = getattr(hf_config, name, None)
+        if name == "use_bidirectional_attention" and value == "vision":
+            continue  # Gemma 4: bidirectional among image tokens only, causal on text
         if value is not None and bool(value) != default:
             raise ValueError(f"unsupported {name}={value!r} in the {hf_config.model_type} "
                              f"config: this Gemma supports only {name}={default} ({why})")
 
 
 def config_to_hf(cfg: GemmaConfig) -> Any:
-    """The transformers config of `cfg` (GemmaConfig, Gemma2Config or Gemma3TextConfig)."""
+    """The transformers config of `cfg` (GemmaConfig, Gemma2Config, Gemma3TextConfig or
+    Gemma4TextConfig)."""
     import transformers
 
     common = dict(
@@ -150,6 +213,8 @@ def config_to_hf(cfg: GemmaConfig) -> Any:
                    query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
                    attn_logit_softcapping=cfg.attn_logit_softcap,
                    final_logit_softcapping=cfg.final_logit_softcap)
+    if cfg.family == "gemma4":
+        return _gemma4_config(cfg, common, layer_types)
     if cfg.family == "gemma2":
         return transformers.Gemma2Config(
             **common, **gemma23,
@@ -164,6 +229,34 @@ def config_to_hf(cfg: GemmaConfig) -> Any:
         rope_parameters={"full_attention": full, "sliding_attention": local})
 
 
+def _gemma4_config(cfg: GemmaConfig, common: dict[str, Any], layer_types: list[str]) -> Any:
+    import transformers
+
+    if cfg.kv_heads_of("global") != cfg.num_kv_heads and not cfg.attention_k_eq_v:
+        raise ValueError("a Gemma 4 config with num_global_kv_heads != num_kv_heads and "
+                         "attention_k_eq_v=False has no transformers equivalent")
+    if cfg.attn_logit_softcap is not None or cfg.query_pre_attn_scalar is not None:
+        raise ValueError("Gemma 4 has no attention logit soft-cap or query_pre_attn_scalar")
+    full = {"rope_type": "proportional", "partial_rotary_factor": cfg.rope_global_fraction,
+            "rope_theta": cfg.rope_base}
+    if cfg.rope_scale_factor != 1.0:
+        full["factor"] = cfg.rope_scale_factor
+    moe = dict(enable_moe_block=True, num_experts=cfg.num_experts,
+               top_k_experts=cfg.experts_per_token,
+               moe_intermediate_size=cfg.expert_mlp_dim) if cfg.num_experts else {}
+    return transformers.Gemma4TextConfig(
+        **common, **moe, layer_types=layer_types, sliding_window=cfg.sliding_window or 512,
+        final_logit_softcapping=cfg.final_logit_softcap,
+        rope_parameters={"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg.rope_local_base or cfg.rope_base}},
+        global_head_dim=cfg.head_dim_of("global"),
+        num_global_key_value_heads=cfg.kv_heads_of("global"),
+        attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.num_kv_shared_layers,
+        use_double_wide_mlp=cfg.double_wide_mlp,
+        hidden_size_per_layer_input=cfg.per_layer_input_dim,
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size)
+
+
 def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
                    cfg: GemmaConfig) -> dict[str, Any]:
     """Our params (numpy, `cfg.param_dtype`) from a HF state dict or safetensors directory.
@@ -175,7 +268,7 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
     Raises `ValueError` naming the tensor for a missing tensor, a wrong shape or an
     `lm_head.weight` that is not the embedding (an untied head, which this Gemma lacks).
     """
-    expected = _hf_shapes(cfg)
+    expected = _tensors(cfg)
     dtype = np.dtype(cfg.param_dtype)
     params: dict[str, Any] = {}
     found: set[str] = set()
@@ -193,16 +286,17 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
             params["score"] = value[0].astype(dtype)
             continue
         if short not in expected:
-            if short.startswith("layers.") and _LAYER.match(short):
+            if _LAYER.match(short) and not _unused_shared_kv(short, cfg):
                 raise ValueError(f"unexpected tensor {hf_name!r} for a {cfg.family} config "
                                  f"with {cfg.num_layers} layers")
             continue
+        tensor = expected[short]
         value = np.asarray(load())
-        if tuple(value.shape) != expected[short]:
+        if tuple(value.shape) != tensor.hf_shape:
             raise ValueError(f"tensor {hf_name!r} has shape {tuple(value.shape)}, expected "
-                             f"{expected[short]} for this config")
-        ours, array = _to_ours(short, value, cfg)
-        path, layer = _stacked(ours, cfg)
+                             f"{tensor.hf_shape} for this config")
+        array = _to_ours(tensor, value)
+        path, layer = _stacked(tensor.path, cfg)
         _set(params, path, array.astype(dtype), layer, cfg.num_layers)
         found.add(short)
     missing = sorted(set(expected) - found, key=_natural)
@@ -224,8 +318,8 @@ def params_to_hf(params: Mapping[str, Any], cfg: GemmaConfig, *,
     has it; reward-model params (with `score`) give a `*ForSequenceClassification` dict.
     """
     out = {}
-    for short in _hf_shapes(cfg):
-        out["model." + short] = _from_ours(short, params, cfg)
+    for short, tensor in _tensors(cfg).items():
+        out["model." + short] = _from_ours(short, tensor, params, cfg)
     if "score" in params:
         out["score.weight"] = np.asarray(params["score"])[None]
     elif include_lm_head:
@@ -259,83 +353,129 @@ _BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def _layer_map(cfg: GemmaConfig) -> dict[str, tuple[str, ...]]:
-    """HF names inside `layers.i.` -> our path inside `layer_i`."""
-    names = {
-        "input_layernorm.weight": ("pre_attention_norm", "scale"),
-        "self_attn.q_proj.weight": ("attn", "q"),
-        "self_attn.k_proj.weight": ("attn", "k"),
-        "self_attn.v_proj.weight": ("attn", "v"),
-        "self_attn.o_proj.weight": ("attn", "o"),
-        "mlp.gate_proj.weight": ("mlp", "gate"),
-        "mlp.up_proj.weight": ("mlp", "up"),
-        "mlp.down_proj.weight": ("mlp", "down"),
-    }
-    if cfg.family == "gemma":
-        names["post_attention_layernorm.weight"] = ("pre_ffw_norm", "scale")
-    else:
-        names |= {"post_attention_layernorm.weight": ("post_attention_norm", "scale"),
-                  "pre_feedforward_layernorm.weight": ("pre_ffw_norm", "scale"),
-                  "post_feedforward_layernorm.weight": ("post_ffw_norm", "scale")}
-    if cfg.use_qk_norm:
-        names |= {"self_attn.q_norm.weight": ("attn", "query_norm", "scale"),
-                  "self_attn.k_norm.weight": ("attn", "key_norm", "scale")}
-    return names
-
-
-def _hf_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    per_layer = {"q_proj": (n * h, d), "k_proj": (k * h, d), "v_proj": (k * h, d),
-                 "o_proj": (d, n * h), "gate_proj": (f, d), "up_proj": (f, d),
-                 "down_proj": (d, f), "q_norm": (h,), "k_norm": (h,)}
-    shapes = {"embed_tokens.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.num_layers):
-        for name in _layer_map(cfg):
-            module = name.split(".")[-2]
-            shapes[f"layers.{i}.{name}"] = per_layer.get(module, (d,))
-    shapes["norm.weight"] = (d,)
-    return shapes
-
-
-def _our_path(short: str, cfg: GemmaConfig) -> tuple[str, ...]:
-    if short == "embed_tokens.weight":
-        return ("input_embedding",)
-    if short == "norm.weight":
-        return ("final_norm", "scale")
+def _unused_shared_kv(short: str, cfg: GemmaConfig) -> bool:
+    """Whether `short` is a key/value tensor of a KV-shared layer, which some Gemma 4
+    checkpoints carry and transformers ignores (as this model does)."""
     layer, rest = _LAYER.match(short).groups()
-    return (f"layer_{layer}", *_layer_map(cfg)[rest])
+    return (cfg.kv_sources[int(layer)] is not None and rest in (
+        "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight",
+        "self_attn.v_norm.weight"))
 
 
-def _to_ours(short: str, value: np.ndarray, cfg: GemmaConfig):
-    path = _our_path(short, cfg)
-    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    leaf = path[-1] if path[-1] != "scale" else None
-    if leaf == "q":
-        value = value.reshape(n, h, -1).transpose(2, 0, 1)
-    elif leaf in ("k", "v"):
-        value = value.reshape(k, h, -1).transpose(2, 0, 1)
-    elif leaf == "o":
-        value = value.reshape(-1, n, h).transpose(1, 2, 0)
-    elif leaf in ("gate", "up", "down"):
-        value = value.T
-    return path, value
+class _Tensor(NamedTuple):
+    path: tuple[str, ...]  # ours, in the unscanned layout
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # ours
+    layout: str | None  # how the two differ: a key of _TO_OURS / _TO_HF, or None (as is)
 
 
-def _from_ours(short: str, params: Mapping[str, Any], cfg: GemmaConfig) -> np.ndarray:
-    path, layer = _stacked(_our_path(short, cfg), cfg)
+def _tensors(cfg: GemmaConfig) -> dict[str, _Tensor]:
+    """Every tensor of `cfg`'s decoder: Hugging Face name (without `model.`) -> `_Tensor`."""
+    d, n = cfg.embed_dim, cfg.num_heads
+    gemma4 = cfg.family == "gemma4"
+    out = {"embed_tokens.weight": _Tensor(("input_embedding",), (cfg.vocab_size, d),
+                                          (cfg.vocab_size, d), None)}
+    if cfg.per_layer_input_dim:
+        num, p = cfg.num_layers, cfg.per_layer_input_dim
+        rows = cfg.per_layer_vocab_size or cfg.vocab_size
+        out |= {
+            "embed_tokens_per_layer.weight": _Tensor(("per_layer_embedding",), (rows, num * p),
+                                                     (rows, num, p), "packed"),
+            "per_layer_model_projection.weight": _Tensor(
+                ("per_layer_projection",), (num * p, d), (d, num, p), "packed_T"),
+            "per_layer_projection_norm.weight": _Tensor(
+                ("per_layer_projection_norm", "scale"), (p,), (p,), None)}
+    norms = {"input_layernorm": "pre_attention_norm"}
+    if cfg.family == "gemma":
+        norms["post_attention_layernorm"] = "pre_ffw_norm"
+    else:
+        norms |= {"post_attention_layernorm": "post_attention_norm",
+                  "pre_feedforward_layernorm": "pre_ffw_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"}
+    if cfg.num_experts:
+        norms |= {"pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+                  "post_feedforward_layernorm_1": "post_ffw_norm_1",
+                  "post_feedforward_layernorm_2": "post_ffw_norm_2"}
+    if cfg.per_layer_input_dim:
+        norms["post_per_layer_input_norm"] = "post_per_layer_norm"
+    for i, (kind, source) in enumerate(zip(cfg.attention_types, cfg.kv_sources, strict=True)):
+        k, h, f = cfg.kv_heads_of(kind), cfg.head_dim_of(kind), cfg.mlp_dim_of(i)
+        layer = {f"{hf}.weight": ((ours, "scale"), (d,), (d,), None)
+                 for hf, ours in norms.items()}
+        layer |= {
+            "self_attn.q_proj.weight": (("attn", "q"), (n * h, d), (d, n, h), "heads"),
+            "self_attn.o_proj.weight": (("attn", "o"), (d, n * h), (n, h, d), "out"),
+            "mlp.gate_proj.weight": (("mlp", "gate"), (f, d), (d, f), "T"),
+            "mlp.up_proj.weight": (("mlp", "up"), (f, d), (d, f), "T"),
+            "mlp.down_proj.weight": (("mlp", "down"), (d, f), (f, d), "T"),
+        }
+        if source is None:
+            layer["self_attn.k_proj.weight"] = (("attn", "k"), (k * h, d), (d, k, h), "heads")
+            if not cfg.values_are_keys(kind):
+                layer["self_attn.v_proj.weight"] = (("attn", "v"), (k * h, d), (d, k, h),
+                                                    "heads")
+        if cfg.use_qk_norm:
+            layer["self_attn.q_norm.weight"] = (("attn", "query_norm", "scale"), (h,), (h,),
+                                                None)
+            if source is None:
+                layer["self_attn.k_norm.weight"] = (("attn", "key_norm", "scale"), (h,), (h,),
+                                                    None)
+        if gemma4:
+            layer["layer_scalar"] = (("layer_scalar",), (1,), (1,), None)
+        if cfg.per_layer_input_dim:
+            p = cfg.per_layer_input_dim
+            layer |= {"per_layer_input_gate.weight": (("per_layer_gate",), (p, d), (d, p), "T"),
+                      "per_layer_projection.weight": (("per_layer_proj",), (d, p), (p, d), "T")}
+        if cfg.num_experts:
+            e, x = cfg.num_experts, cfg.expert_mlp_dim
+            layer |= {
+                "router.proj.weight": (("router", "proj"), (e, d), (d, e), "T"),
+                "router.scale": (("router", "scale"), (d,), (d,), None),
+                "router.per_expert_scale": (("router", "per_expert_scale"), (e,), (e,), None),
+                "experts.gate_up_proj": (("experts", "gate_up"), (e, 2 * x, d), (e, d, 2 * x),
+                                         "experts"),
+                "experts.down_proj": (("experts", "down"), (e, d, x), (e, x, d), "experts"),
+            }
+        for name, (path, hf_shape, shape, layout) in layer.items():
+            out[f"layers.{i}.{name}"] = _Tensor((f"layer_{i}", *path), hf_shape, shape, layout)
+    out["norm.weight"] = _Tensor(("final_norm", "scale"), (d,), (d,), None)
+    return out
+
+
+# Hugging Face -> ours, and back, for each layout of `_Tensor`.
+_TO_OURS = {
+    "heads": lambda v, shape: v.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1),
+    "out": lambda v, shape: v.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0),
+    "T": lambda v, shape: v.T,
+    "experts": lambda v, shape: v.transpose(0, 2, 1),
+    "packed": lambda v, shape: v.reshape(shape),
+    "packed_T": lambda v, shape: v.T.reshape(shape),
+}
+_TO_HF = {
+    "heads": lambda v, shape: v.transpose(1, 2, 0).reshape(shape),
+    "out": lambda v, shape: v.transpose(2, 0, 1).reshape(shape),
+    "T": lambda v, shape: v.T,
+    "experts": lambda v, shape: v.transpose(0, 2, 1),
+    "packed": lambda v, shape: v.reshape(shape),
+    "packed_T": lambda v, shape: v.reshape(shape[1], shape[0]).T,
+}
+
+
+def _to_ours(tensor: _Tensor, value: np.ndarray) -> np.ndarray:
+    return value if tensor.layout is None else _TO_OURS[tensor.layout](value, tensor.shape)
+
+
+def _from_ours(short: str, tensor: _Tensor, params: Mapping[str, Any],
+               cfg: GemmaConfig) -> np.ndarray:
+    path, layer = _stacked(tensor.path, cfg)
     node = params
     for key in path:
         if key not in node:
             raise ValueError(f"params has no {'/'.join(path)} (needed for {short!r})")
         node = node[key]
     value = np.asarray(node if layer is None else node[layer])
-    leaf = path[-1]
-    if leaf in ("q", "k", "v"):
-        value = value.transpose(1, 2, 0).reshape(-1, value.shape[0])
-    elif leaf == "o":
-        value = value.transpose(2, 0, 1).reshape(value.shape[2], -1)
-    elif leaf in ("gate", "up", "down"):
-        value = value.T
+    if tensor.layout is not None:
+        value = _TO_HF[tensor.layout](value, tensor.hf_shape)
     return np.ascontiguousarray(value)
 
 

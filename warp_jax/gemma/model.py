@@ -1,7 +1,8 @@
-"""Flax Gemma decoder (Gemma 1, 2 and 3 text) with a KV cache and logical axis names.
+"""Flax Gemma decoder (Gemma 1, 2, 3 and 4 text) with a KV cache and logical axis names.
 
 Einsum letters: B batch, T query time, S key time (cache slots), D model width, V vocabulary,
-N query heads, K key/value heads, G query heads per K (N = K * G), H head width, F MLP width.
+N query heads, K key/value heads, G query heads per K (N = K * G), H head width, F MLP width,
+L layers, P per-layer input width, E experts, I expert width.
 
 Attention works in cache *slots*: without a cache the slots of a sequence are 0..T-1; with
 one, the T new tokens fill slots `index .. index+T-1`. A query attends to earlier valid slots
@@ -30,7 +31,9 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
     (with `cfg.scan_layers`, one `"layers": {"k", "v"}` stacking the layers' caches).
 
     Keys and values are `[B, S, K, H]`, the layout of the projections that write them (one
-    slot is one contiguous `[K, H]` row), as in MaxText and the `gemma` package.
+    slot is one contiguous `[K, H]` row), as in MaxText and the `gemma` package. Gemma 4's
+    global layers have their own K and H; its KV-shared layers have no cache (they read the
+    cache of the layer they share).
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
@@ -42,8 +45,10 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
         stacked = (cfg.num_layers, *shape)
         cache["layers"] = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
         return cache
-    for i in range(cfg.num_layers):
-        cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    for i, (kind, source) in enumerate(zip(cfg.attention_types, cfg.kv_sources, strict=True)):
+        if source is None:
+            shape = (batch_size, max_len, cfg.kv_heads_of(kind), cfg.head_dim_of(kind))
+            cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return cache
 
 
@@ -95,27 +100,46 @@ def _param(module, name, init, shape, axes, dtype):
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, in float32."""
+    """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, in float32; Gemma 4's (`plus_one=False`)
+    multiplies by `scale` itself (initialised to ones), or by nothing (`with_scale=False`)."""
 
     eps: float
     param_dtype: Any
     axis_name: str = "embed"
+    plus_one: bool = True
+    with_scale: bool = True
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", nn.initializers.zeros_init(), (x.shape[-1],),
-                       (self.axis_name,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if not self.with_scale:
+            return normed.astype(x.dtype)
+        init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+        scale = _param(self, "scale", init, (x.shape[-1],), (self.axis_name,), self.param_dtype)
         scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-        return (normed * (1.0 + scale)).astype(x.dtype)
+        return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
-def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0):
+def _norm(cfg: GemmaConfig, name: str, axis_name: str = "embed", with_scale: bool = True,
+          parent=None) -> RMSNorm:
+    """The RMSNorm of `cfg`'s family."""
+    bind = {} if parent is None else {"parent": parent}  # None would unbind it
+    return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), axis_name,
+                   plus_one=cfg.family != "gemma4", with_scale=with_scale, name=name, **bind)
+
+
+def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0,
+                fraction: float = 1.0):
     """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position,
-    built once per forward pass and shared by the layers of one attention type."""
+    built once per forward pass and shared by the layers of one attention type.
+
+    With `fraction < 1` (Gemma 4's "proportional" RoPE) only the first
+    `int(fraction * head_dim // 2)` frequencies rotate, at the frequencies of the whole head;
+    the others are 0, so those dimensions pass unrotated."""
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
+    inv_freq = jnp.where(jnp.arange(half) < int(fraction * head_dim // 2), inv_freq, 0.0)
     angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
     return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
@@ -135,44 +159,67 @@ def _softcap(x, cap):
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer.
+
+    `attention_type` ("global"/"local") fixes the layer's shapes (Gemma 4's global layers have
+    their own K and H); None under a scan over layers, whose layers share one shape and take
+    their type from the traced `local` flag. A `reuses_kv` layer (Gemma 4's KV sharing) has
+    no key or value projection: it attends to the `shared_kv` of an earlier layer."""
+
     cfg: GemmaConfig
+    attention_type: str | None = None
+    reuses_kv: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, rope, slots_T, key_mask_BS, cache, keep=None, local=False):
-        """Self-attention; with `keep`, only the last `keep` tokens query (all write K/V).
+    def __call__(self, x_BTD, rope, slots_T, key_mask_BS, cache, keep=None, local=False,
+                 shared_kv=None):
+        """Returns the output, the updated cache (None without one or when reusing keys and
+        values) and the keys and values attended to (`[B, S, K, H]` each, cache included).
 
-        `local` (a bool, or a traced bool under a scan over layers) limits each query to the
-        last `sliding_window` slots."""
+        With `keep`, only the last `keep` tokens query (all write K/V). `local` (a bool, or a
+        traced bool under a scan over layers) limits each query to the last `sliding_window`
+        slots."""
         cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
         dt = jnp.dtype(cfg.dtype)
-        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kind = self.attention_type or "global"
+        d, n = cfg.embed_dim, cfg.num_heads
+        k, h = cfg.kv_heads_of(kind), cfg.head_dim_of(kind)
         init = nn.initializers.normal(d**-0.5)
         q_w = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), pd)
-        k_w = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
-        v_w = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        if not self.reuses_kv:
+            k_w = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+            if not cfg.values_are_keys(kind):
+                v_w = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
         o_w = _param(self, "o", nn.initializers.normal((n * h) ** -0.5), (n, h, d),
                      ("heads", "head_dim", "embed"), pd)
         b, t = x_BTD.shape[:2]
         first = 0 if keep is None else t - keep  # the first query token
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD[:, first:], q_w.astype(dt))
-        # Keys and values split by rows only: with K heads that the `model` axis does not
-        # divide, XLA's propagation otherwise splits K over part of it and must replicate.
-        k_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt)))
-        v_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt)))
         if cfg.use_qk_norm:
-            q_BTNH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="query_norm")(q_BTNH)
-            k_BTKH = RMSNorm(cfg.norm_eps, pd, "head_dim", name="key_norm")(k_BTKH)
+            q_BTNH = _norm(cfg, "query_norm", "head_dim")(q_BTNH)
         q_BTNH = apply_rope(q_BTNH, *(table[:, first:] for table in rope))
-        k_BTKH = apply_rope(k_BTKH, *rope)
 
         new_cache = None
-        if cache is not None:  # the T new tokens go to slots `slots_T`, then all S are read
-            start = (0, slots_T[0], 0, 0)
-            k_BTKH = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype),
-                                                  start)
-            v_BTKH = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype),
-                                                  start)
-            new_cache = {"k": k_BTKH, "v": v_BTKH}
+        if self.reuses_kv:
+            k_BTKH, v_BTKH = shared_kv
+        else:
+            # Keys and values split by rows only: with K heads that the `model` axis does not
+            # divide, XLA's propagation otherwise splits K over part of it and must replicate.
+            k_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt)))
+            v_BTKH = (k_BTKH if cfg.values_are_keys(kind)
+                      else _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt))))
+            if cfg.use_qk_norm:
+                k_BTKH = _norm(cfg, "key_norm", "head_dim")(k_BTKH)
+            if cfg.family == "gemma4":
+                v_BTKH = _norm(cfg, "value_norm", "head_dim", with_scale=False)(v_BTKH)
+            k_BTKH = apply_rope(k_BTKH, *rope)
+            if cache is not None:  # the T new tokens go to slots `slots_T`, then all S are read
+                start = (0, slots_T[0], 0, 0)
+                k_BTKH = jax.lax.dynamic_update_slice(
+                    cache["k"], k_BTKH.astype(cache["k"].dtype), start)
+                v_BTKH = jax.lax.dynamic_update_slice(
+                    cache["v"], v_BTKH.astype(cache["v"].dtype), start)
+                new_cache = {"k": k_BTKH, "v": v_BTKH}
         slots_S, query_slots = jnp.arange(key_mask_BS.shape[1]), slots_T[first:]
         allowed_TS = slots_S[None, :] <= query_slots[:, None]
         if cfg.sliding_window is not None and local is not False:
@@ -189,17 +236,18 @@ class Attention(nn.Module):
         probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
         out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH.astype(dt))
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(b, tq, n, h), o_w.astype(dt))
-        return out_BTD, new_cache
+        return out_BTD, new_cache, (k_BTKH, v_BTKH)
 
 
 class MLP(nn.Module):
     cfg: GemmaConfig
+    width: int | None = None  # F; None: cfg.mlp_dim
 
     @nn.compact
     def __call__(self, x_BTD):
         """Gemma's GeGLU: `(gelu_tanh(x @ gate) * (x @ up)) @ down`."""
         cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
-        d, f = cfg.embed_dim, cfg.mlp_dim
+        d, f = cfg.embed_dim, self.width or cfg.mlp_dim
         gate = _param(self, "gate", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         up = _param(self, "up", nn.initializers.normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         down = _param(self, "down", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
@@ -209,19 +257,80 @@ class MLP(nn.Module):
         return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
 
 
+class Router(nn.Module):
+    """Gemma 4's router: each token's top-k experts and their weights `[B, T, E]` (zero for
+    the experts it is not routed to)."""
+
+    cfg: GemmaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
+        d, e = cfg.embed_dim, cfg.num_experts
+        scale = _param(self, "scale", nn.initializers.ones_init(), (d,), ("embed",), pd)
+        proj = _param(self, "proj", nn.initializers.normal(d**-0.5), (d, e), ("embed", "expert"),
+                      pd)
+        per_expert = _param(self, "per_expert_scale", nn.initializers.ones_init(), (e,),
+                            ("expert",), pd)
+        h = _norm(cfg, "norm", with_scale=False)(x_BTD) * scale.astype(dt) * jnp.asarray(
+            d**-0.5, dt)
+        probs_BTE = jax.nn.softmax(
+            jnp.einsum("BTD,DE->BTE", h, proj.astype(dt)).astype(jnp.float32), axis=-1)
+        top_w, top_i = jax.lax.top_k(probs_BTE, cfg.experts_per_token)
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        top_w = top_w * per_expert.astype(jnp.float32)[top_i]
+        return jnp.einsum("BTKE,BTK->BTE", jax.nn.one_hot(top_i, e, dtype=jnp.float32),
+                          top_w).astype(dt)
+
+
+class Experts(nn.Module):
+    """Gemma 4's experts: E GeGLUs stacked on a leading `expert` axis (which the sharding
+    rules map onto the `model` mesh axis).
+
+    Dispatch is dense and dropless: every expert runs on every token and the router's
+    weights, zero off each token's top k, combine them. One einsum per projection, no
+    host-side loop, no capacity and so no dropped tokens: the outputs are transformers'
+    (whose experts also never drop). The price is E / k times the routed FLOPs; see
+    docs/models.md."""
+
+    cfg: GemmaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, weights_BTE):
+        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
+        d, e, i = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim
+        gate_up = _param(self, "gate_up", nn.initializers.normal(d**-0.5), (e, d, 2 * i),
+                         ("expert", "embed", "mlp"), pd)
+        down = _param(self, "down", nn.initializers.normal(i**-0.5), (e, i, d),
+                      ("expert", "mlp", "embed"), pd)
+        gated_BTEI, linear_BTEI = jnp.split(
+            jnp.einsum("BTD,EDI->BTEI", x_BTD, gate_up.astype(dt)), 2, axis=-1)
+        hidden_BTEI = jax.nn.gelu(gated_BTEI, approximate=True) * linear_BTEI
+        return jnp.einsum("BTEI,BTE,EID->BTD", hidden_BTEI, weights_BTE, down.astype(dt))
+
+
 class Block(nn.Module):
     """One transformer block of a fixed `attention_type`, or with None (a scan over layers)
-    of the type its `local` argument gives."""
+    of the type its `local` argument gives.
+
+    Gemma 4 adds: `layer` (its index: the width of a double-wide MLP), `reuses_kv` (KV
+    sharing), a mixture-of-experts branch beside the MLP, a gated per-layer input and a
+    learned scalar on the output. `returns_kv` adds the keys and values it attended to
+    (those later layers share) to its outputs."""
 
     cfg: GemmaConfig
     attention_type: str | None = None
+    layer: int = 0
+    reuses_kv: bool = False
+    returns_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, ropes, slots, key_mask, cache, keep=None, local=None):
+    def __call__(self, x, ropes, slots, key_mask, cache, keep=None, local=None,
+                 per_layer_input=None, shared_kv=None):
         """One block; with `keep`, its output is that of the last `keep` tokens only.
 
         `ropes` maps each attention type to its `rope_tables`."""
-        cfg, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
+        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
         if self.attention_type is not None:
             local = self.attention_type == "local"
             rope = ropes[self.attention_type]
@@ -230,15 +339,36 @@ class Block(nn.Module):
         else:
             rope = tuple(jnp.where(local, a, b)
                          for a, b in zip(ropes["local"], ropes["global"], strict=True))
-        h = RMSNorm(cfg.norm_eps, pd, name="pre_attention_norm")(x)
-        h, cache = Attention(cfg, name="attn")(h, rope, slots, key_mask, cache, keep, local)
+        h = _norm(cfg, "pre_attention_norm")(x)
+        h, cache, kv = Attention(cfg, self.attention_type, self.reuses_kv, name="attn")(
+            h, rope, slots, key_mask, cache, keep, local, shared_kv)
         if cfg.use_post_attn_norm:
-            h = RMSNorm(cfg.norm_eps, pd, name="post_attention_norm")(h)
+            h = _norm(cfg, "post_attention_norm")(h)
         x = x[:, x.shape[1] - h.shape[1]:] + h
-        h = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pd, name="pre_ffw_norm")(x))
+        h = MLP(cfg, cfg.mlp_dim_of(self.layer), name="mlp")(_norm(cfg, "pre_ffw_norm")(x))
+        if cfg.num_experts:
+            routed = Experts(cfg, name="experts")(_norm(cfg, "pre_ffw_norm_2")(x),
+                                                  Router(cfg, name="router")(x))
+            h = _norm(cfg, "post_ffw_norm_1")(h) + _norm(cfg, "post_ffw_norm_2")(routed)
         if cfg.use_post_ffw_norm:
-            h = RMSNorm(cfg.norm_eps, pd, name="post_ffw_norm")(h)
-        return _residual(x + h), cache
+            h = _norm(cfg, "post_ffw_norm")(h)
+        x = x + h
+        if cfg.per_layer_input_dim:
+            d, p = cfg.embed_dim, cfg.per_layer_input_dim
+            gate = _param(self, "per_layer_gate", nn.initializers.normal(d**-0.5), (d, p),
+                          ("embed", "per_layer_embed"), pd)
+            proj = _param(self, "per_layer_proj", nn.initializers.normal(p**-0.5), (p, d),
+                          ("per_layer_embed", "embed"), pd)
+            g = jax.nn.gelu(jnp.einsum("BTD,DP->BTP", x, gate.astype(dt)), approximate=True)
+            g = g * per_layer_input[:, per_layer_input.shape[1] - x.shape[1]:]
+            g = jnp.einsum("BTP,PD->BTD", g, proj.astype(dt))
+            x = x + _norm(cfg, "post_per_layer_norm")(g)
+        if cfg.family == "gemma4":
+            x = x * _param(self, "layer_scalar", nn.initializers.ones_init(), (1,), (None,),
+                           pd).astype(dt)
+        if self.returns_kv:
+            return _residual(x), cache, kv
+        return _residual(x), cache
 
 
 class Gemma(nn.Module):
@@ -325,9 +455,9 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     table = _constrain(embedding, ("activation_vocab", "activation_embed"))
     x = _residual(table[tokens] * jnp.asarray(math.sqrt(cfg.embed_dim), dt))
     new_cache = None if cache is None else {"index": start + t, "mask": key_mask}
-    rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor),
-                     "local": (cfg.rope_local_base or cfg.rope_base, 1.0)}
-    ropes = {kind: rope_tables(positions, cfg.head_dim, *rope_settings[kind])
+    rope_settings = {"global": (cfg.rope_base, cfg.rope_scale_factor, cfg.rope_global_fraction),
+                     "local": (cfg.rope_local_base or cfg.rope_base, 1.0, 1.0)}
+    ropes = {kind: rope_tables(positions, cfg.head_dim_of(kind), *rope_settings[kind])
              for kind in dict.fromkeys(cfg.attention_types)}
     if cfg.scan_layers:
         x, layers_cache = _scanned_blocks(module)(
@@ -339,19 +469,47 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
             x = x[:, t - keep:]
     else:
         last = len(cfg.attention_types) - 1
+        per_layer = _per_layer_inputs(module, tokens, x) if cfg.per_layer_input_dim else None
         block = nn.remat(Block, static_argnums=_KEEP) if module.remat else Block
+        sources = cfg.kv_sources
+        shared = {j: None for j in sources if j is not None}  # producer -> its keys, values
         for i, attention_type in enumerate(cfg.attention_types):
-            layer_cache = None if cache is None else cache[f"layer_{i}"]
-            x, layer_cache = block(cfg, attention_type, name=f"layer_{i}", parent=module)(
-                x, ropes, slots, key_mask, layer_cache, keep if i == last else None)
-            if cache is not None:
+            layer_cache = None if cache is None or sources[i] is not None else cache[f"layer_{i}"]
+            out = block(cfg, attention_type, i, sources[i] is not None, i in shared,
+                        name=f"layer_{i}", parent=module)(
+                x, ropes, slots, key_mask, layer_cache, keep if i == last else None, None,
+                None if per_layer is None else per_layer[:, :, i],
+                None if sources[i] is None else shared[sources[i]])
+            x, layer_cache = out[:2]
+            if i in shared:
+                shared[i] = out[2]
+            if cache is not None and sources[i] is None:
                 new_cache[f"layer_{i}"] = layer_cache
-    x = RMSNorm(cfg.norm_eps, pd, name="final_norm", parent=module)(x)
+    x = _norm(cfg, "final_norm", parent=module)(x)
     return x, embedding, new_cache
 
 
 # `keep` (argument 6 of `Block.__call__`, counting the module) sizes arrays, so it stays static.
 _KEEP = (6,)
+
+
+def _per_layer_inputs(module: nn.Module, tokens, x_BTD):
+    """Gemma 4's per-layer inputs `[B, T, L, P]`: each token's rows of a `[V, L, P]` embedding
+    (times sqrt(P)) plus an RMS-normed projection of its embedded input (times D^-1/2), their
+    sum over sqrt(2). Declares those params on `module`."""
+    cfg = module.cfg
+    pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    d, num, p = cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
+    table = _param(module, "per_layer_embedding", nn.initializers.normal(1.0),
+                   (cfg.per_layer_vocab_size or cfg.vocab_size, num, p),
+                   ("vocab", "layers", "per_layer_embed"), pd).astype(dt)
+    proj = _param(module, "per_layer_projection", nn.initializers.normal(d**-0.5), (d, num, p),
+                  ("embed", "layers", "per_layer_embed"), pd)
+    by_token = table[tokens] * jnp.asarray(math.sqrt(p), dt)
+    by_context = jnp.einsum("BTD,DLP->BTLP", x_BTD, proj.astype(dt)) * jnp.asarray(d**-0.5, dt)
+    by_context = _norm(cfg, "per_layer_projection_norm", "per_layer_embed", parent=module)(
+        by_context)
+    return (by_context + by_token) * jnp.asarray(2**-0.5, dt)
 
 
 def _scanned_blocks(module: nn.Module) -> nn.Module:
