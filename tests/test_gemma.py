@@ -1,4 +1,7 @@
-"""Flax Gemma against transformers' Gemma, Gemma 2 and Gemma 3 on random tiny configs."""
+"""Flax Gemma against transformers' Gemma, Gemma 2, Gemma 3 and Gemma 4 on random tiny
+configs."""
+
+import functools
 
 import chex
 import flax.linen as nn
@@ -44,7 +47,25 @@ HF_CONFIGS = {
         query_pre_attn_scalar=24, rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Per-layer inputs, the last three layers sharing keys and values (and their caches) with
+    # double-wide MLPs, keys as values and wider global heads with proportional RoPE.
+    "gemma4": transformers.Gemma4TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, num_kv_shared_layers=3, use_double_wide_mlp=True,
+        layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=3,
+        final_logit_softcapping=3.0),
+    # Mixture of experts beside the MLP; no per-layer inputs, separate values.
+    "gemma4_moe": transformers.Gemma4TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "full_attention"]),
 }
+# The families whose layers share one shape, which `scan_layers` stacks.
+SCANNABLE = sorted(name for name in HF_CONFIGS if not name.startswith("gemma4"))
 
 
 def _hf_model(hf_config, seed=0, embed_std=0.3):
@@ -53,7 +74,12 @@ def _hf_model(hf_config, seed=0, embed_std=0.3):
     with torch.no_grad():
         for p in model.parameters():  # non-trivial norm weights too
             p.normal_(0.0, 0.3)
+        for name, buffer in model.named_buffers():  # Gemma 4's learned block scalars
+            if name.endswith("layer_scalar"):
+                buffer.uniform_(0.5, 1.5)
         model.get_input_embeddings().weight.mul_(embed_std / 0.3)
+        if getattr(model.config, "hidden_size_per_layer_input", 0):
+            model.get_per_layer_input_embeddings().weight.mul_(embed_std / 0.3)
     return model.eval()
 
 
@@ -81,15 +107,24 @@ def _max_rel_err(ours, ref, mask):
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def case(request):
-    hf_config = HF_CONFIGS[request.param]
-    model = _hf_model(hf_config)
+@functools.cache
+def _case(name):
+    model = _hf_model(HF_CONFIGS[name])
     cfg = hf.config_from_hf(model.config)
     state = model.state_dict()
     params = hf.params_from_hf(state, cfg)
     apply = jax.jit(Gemma(cfg).apply)
-    return request.param, model, cfg, state, params, apply
+    return name, model, cfg, state, params, apply
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def case(request):
+    return _case(request.param)
+
+
+@pytest.fixture(scope="module", params=SCANNABLE)
+def scannable_case(request):
+    return _case(request.param)
 
 
 def test_config_from_hf_reads_every_feature():
@@ -101,6 +136,16 @@ def test_config_from_hf_reads_every_feature():
     assert cfg3.attention_types == ("local",) * 5 + ("global", "local")
     assert (cfg3.rope_base, cfg3.rope_local_base, cfg3.rope_scale_factor) == (1e6, 1e4, 8.0)
     assert cfg3.use_qk_norm and cfg3.family == "gemma3"
+    cfg4 = hf.config_from_hf(HF_CONFIGS["gemma4"])
+    assert cfg4.attention_types == ("local", "global") * 3 and cfg4.family == "gemma4"
+    assert (cfg4.head_dim, cfg4.num_kv_heads, cfg4.global_head_dim,
+            cfg4.num_global_kv_heads) == (8, 2, 16, 1)
+    assert cfg4.attention_k_eq_v and cfg4.double_wide_mlp and cfg4.per_layer_input_dim == 8
+    assert cfg4.kv_sources == (None, None, None, 1, 2, 1)  # each type's last producer
+    assert (cfg4.rope_base, cfg4.rope_local_base, cfg4.rope_global_fraction) == (1e6, 1e4, 0.25)
+    moe = hf.config_from_hf(HF_CONFIGS["gemma4_moe"])
+    assert (moe.num_experts, moe.experts_per_token, moe.expert_mlp_dim) == (4, 2, 16)
+    assert moe.per_layer_input_dim == 0 and not moe.attention_k_eq_v
 
 
 def test_logits_match_transformers(case):
@@ -271,6 +316,64 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path):
     assert _max_rel_err(ours, _hf_logits(model, tokens, mask, positions), mask) < 1e-4
 
 
+def test_gemma4_multimodal_checkpoint_loads_its_text_decoder(tmp_path):
+    """Gemma 4 checkpoints are `Gemma4ForConditionalGeneration`: the text decoder (per-layer
+    inputs included) is read from `model.language_model.*`, the vision tower skipped."""
+    text = HF_CONFIGS["gemma4"].to_dict()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, patch_size=4,
+                  pooling_kernel_size=1, position_embedding_size=64)
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None)).eval()
+    model.save_pretrained(tmp_path)
+    cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert cfg.family == "gemma4" and cfg.per_layer_input_dim == 8
+    params = hf.params_from_hf(tmp_path, cfg)
+    tokens, mask, positions = _inputs(cfg.vocab_size, seed=5)
+    ours, _ = Gemma(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                               jnp.asarray(mask))
+    assert _max_rel_err(ours, _hf_logits(model, tokens, mask, positions), mask) < 1e-4
+
+
+def test_gemma4_shared_layers_have_no_keys_values_or_cache():
+    """KV-shared layers own no key/value tensors or cache; checkpoints that carry them for
+    those layers (transformers ignores them) load; elsewhere an extra tensor is an error."""
+    _, _, cfg, state, params, _ = _case("gemma4")
+    assert [f"layer_{i}" in init_cache(cfg, 1, 4) for i in range(6)] == [True] * 3 + [False] * 3
+    assert "k" not in params["layer_4"]["attn"] and "v" not in params["layer_1"]["attn"]
+    assert params["layer_1"]["attn"]["k"].shape == (32, 1, 16)  # global: K = 1, H = 16
+    assert params["layer_4"]["mlp"]["gate"].shape == (32, 128)  # double-wide
+    extra = dict(state)
+    extra["model.layers.4.self_attn.k_proj.weight"] = torch.zeros(16, 32)
+    jax.tree.map(np.testing.assert_array_equal, hf.params_from_hf(extra, cfg), params)
+    extra["model.layers.2.self_attn.v_norm.weight"] = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.2\.self_attn"):
+        hf.params_from_hf(extra, cfg)
+
+
+def test_gemma4_per_layer_tables_merge_one_angle_per_layer():
+    """The per-layer input tables sit outside the blocks: SLERP gives the slices of layer i of
+    both tables one angle of their own."""
+    _, _, cfg, _, params, _ = _case("gemma4")
+    groups = merging.block_groups(params)
+    assert groups["per_layer_embedding"] == merging.Stacked("per_layer", 1)
+    assert set(jax.tree.leaves(groups["layer_2"])) == {"layer_2"}
+    rng = np.random.default_rng(2)
+    runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
+            for _ in range(2)]
+    merged = merging.slerp_tree(params, runs, groups=groups)
+    for layer in (0, 5):
+        def flat(t, layer=layer):
+            return np.concatenate([np.ravel(t[name][:, layer]) for name in
+                                   ("per_layer_embedding", "per_layer_projection")]).astype(float)
+
+        d1, d2 = flat(runs[0]) - flat(params), flat(runs[1]) - flat(params)
+        omega = np.arccos(d1 @ d2 / np.linalg.norm(d1) / np.linalg.norm(d2))
+        want = flat(params) + np.sin(omega / 2) / np.sin(omega) * (d1 + d2)
+        np.testing.assert_allclose(flat(merged), want, rtol=1e-4, atol=1e-5)
+
+
 def test_sharded_forward_equals_unsharded():
     cfg = GemmaConfig.from_preset("tiny_gemma2")
     model = Gemma(cfg)
@@ -350,11 +453,11 @@ def test_remat_keeps_only_the_blocks_outputs_for_the_backward_pass(capsys):
     assert saved[True].count("(Block.__call__)") == cfg.num_layers
 
 
-def test_scanned_layers_are_the_same_model(case):
+def test_scanned_layers_are_the_same_model(scannable_case):
     """`scan_layers`: params stacked along a layer axis, read from and written to Hugging Face
     exactly, the same logits (full, cached, last positions) and gradients as the unscanned
     model."""
-    name, model, cfg, state, params, apply = case
+    name, model, cfg, state, params, apply = scannable_case
     scan_cfg = cfg.replace(scan_layers=True)
     stacked = hf.params_from_hf(state, scan_cfg)
     jax.tree.map(np.testing.assert_array_equal, stacked, stack_layers(params, cfg.num_layers))
@@ -389,8 +492,8 @@ def test_scanned_layers_are_the_same_model(case):
                                 rtol=1e-4, atol=1e-4)
 
 
-def test_scanned_slerp_merges_each_block_as_the_unscanned_one(case):
-    _, _, cfg, _, params, _ = case
+def test_scanned_slerp_merges_each_block_as_the_unscanned_one(scannable_case):
+    _, _, cfg, _, params, _ = scannable_case
     rng = np.random.default_rng(1)
     runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
             for _ in range(2)]
@@ -474,16 +577,33 @@ def test_unknown_architecture_and_bad_fields():
         GemmaConfig.from_preset("tiny", attention_pattern="alternating")
     with pytest.raises(ValueError, match="unknown Gemma preset"):
         GemmaConfig.from_preset("gemma5")
+    # Gemma 4: only the text decoder, and its features only under family "gemma4".
+    with pytest.raises(ValueError, match="unknown architecture: model_type 'gemma4_vision'"):
+        hf.config_from_hf(transformers.Gemma4VisionConfig())
+    with pytest.raises(ValueError, match="unsupported use_bidirectional_attention='all'"):
+        hf.config_from_hf(transformers.Gemma4TextConfig(use_bidirectional_attention="all"))
+    assert hf.config_from_hf(transformers.Gemma4TextConfig(
+        use_bidirectional_attention="vision")).family == "gemma4"  # causal on text
+    with pytest.raises(ValueError, match="num_experts is a Gemma 4 feature"):
+        GemmaConfig.from_preset("tiny_gemma3", num_experts=4)
+    with pytest.raises(ValueError, match="scan_layers is not supported for family 'gemma4'"):
+        GemmaConfig.from_preset("tiny_gemma4", scan_layers=True)
+    with pytest.raises(ValueError, match="experts_per_token"):
+        GemmaConfig.from_preset("tiny_gemma4_moe", experts_per_token=5)
+    with pytest.raises(ValueError, match="layer 1 shares keys and values .* no earlier layer is "
+                                         "global"):
+        GemmaConfig.from_preset("tiny_gemma4", num_kv_shared_layers=5)
 
 
 @pytest.mark.parametrize("name", ["gemma_2b", "gemma_7b", "gemma2_2b", "gemma2_9b",
                                   "gemma2_27b", "gemma3_1b", "gemma3_4b", "gemma3_12b",
-                                  "gemma3_27b"])
+                                  "gemma3_27b", "gemma4_26b_a4b", "gemma4_31b"])
 def test_presets_have_the_published_sizes(name):
     cfg = GemmaConfig.from_preset(name)
     boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     count = sum(np.prod(x.shape) for x in jax.tree.leaves(boxed))
     published = {"gemma_2b": 2.51e9, "gemma_7b": 8.54e9, "gemma2_2b": 2.61e9,
                  "gemma2_9b": 9.24e9, "gemma2_27b": 27.2e9, "gemma3_1b": 1.0e9,
-                 "gemma3_4b": 3.88e9, "gemma3_12b": 11.77e9, "gemma3_27b": 27.0e9}[name]
+                 "gemma3_4b": 3.88e9, "gemma3_12b": 11.77e9, "gemma3_27b": 27.0e9,
+                 "gemma4_26b_a4b": 25.2e9, "gemma4_31b": 30.7e9}[name]
     assert abs(count / published - 1) < 0.03, (name, count)

@@ -49,10 +49,15 @@ def block_groups(params: PyTree) -> PyTree:
     block); the embedding and the final norm get None (one angle each). The stacked blocks of
     a scanned model (`params["layers"]`, `GemmaConfig.scan_layers`) get `Stacked("layer")`:
     slice i along their leading axis is block i, the same groups as the unscanned layout's.
+    A block's experts and per-layer gate and projection are its tensors. Gemma 4's per-layer
+    input tables (`per_layer_embedding` `[V, L, P]`, `per_layer_projection` `[D, L, P]`) live
+    outside the blocks: their slices for layer i share one angle (`Stacked("per_layer", 1)`).
     """
     def label(name):
         if name == "layers":
             return Stacked("layer", 0)
+        if name in ("per_layer_embedding", "per_layer_projection"):
+            return Stacked("per_layer", 1)
         return name if name.startswith("layer_") else None
 
     return {name: jax.tree.map(lambda _, name=name: label(name), sub)

@@ -272,8 +272,8 @@ class Router(nn.Module):
                       pd)
         per_expert = _param(self, "per_expert_scale", nn.initializers.ones_init(), (e,),
                             ("expert",), pd)
-        h = _norm(cfg, "norm", with_scale=False)(x_BTD) * scale.astype(dt) * jnp.asarray(
-            d**-0.5, dt)
+        h = _norm(cfg, "norm", with_scale=False)(x_BTD) * scale.astype(dt)[None, None] * (
+            jnp.asarray(d**-0.5, dt))
         probs_BTE = jax.nn.softmax(
             jnp.einsum("BTD,DE->BTE", h, proj.astype(dt)).astype(jnp.float32), axis=-1)
         top_w, top_i = jax.lax.top_k(probs_BTE, cfg.experts_per_token)
@@ -365,7 +365,7 @@ class Block(nn.Module):
             x = x + _norm(cfg, "post_per_layer_norm")(g)
         if cfg.family == "gemma4":
             x = x * _param(self, "layer_scalar", nn.initializers.ones_init(), (1,), (None,),
-                           pd).astype(dt)
+                           pd).astype(dt)[0]
         if self.returns_kv:
             return _residual(x), cache, kv
         return _residual(x), cache
