@@ -192,3 +192,39 @@ def test_damaged_policies_and_colliding_etas_are_refused(checkpoints, tmp_path, 
                 "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == [
         "eta_0.1234567", "eta_0.1234568", "eta_1"]
+
+
+def test_two_gemma4_checkpoints_merge_and_load_in_transformers(tmp_path):
+    """Gemma 4 with experts and per-layer inputs: the CLI's per-block merge is the library's
+    (the per-layer tables outside the blocks, one angle per tensor in the CLI, which groups
+    Hugging Face names) and transformers loads the result."""
+    config = transformers.Gemma4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        hidden_size_per_layer_input=4, vocab_size_per_layer_input=64, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    transformers.Gemma4ForCausalLM(config).save_pretrained(tmp_path / "init")
+    for m in range(2):
+        model = transformers.Gemma4ForCausalLM.from_pretrained(tmp_path / "init")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"run{m}")
+    merge.main(["--init", str(tmp_path / "init"), "--policy", str(tmp_path / "run0"),
+                "--policy", str(tmp_path / "run1"), "--granularity", "layer",
+                "--out", str(tmp_path / "merged")])
+    cfg = hf.config_from_hf(config)
+    init = hf.params_from_hf(tmp_path / "init", cfg)
+    groups = merging.block_groups(init)
+    groups["per_layer_embedding"] = groups["per_layer_projection"] = None
+    want = merging.slerp_tree(init, [hf.params_from_hf(tmp_path / f"run{m}", cfg)
+                                     for m in range(2)], groups=groups)
+    got = hf.params_from_hf(tmp_path / "merged", cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(loaded).__name__ == "Gemma4ForCausalLM"
+    np.testing.assert_array_equal(
+        loaded.model.layers[1].experts.down_proj.detach().numpy(),
+        hf.params_to_hf(got, cfg)["model.layers.1.experts.down_proj"])

@@ -174,3 +174,47 @@ def test_sharded_reward_training_equals_unsharded(rm_setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  results[0][0], results[1][0])
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+
+
+def test_a_gemma4_reward_model_scores_with_the_transformers_backbone(tmp_path):
+    """transformers has no Gemma 4 sequence classifier: a Gemma 4 reward model is the causal
+    LM's tensors plus `score.weight` `[1, D]`. Its scores are transformers' final hidden state
+    of each row's last token times that head; `save_hf` writes it so that
+    `AutoModelForCausalLM` loads the backbone and `hf.params_from_hf` the whole model."""
+    hf_config = transformers.Gemma4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        hidden_size_per_layer_input=4, vocab_size_per_layer_input=64, num_kv_shared_layers=2,
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=3)
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM._from_config(hf_config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.eval()
+    cfg = hf.config_from_hf(model.config)
+    state = dict(model.state_dict(), **{"score.weight": torch.randn(1, 32)})
+    params = hf.params_from_hf(state, cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 64, size=(3, 7)).astype(np.int64)
+    mask = np.ones_like(tokens, bool)
+    mask[1, :2] = False
+    tokens[~mask] = 0
+    positions = torch.from_numpy(np.maximum(np.cumsum(mask, 1) - 1, 0))
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.from_numpy(tokens), position_ids=positions,
+                             attention_mask=torch.from_numpy(mask.astype(np.int64))
+                             ).last_hidden_state[:, -1]
+        ref = (hidden @ state["score.weight"][0]).numpy()
+    ours = rewards.RewardModel(cfg).apply({"params": params}, jnp.asarray(tokens),
+                                          jnp.asarray(mask))
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    hf.save_hf(params, cfg, tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, hf.params_from_hf(tmp_path, cfg), params)
+    backbone = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        again = backbone.model(input_ids=torch.from_numpy(tokens), position_ids=positions,
+                               attention_mask=torch.from_numpy(mask.astype(np.int64))
+                               ).last_hidden_state[:, -1]
+    np.testing.assert_allclose(again.numpy(), hidden.numpy(), rtol=1e-5, atol=1e-5)

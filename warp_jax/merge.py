@@ -4,7 +4,7 @@ r"""Merge fine-tuned checkpoints with WARP's SLERP and LITI: `python -m warp_jax
         [--weights 0.5,0.5] [--method slerp|lerp] [--granularity layer|tensor] \
         [--eta 0.3 | --eta-grid 0,0.3,1] --out OUT_DIR
 
-Reads Hugging Face safetensors directories (Gemma 1/2/3, any dtype) one group of tensors at a
+Reads Hugging Face safetensors directories (Gemma 1/2/3/4, any dtype) one group of tensors at a
 time (a transformer block, or one tensor outside the blocks), so host memory holds about
 (M + 2) groups, never a whole model; orbax checkpoints of ours (with `--hf-config`) are
 restored whole. Writes one sharded safetensors checkpoint per eta (with

@@ -4,8 +4,8 @@
 
 
 Variants: `cpu_demo` (default; self-contained, about 2 minutes on 2 CPU cores), `test` (the
-seconds-long version the tests run), `gemma_2b` and `gemma_7b_paper` (the paper's
-hyper-parameters; they need `--config.model.hf_dir`, `--config.model.tokenizer`,
+seconds-long version the tests run), `gemma_2b`, `gemma_7b_paper` and `gemma4_e4b` (the
+paper's hyper-parameters; they need `--config.model.hf_dir`, `--config.model.tokenizer`,
 `--config.task.prompts` and `--config.reward.hf_dir`; `--config.task.chat=True` for an
 instruction-tuned checkpoint).
 """
@@ -96,23 +96,24 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.rl.batch_size, c.rl.max_new_tokens = 8, 6
         c.warp.steps, c.eval.every, c.eval.samples = 6, 3, 2
         c.warp.eta_grid = (0.0, 0.5, 1.0)
-    elif variant in ("gemma_2b", "gemma_7b_paper"):
+    elif variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b"):
         c.task.name = "prompts"
-        c.model.preset = "gemma_7b" if variant == "gemma_7b_paper" else "gemma_2b"
+        c.model.preset = {"gemma_7b_paper": "gemma_7b"}.get(variant, variant)
         c.model.overrides = ml_collections.ConfigDict()
         c.model.dtype = "bfloat16"
-        c.model.scan_layers = True
+        # Gemma 4's global and local layers differ in shape: its blocks stay unrolled.
+        c.model.scan_layers = not variant.startswith("gemma4")
         c.task.prompt_len = 256
         c.reward.oracle = ""
         c.rl.update(dict(mu=0.01, batch_size=128 // c.rl.num_samples, max_new_tokens=320,
                          learning_rate=1e-6, warmup_steps=100, grad_clip=0.0,
                          remat=True))  # 128 sequences of 576 tokens: activations dominate
-        c.warp.steps = 9000 if variant == "gemma_7b_paper" else 2000
-        c.warp.iterations = 5 if variant == "gemma_7b_paper" else 2
+        c.warp.steps = 2000 if variant == "gemma_2b" else 9000
+        c.warp.iterations = 2 if variant == "gemma_2b" else 5
         c.eval.every, c.eval.samples = 100, 2
         c.mesh.data = 1  # every device of a run shards the weights (FSDP)
         c.plan_first = True
     else:
-        raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b or "
-                         "gemma_7b_paper")
+        raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b, "
+                         "gemma_7b_paper or gemma4_e4b")
     return c

@@ -1,4 +1,4 @@
-"""Gemma 1, 2 and 3 text decoders in Flax, with Hugging Face import/export."""
+"""Gemma 1, 2, 3 and 4 text decoders in Flax, with Hugging Face import/export."""
 
 from warp_jax.gemma.config import PRESETS, GemmaConfig
 from warp_jax.gemma.model import (

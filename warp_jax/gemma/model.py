@@ -505,7 +505,10 @@ def _per_layer_inputs(module: nn.Module, tokens, x_BTD):
                    ("vocab", "layers", "per_layer_embed"), pd).astype(dt)
     proj = _param(module, "per_layer_projection", nn.initializers.normal(d**-0.5), (d, num, p),
                   ("embed", "layers", "per_layer_embed"), pd)
-    by_token = table[tokens] * jnp.asarray(math.sqrt(p), dt)
+    # Whole rows at the lookup, as for the input embedding.
+    table = _constrain(table, ("activation_vocab", None, "activation_embed"))
+    by_token = _constrain(table[tokens] * jnp.asarray(math.sqrt(p), dt),
+                          ("activation_batch", "activation_length", None, None))
     by_context = jnp.einsum("BTD,DLP->BTLP", x_BTD, proj.astype(dt)) * jnp.asarray(d**-0.5, dt)
     by_context = _norm(cfg, "per_layer_projection_norm", "per_layer_embed", parent=module)(
         by_context)
