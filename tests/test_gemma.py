@@ -355,7 +355,7 @@ def test_gemma4_shared_layers_have_no_keys_values_or_cache():
 def test_gemma4_per_layer_tables_merge_one_angle_per_layer():
     """The per-layer input tables sit outside the blocks: SLERP gives the slices of layer i of
     both tables one angle of their own."""
-    _, _, cfg, _, params, _ = _case("gemma4")
+    params = _case("gemma4")[4]
     groups = merging.block_groups(params)
     assert groups["per_layer_embedding"] == merging.Stacked("per_layer", 1)
     assert set(jax.tree.leaves(groups["layer_2"])) == {"layer_2"}
@@ -590,8 +590,8 @@ def test_unknown_architecture_and_bad_fields():
         GemmaConfig.from_preset("tiny_gemma4", scan_layers=True)
     with pytest.raises(ValueError, match="experts_per_token"):
         GemmaConfig.from_preset("tiny_gemma4_moe", experts_per_token=5)
-    with pytest.raises(ValueError, match="layer 1 shares keys and values .* no earlier layer is "
-                                         "global"):
+    with pytest.raises(ValueError, match=r"layer 1 shares keys and values .* no earlier layer "
+                                         r"is global"):
         GemmaConfig.from_preset("tiny_gemma4", num_kv_shared_layers=5)
 
 

@@ -97,6 +97,20 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     assert result["row"] in stdout and result["compiled_on"] in stdout
 
 
+@pytest.mark.parametrize("preset", ["tiny_gemma4", "tiny_gemma4_moe"])
+def test_tiny_gemma4_jobs_plan_on_a_tpu_slice_without_resharding(tmp_path, preset):
+    """The TPU compiler takes every program of a Gemma 4 job: per-layer inputs, KV sharing and
+    experts, with no resharding it cannot follow."""
+    out = tmp_path / "plan.json"
+    code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", f"--out={out}",
+                            f"--config.model.preset={preset}")
+    assert code == 0, stderr[-3000:]
+    assert "Involuntary full rematerialization" not in stderr
+    result = json.loads(out.read_text())
+    assert result["fits"] and all(r["fits"] for r in result["programs"].values())
+    assert all(r["collectives"]["all-gather"] == 0 for r in result["programs"].values())
+
+
 def test_a_job_that_does_not_fit_is_one_line_naming_what_overflows():
     # A 2-layer model with a 2M x 2048 embedding: 16 GiB of float32 weights, replicated over
     # `data`, four times over with the EMA anchor and Adam's moments: over a v5e's 16 GiB.

@@ -399,7 +399,7 @@ def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
     experts = state.params["layer_0"]["experts"]["gate_up"]
     assert experts.sharding.spec == jax.sharding.PartitionSpec("model", "fsdp", None)
     keys = jax.random.split(jax.random.key(3), 2)
-    for i in range(2):
+    for _ in range(2):
         ref, ref_metrics = step(ref, prompts, keys[0])
         state, metrics = sharded_step(state, prompts, keys[0])
         stacked, _ = stacked_step(stacked, tuple(jnp.stack([x, x]) for x in prompts), keys)

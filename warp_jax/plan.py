@@ -226,10 +226,18 @@ def gib_per_chip(tree) -> float:
 
 def matmul_params(cfg: GemmaConfig) -> int:
     """Weights that take part in a matmul per token: every block's projections and MLP, and
-    the tied embedding as the output layer (the lookup itself is no matmul)."""
-    attention = cfg.embed_dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = 3 * cfg.embed_dim * cfg.mlp_dim
-    return cfg.num_layers * (attention + mlp) + cfg.vocab_size * cfg.embed_dim
+    the tied embedding as the output layer (the lookup itself is no matmul). Gemma 4: each
+    layer's own head shapes, no key/value projections on KV-shared layers, one on k = v
+    layers, the per-layer input projections, and every expert (the dispatch is dense)."""
+    d, p = cfg.embed_dim, cfg.per_layer_input_dim
+    total = cfg.vocab_size * d + d * cfg.num_layers * p
+    for i, (kind, source) in enumerate(zip(cfg.attention_types, cfg.kv_sources, strict=True)):
+        h = cfg.head_dim_of(kind)
+        kv = 0 if source is not None else (1 if cfg.values_are_keys(kind) else 2)
+        total += d * h * (2 * cfg.num_heads + kv * cfg.kv_heads_of(kind))
+        total += 3 * d * cfg.mlp_dim_of(i) + 2 * d * p
+        total += cfg.num_experts * (3 * d * cfg.expert_mlp_dim + d)
+    return total
 
 
 def step_flops(c, cfg: GemmaConfig, rm_cfg: GemmaConfig) -> float:

@@ -206,7 +206,7 @@ class GemmaConfig:
         if self.num_kv_shared_layers > self.num_layers:
             raise ValueError(f"GemmaConfig.num_kv_shared_layers ({self.num_kv_shared_layers}) "
                              f"exceeds num_layers ({self.num_layers})")
-        self.kv_sources  # noqa: B018 -- raises for a shared layer with no producer
+        _ = self.kv_sources  # raises for a shared layer with no producer
         if self.scan_layers:
             raise ValueError("GemmaConfig.scan_layers is not supported for family 'gemma4' "
                              "(its global and local layers differ in shape); set it False")
