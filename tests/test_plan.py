@@ -97,13 +97,14 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     assert result["row"] in stdout and result["compiled_on"] in stdout
 
 
-@pytest.mark.parametrize("preset", ["tiny_gemma4", "tiny_gemma4_moe"])
-def test_tiny_gemma4_jobs_plan_on_a_tpu_slice_without_resharding(tmp_path, preset):
+@pytest.mark.parametrize("preset, layers", [("tiny_gemma4", 6), ("tiny_gemma4_moe", 2)])
+def test_tiny_gemma4_jobs_plan_on_a_tpu_slice_without_resharding(tmp_path, preset, layers):
     """The TPU compiler takes every program of a Gemma 4 job: per-layer inputs, KV sharing and
     experts, with no resharding it cannot follow."""
     out = tmp_path / "plan.json"
     code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", f"--out={out}",
-                            f"--config.model.preset={preset}")
+                            f"--config.model.preset={preset}",
+                            f"--config.model.overrides.num_layers={layers}")
     assert code == 0, stderr[-3000:]
     assert "Involuntary full rematerialization" not in stderr
     result = json.loads(out.read_text())
