@@ -58,7 +58,7 @@ class GemmaConfig:
       num_kv_shared_layers: the last this many layers compute no keys or values: each reuses
         those (cache included) of the last earlier layer of its attention type.
       double_wide_mlp: the KV-shared layers' MLPs are 2 * mlp_dim wide.
-      per_layer_input_dim: P, the width of Gemma 4's per-layer inputs (0: off): a `[V, L*P]`
+      per_layer_input_dim: P, the width of Gemma 4's per-layer inputs (0: off): a `[V, L, P]`
         token embedding plus a projection of the embedded tokens feed each block a gated
         residual of its own.
       per_layer_vocab_size: the rows of that embedding (None: vocab_size).
@@ -116,11 +116,8 @@ class GemmaConfig:
     def __post_init__(self):
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"GemmaConfig.scan_layers must be a bool, got {self.scan_layers!r}")
-        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GemmaConfig.{name} must be a positive int, got {value!r}")
+        self._check_ints(("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                          "head_dim", "mlp_dim"), low=1)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"GemmaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -169,18 +166,21 @@ class GemmaConfig:
                     f"GemmaConfig.{name}: unknown dtype {getattr(self, name)!r}"
                 ) from None
 
+    def _check_ints(self, names: tuple[str, ...], low: int, optional: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "a positive int" if low == 1 else f"an int >= {low}"
+                raise ValueError(f"GemmaConfig.{name} must be {kind}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+
     def _check_gemma4_fields(self) -> None:
-        for name in ("global_head_dim", "num_global_kv_heads", "per_layer_vocab_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value <= 0):
-                raise ValueError(f"GemmaConfig.{name} must be a positive int or None, "
-                                 f"got {value!r}")
-        for name in ("num_kv_shared_layers", "per_layer_input_dim", "num_experts",
-                     "experts_per_token", "expert_mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"GemmaConfig.{name} must be an int >= 0, got {value!r}")
+        self._check_ints(("global_head_dim", "num_global_kv_heads", "per_layer_vocab_size"),
+                         low=1, optional=True)
+        self._check_ints(("num_kv_shared_layers", "per_layer_input_dim", "num_experts",
+                          "experts_per_token", "expert_mlp_dim"), low=0)
         if not 0 < self.rope_global_fraction <= 1:
             raise ValueError("GemmaConfig.rope_global_fraction must be in (0, 1], got "
                              f"{self.rope_global_fraction!r}")

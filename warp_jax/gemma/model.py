@@ -313,16 +313,14 @@ class Block(nn.Module):
     """One transformer block of a fixed `attention_type`, or with None (a scan over layers)
     of the type its `local` argument gives.
 
-    Gemma 4 adds: `layer` (its index: the width of a double-wide MLP), `reuses_kv` (KV
-    sharing), a mixture-of-experts branch beside the MLP, a gated per-layer input and a
-    learned scalar on the output. `returns_kv` adds the keys and values it attended to
-    (those later layers share) to its outputs."""
+    Gemma 4 adds: `layer`, its index, from which `cfg` gives its MLP width and KV sharing
+    (`cfg.kv_sources`), a mixture-of-experts branch beside the MLP, a gated per-layer input
+    and a learned scalar on the output. A layer whose keys and values later layers share
+    returns them too (its third output)."""
 
     cfg: GemmaConfig
     attention_type: str | None = None
     layer: int = 0
-    reuses_kv: bool = False
-    returns_kv: bool = False
 
     @nn.compact
     def __call__(self, x, ropes, slots, key_mask, cache, keep=None, local=None,
@@ -340,7 +338,8 @@ class Block(nn.Module):
             rope = tuple(jnp.where(local, a, b)
                          for a, b in zip(ropes["local"], ropes["global"], strict=True))
         h = _norm(cfg, "pre_attention_norm")(x)
-        h, cache, kv = Attention(cfg, self.attention_type, self.reuses_kv, name="attn")(
+        reuses_kv = cfg.kv_sources[self.layer] is not None
+        h, cache, kv = Attention(cfg, self.attention_type, reuses_kv, name="attn")(
             h, rope, slots, key_mask, cache, keep, local, shared_kv)
         if cfg.use_post_attn_norm:
             h = _norm(cfg, "post_attention_norm")(h)
@@ -366,7 +365,7 @@ class Block(nn.Module):
         if cfg.family == "gemma4":
             x = x * _param(self, "layer_scalar", nn.initializers.ones_init(), (1,), (None,),
                            pd).astype(dt)[0]
-        if self.returns_kv:
+        if self.layer in cfg.kv_sources:
             return _residual(x), cache, kv
         return _residual(x), cache
 
@@ -472,17 +471,15 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
         per_layer = _per_layer_inputs(module, tokens, x) if cfg.per_layer_input_dim else None
         block = nn.remat(Block, static_argnums=_KEEP) if module.remat else Block
         sources = cfg.kv_sources
-        shared = {j: None for j in sources if j is not None}  # producer -> its keys, values
+        shared = {}  # the keys and values of each layer that later layers reuse
         for i, attention_type in enumerate(cfg.attention_types):
             layer_cache = None if cache is None or sources[i] is not None else cache[f"layer_{i}"]
-            out = block(cfg, attention_type, i, sources[i] is not None, i in shared,
-                        name=f"layer_{i}", parent=module)(
+            x, layer_cache, *kv = block(cfg, attention_type, i, name=f"layer_{i}",
+                                        parent=module)(
                 x, ropes, slots, key_mask, layer_cache, keep if i == last else None, None,
-                None if per_layer is None else per_layer[:, :, i],
-                None if sources[i] is None else shared[sources[i]])
-            x, layer_cache = out[:2]
-            if i in shared:
-                shared[i] = out[2]
+                None if per_layer is None else per_layer[:, :, i], shared.get(sources[i]))
+            if kv:
+                shared[i] = kv[0]
             if cache is not None and sources[i] is None:
                 new_cache[f"layer_{i}"] = layer_cache
     x = _norm(cfg, "final_norm", parent=module)(x)
