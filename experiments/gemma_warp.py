@@ -91,13 +91,13 @@ def main(argv: list[str]) -> None:
               "metrics.jsonl, tensorboard/, final_policy/")
 
 
-def define_config_flag() -> None:
-    """`--config` (experiments/configs/gemma_warp.py, optionally with :variant) and its
+def define_config_flag(default: str = "gemma_warp.py") -> None:
+    """`--config` (`default` in experiments/configs/, optionally with :variant) and its
     `--config.*` overrides. ml_collections applies the overrides while defining the flag, so
     a typo in one surfaces here, as one line, rather than in absl's parsing."""
     try:
         config_flags.DEFINE_config_file(
-            "config", str(pathlib.Path(__file__).parent / "configs" / "gemma_warp.py"),
+            "config", str(pathlib.Path(__file__).parent / "configs" / default),
             "experiment config file, optionally with :variant", lock_config=True)
     except BAD_FLAG as e:
         fail(e)

@@ -81,3 +81,13 @@ def test_on_a_mesh_each_device_samples_its_rows_with_the_same_result(sampler_bac
     np.testing.assert_array_equal(got["completions"][0], want["completions"][0])
     for key in ("kl", "reward"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+def test_rank_correlation_is_the_correlation_of_the_ranks():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    ranks = [np.argsort(np.argsort(x)) for x in (a, b + a)]
+    assert evaluation.rank_correlation(a, b + a) == pytest.approx(
+        np.corrcoef(*ranks)[0, 1])
+    assert evaluation.rank_correlation(a, 2 * a + 1) == pytest.approx(1.0)
+    assert np.isnan(evaluation.rank_correlation(a, np.ones(50)))

@@ -84,6 +84,44 @@ def test_model_reward_passes_its_params_to_jitted_code_as_arguments():
     assert reinforce.reward_arrays(lambda *batch: batch[0][:, 0]) == ([], None)
 
 
+def test_a_standardised_reward_has_mean_0_and_std_1_on_its_reference_and_stays_jittable():
+    from warp_jax import reinforce
+    from warp_jax.gemma import GemmaConfig
+
+    cfg = GemmaConfig.from_preset("tiny", vocab_size=16, num_layers=1)
+    params = nn.unbox(rewards.RewardModel(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool))["params"])
+    raw = rewards.model_reward(cfg, params)
+    rng = np.random.default_rng(0)
+    batch = (jnp.asarray(rng.integers(3, 16, (8, 3))), jnp.ones((8, 3), bool),
+             jnp.asarray(rng.integers(3, 16, (8, 2))), jnp.ones((8, 2), bool))
+    reward = rewards.standardize(raw, rewards.score(raw, batch))
+    scores = rewards.score(reward, batch)
+    np.testing.assert_allclose([scores.mean(), scores.std()], [0.0, 1.0], atol=1e-5)
+    leaves, treedef = reinforce.reward_arrays(reward)  # its params and statistics: arguments
+    assert len(leaves) == len(jax.tree.leaves(params)) + 2
+    call = jax.jit(lambda leaves, batch: reinforce.call_reward(None, treedef, leaves, batch))
+    np.testing.assert_allclose(call(leaves, batch), scores, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"standard deviation 0\.0"):
+        rewards.standardize(raw, [1.0, 1.0, 1.0])
+
+
+def test_the_gold_classifier_learns_real_fresh_and_rotten_labels():
+    from warp_jax import data
+
+    parts = data.split_by_movie(data.rotten_tomatoes(), {"train": 0.4, "test": 0.1}, seed=0)
+    train, test = parts["train"], parts["test"]
+    gold = rewards.TextClassifier([s.text for s in train], [s.fresh for s in train])
+    accuracy = gold.accuracy([s.text for s in test], [s.fresh for s in test])
+    majority = max(np.mean([s.fresh for s in test]), 1 - np.mean([s.fresh for s in test]))
+    assert accuracy > majority + 0.05, (accuracy, majority)  # other movies' critics
+    scores = gold(["The film is", "The film is"], ["a triumph, moving and beautiful .",
+                                                  "a tedious, boring mess ."])
+    assert 0 < scores[1] < 0.5 < scores[0] < 1
+    with pytest.raises(ValueError, match="both labels"):
+        rewards.TextClassifier(["good", "great"], [True, True])
+
+
 def test_a_multi_label_head_is_rejected():
     cfg = hf.config_from_hf(transformers.GemmaConfig(
         vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -65,7 +65,10 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
 
     The KL is sequence level: the mean over samples `y ~ pi` of `sum_t log pi(y_t) -
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
-    host rewards (`host = True`) on the decoded arrays. `backend` is the sampler's. On a
+    host rewards (`host = True`) on the decoded arrays. With two rewards or more,
+    `rank_correlation` is the Spearman correlation of the first two's scores of the same
+    completions (a proxy against its gold reward: it falls as a policy games the proxy).
+    `backend` is the sampler's. On a
     `mesh` (that of the params), the prompts are split over its batch axes where they divide
     them (`prompt_sharding`), so each device samples its rows, not all of them.
     """
@@ -85,10 +88,24 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = _mean_se(host_out[4])
-    for name, fn in reward_fns.items():
-        result[name], result[f"{name}_se"] = _mean_se(rewards.score(fn, out[:4], host_out[:4]))
+    scores = {name: rewards.score(fn, out[:4], host_out[:4]) for name, fn in reward_fns.items()}
+    for name, values in scores.items():
+        result[name], result[f"{name}_se"] = _mean_se(values)
+    if len(scores) >= 2:
+        first, second = list(scores.values())[:2]
+        result["rank_correlation"] = rank_correlation(first, second)
     result["completions"] = host_out[2:4]
     return result
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two score vectors; NaN where either is constant."""
+    import scipy.stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[str, dict]:

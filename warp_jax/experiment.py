@@ -10,6 +10,7 @@ same `pareto_front.json` as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
@@ -106,7 +108,11 @@ class Experiment:
         rm_cfg, rm_params = setup.reward_model
         rm_params = jax.device_put(rm_params, sharding.param_shardings(
             rewards.abstract_params(rm_cfg), self.mesh))
-        self.rewards = {"proxy_reward": rewards.model_reward(rm_cfg, rm_params)}
+        proxy = rewards.model_reward(rm_cfg, rm_params)
+        if setup.reward_norm is not None:
+            proxy = rewards.Standardized(proxy, *(np.asarray(x, np.float32)
+                                                  for x in setup.reward_norm))
+        self.rewards = {"proxy_reward": proxy}
         if setup.oracle is not None:
             self.rewards["oracle_reward"] = setup.oracle
         self.groups = (merging.block_groups(setup.sft_params) if config.warp.granularity == "layer"
@@ -120,13 +126,15 @@ class Experiment:
         self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
 
-    def step_fn(self, anchor: str, num_runs: int):
-        key = (anchor, num_runs)
+    def step_fn(self, anchor: str, num_runs: int, beta: float | None = None):
+        """The jitted step of `num_runs` stacked runs with `anchor` (and `beta` in place of
+        the config's `rl.beta`, if given)."""
+        key = (anchor, num_runs, beta)
         if key not in self._steps:
+            rl = rl_config(self.config, anchor, self.setup.end_ids)
             self._steps[key] = reinforce.make_train_step(
-                self.setup.cfg, rl_config(self.config, anchor, self.setup.end_ids),
-                self.rewards["proxy_reward"],
-                mesh=self.mesh, num_runs=num_runs)
+                self.setup.cfg, rl if beta is None else dataclasses.replace(rl, beta=beta),
+                self.rewards["proxy_reward"], mesh=self.mesh, num_runs=num_runs)
         return self._steps[key]
 
     def evaluate(self, params, where: str) -> dict[str, Any]:
@@ -140,7 +148,7 @@ class Experiment:
             temperature=c.rl.temperature, num_samples=c.eval.samples,
             eos_id=self.setup.end_ids, backend=c.rl.sampler_backend, mesh=self.mesh)
         result.pop("completions")
-        bad = [k for k, v in result.items() if not math.isfinite(v)]
+        bad = [k for k, v in result.items() if not math.isfinite(v) and k != "rank_correlation"]
         if bad:
             raise ValueError(f"{where}: non-finite {', '.join(bad)} (the policy diverged; try a "
                              "lower learning rate or a gradient clip)")
@@ -171,14 +179,16 @@ class Experiment:
         os.replace(tmp, path)
 
     def train(self, stage: str, init, anchor: str, runs: list[tuple],
-              steps: int, method: str, iteration: int) -> list[Any]:
-        """Trains len(runs) stacked runs from `init`, each with the random streams (prompt
-        order and keys) named by its `(purpose, *indices)`; returns their final policies."""
+              steps: int, method: str, iteration: int, beta: float | None = None) -> list[Any]:
+        """Trains len(runs) stacked runs from `init` (one policy, or one per run stacked on a
+        leading axis), each with the random streams (prompt order and keys) named by its
+        `(purpose, *indices)`, with `beta` in place of `rl.beta` if given; returns their
+        final policies."""
         num_runs = len(runs)
         seed = self.config.seed
         orders = [streams.seed(seed, *run) for run in runs]
         run_keys = [streams.key(seed, *run) for run in runs]
-        step_fn, init_fn = self.step_fn(anchor, num_runs)
+        step_fn, init_fn = self.step_fn(anchor, num_runs, beta)
         # every run starts from `init`
         start, state, records = self._resume(stage, init_fn(init), steps, num_runs)
         self.logger.start(stage, start)

@@ -9,6 +9,7 @@ local checkpoints named by the config.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -42,6 +43,7 @@ class Ingredients:
     eval_prompts: tuple[np.ndarray, np.ndarray]
     eval_texts: list[str]
     end_ids: tuple[int, ...]  # tokens that end a completion: eos, rl.stop_pieces, <end_of_turn>
+    reward_norm: tuple[float, float] | None = None  # the proxy's (mean, std) on SFT samples
 
 
 def _fail(field: str, value: Any, valid: str) -> None:
@@ -72,24 +74,28 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
         section, key = field.split(".")
         if not c[section][key] > 0:
             _fail(field, c[section][key], "must be positive")
-    if c.task.name not in ("reviews", "prompts"):
-        _fail("task.name", c.task.name, "use 'reviews' (built-in) or 'prompts'")
-    if c.task.chat and c.task.name != "prompts":
+    built_in = c.task.name in ("reviews", "rotten_tomatoes")
+    if not built_in and c.task.name != "prompts":
+        _fail("task.name", c.task.name, "use 'reviews' or 'rotten_tomatoes' (built-in), or "
+              "'prompts'")
+    if c.task.chat and built_in:
         _fail("task.chat", c.task.chat, "applies to task 'prompts' (an instruction-tuned "
-              "checkpoint); the built-in task has no chat turns")
+              "checkpoint); the built-in tasks have no chat turns")
     for field in ("task.prompts", "model.hf_dir", "model.tokenizer", "reward.hf_dir"):
         section, key = field.split(".")
         path = c[section][key]
         if files and c.task.name == "prompts" and (not path or not os.path.exists(path)):
             _fail(field, path, "this variant needs an existing local path")
-        if c.task.name == "reviews" and path:  # would be ignored: the run would not be theirs
+        if built_in and path:  # would be ignored: the run would not be theirs
             _fail(field, path, "is read by task 'prompts' only (add --config.task.name=prompts, "
-                  "or start from variant gemma_2b); the built-in task 'reviews' trains its own "
-                  "tokenizer, policy and reward model")
+                  f"or start from variant gemma_2b); the built-in task {c.task.name!r} trains "
+                  "its own tokenizer, policy and reward model")
     positive = {"warp.iterations": c.warp.iterations, "warp.runs": c.warp.runs,
                 "warp.steps": c.warp.steps, "eval.every": c.eval.every,
                 "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
-                "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len}
+                "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len,
+                "task.prompt_words": c.task.prompt_words, "sft.max_len": c.sft.max_len,
+                "reward.norm_samples": c.reward.norm_samples}
     for field, value in positive.items():
         if not isinstance(value, int) or value < 1:
             _fail(field, value, "must be a positive int")
@@ -106,8 +112,13 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     unknown = [b for b in c.warp.baselines if b not in BASELINES]
     if unknown:
         _fail("warp.baselines", tuple(c.warp.baselines), f"unknown {unknown}; use {BASELINES}")
-    if c.reward.oracle not in ("vader", ""):
-        _fail("reward.oracle", c.reward.oracle, "use 'vader' or ''")
+    if c.reward.oracle not in ("vader", "gold", ""):
+        _fail("reward.oracle", c.reward.oracle, "use 'vader', 'gold' (task 'rotten_tomatoes') "
+              "or ''")
+    split = tuple(c.task.movie_split)
+    if len(split) != 4 or any(not 0 < f <= 1 for f in split) or sum(split) > 1 + 1e-9:
+        _fail("task.movie_split", split, "needs 4 shares in (0, 1] (SFT, gold, RL, evaluation "
+              "movies) summing to at most 1")
     if not all(isinstance(p, str) and p for p in c.rl.stop_pieces):
         _fail("rl.stop_pieces", c.rl.stop_pieces, "needs a tuple of vocabulary pieces, "
               "e.g. ('<end_of_turn>',)")
@@ -122,7 +133,7 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
               f"({c.rl.batch_size} prompts)")
     if c.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", c.model.dtype, "use 'float32' or 'bfloat16'")
-    if c.task.name == "reviews" and c.rl.batch_size > c.task.num_prompts:
+    if built_in and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
     mesh_shape(c, len(jax.devices()) if num_devices is None else num_devices)
@@ -153,7 +164,7 @@ def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:
 def prepare(c, workdir: pathlib.Path) -> Ingredients:
     ckpt = Checkpoints(workdir / "checkpoints")
     try:
-        return _reviews(c, workdir, ckpt) if c.task.name == "reviews" else _local(c)
+        return _local(c, workdir) if c.task.name == "prompts" else _built_in(c, workdir, ckpt)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -176,14 +187,86 @@ def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn[1:])))
 
 
-def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
-    corpus = data.review_corpus(c.task.corpus_size, streams.seed(c.seed, "corpus"))
+@dataclasses.dataclass
+class _Texts:
+    """A built-in task's text: what the tokenizer and the SFT policy learn, the RL and the
+    evaluation prompts, and the labelled text a gold reward is fitted on (if any)."""
+
+    corpus: list[str]
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    gold: tuple[list[str], list[bool]] | None = None
+    parts: dict[str, list[data.Snippet]] = dataclasses.field(default_factory=dict)
+
+
+def _texts(c) -> _Texts:
+    if c.task.name == "reviews":
+        return _Texts(data.review_corpus(c.task.corpus_size, streams.seed(c.seed, "corpus")),
+                      data.review_prompts(c.task.num_prompts,
+                                          streams.seed(c.seed, "train_prompts")),
+                      data.review_prompts(c.task.eval_prompts,
+                                          streams.seed(c.seed, "eval_prompts")))
+    # Real review snippets, split by movie: the SFT policy learns one part, the gold
+    # classifier another; RL and evaluation prompts open snippets of two more.
+    parts = data.split_by_movie(data.rotten_tomatoes(), dict(zip(
+        ("sft", "gold", "rl", "eval"), c.task.movie_split, strict=True)),
+        streams.seed(c.seed, "movie_split"))
+
+    def openings(part: str, num: int, taken: set[str] = frozenset()) -> list[str]:
+        texts = [t for t in dict.fromkeys(data.opening(s.text, c.task.prompt_words)
+                                          for s in parts[part]) if t not in taken]
+        order = np.random.default_rng(streams.seed(c.seed, f"{part}_prompts")).permutation(
+            len(texts))
+        return [texts[i] for i in order[:num]]
+
+    train = openings("rl", c.task.num_prompts)
+    # An opening that other movies' snippets share ("It's a film that") is no held-out prompt.
+    seen = {data.opening(s.text, c.task.prompt_words) for s in parts["sft"] + parts["rl"]}
+    return _Texts([s.text for s in parts["sft"]], train,
+                  openings("eval", c.task.eval_prompts, seen),
+                  ([s.text for s in parts["gold"]], [s.fresh for s in parts["gold"]]),
+                  parts)
+
+
+def _oracle(c, texts: _Texts, tokenizer: Tokenizer, workdir: pathlib.Path):
+    """The built-in task's oracle (`reward.oracle`): VADER, or the gold classifier fitted on
+    the labelled part of the real reviews (its accuracy on that part's held-out tenth is
+    recorded in `workdir/gold.json`)."""
+    if c.reward.oracle == "vader":
+        return vader_oracle(tokenizer)
+    if c.reward.oracle != "gold":
+        return None
+    if texts.gold is None:
+        raise ValueError("config.reward.oracle = 'gold': the gold classifier is fitted on real "
+                         "labelled reviews; use it with task 'rotten_tomatoes'")
+    gold_texts, labels = texts.gold
+    held_out = np.arange(len(gold_texts)) % 10 == 0
+    pick = lambda xs, keep: [x for x, k in zip(xs, keep, strict=True) if k]  # noqa: E731
+    probe = rewards.TextClassifier(pick(gold_texts, ~held_out), pick(labels, ~held_out))
+    record = {"texts": len(gold_texts), "held_out": int(held_out.sum()),
+              "held_out_accuracy": probe.accuracy(pick(gold_texts, held_out),
+                                                  pick(labels, held_out))}
+    if sharding.is_main_process():
+        (workdir / "gold.json").write_text(json.dumps(record, indent=1))
+    return rewards.TextReward(rewards.TextClassifier(gold_texts, labels), tokenizer)
+
+
+def _built_in(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
+    """The built-in tasks ('reviews', 'rotten_tomatoes'): a tokenizer and an SFT policy
+    trained on the task's text, a proxy reward model trained on oracle-labelled pairs of SFT
+    completions and, with `reward.normalize`, standardised on SFT completions."""
+    texts = _texts(c)
+    if sharding.is_main_process():
+        (workdir / "task.json").write_text(json.dumps(
+            {"snippets_per_part": {name: len(part) for name, part in texts.parts.items()},
+             "train_prompts": len(texts.train_prompts),
+             "eval_prompts": len(texts.eval_prompts)}, indent=1))
     path = workdir / "tokenizer.model"
     missing = not path.exists()
     sharding.barrier("tokenizer looked up")  # every process looks before process 0 writes
     if missing:
         if sharding.is_main_process():
-            Tokenizer.train(corpus, c.task.vocab_size).save(path)
+            Tokenizer.train(texts.corpus, c.task.vocab_size).save(path)
         sharding.barrier("tokenizer saved")
     tokenizer = Tokenizer(path)
     end_ids = _end_ids(c, tokenizer)
@@ -199,36 +282,65 @@ def _reviews(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
     if saved is not None:
         sft_params = saved[1]
     else:
-        sft_params, _ = sft.train_lm(cfg, init, tokenizer, corpus, steps=c.sft.steps,
-                                     batch_size=c.sft.batch_size, max_len=32,
+        sft_params, _ = sft.train_lm(cfg, init, tokenizer, texts.corpus, steps=c.sft.steps,
+                                     batch_size=c.sft.batch_size, max_len=c.sft.max_len,
                                      learning_rate=c.sft.learning_rate,
                                      seed=streams.seed(c.seed, "sft"),
                                      progress=sharding.is_main_process())
         sft_params = sharding.host_local_to_global(sft_params)
         ckpt.save("sft", 0, sft_params)
 
-    train_texts = data.review_prompts(c.task.num_prompts, streams.seed(c.seed, "train_prompts"))
-    eval_texts = data.review_prompts(c.task.eval_prompts, streams.seed(c.seed, "eval_prompts"))
-    oracle = vader_oracle(tokenizer) if c.reward.oracle == "vader" else None
+    oracle = _oracle(c, texts, tokenizer, workdir)
     rm_like = {**sft_params, "score": jnp.zeros((cfg.embed_dim,), cfg.param_dtype)}
     saved = ckpt.restore_latest("reward_model", sharding.host_local_to_global(rm_like))
     if saved is not None:
         rm_params = saved[1]
     else:
         if oracle is None:
-            raise ValueError("config.reward.oracle = '': the built-in task trains its reward "
-                             "model on oracle labels; set it to 'vader'")
+            raise ValueError("config.reward.oracle = '': the built-in tasks train their reward "
+                             "model on oracle labels; set it to 'vader' or 'gold'")
         rm_params = sharding.host_local_to_global(_train_reward_model(
-            c, cfg, tokenizer, end_ids, sft_params, rm_like, train_texts, oracle))
+            c, cfg, tokenizer, end_ids, sft_params, rm_like, texts.train_prompts, oracle,
+            workdir))
         ckpt.save("reward_model", 0, rm_params)
+    norm = (_reward_norm(c, cfg, tokenizer, end_ids, sft_params, (cfg, rm_params),
+                         texts.train_prompts, workdir) if c.reward.normalize else None)
     return Ingredients(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
-                 data.PromptBatches(train_texts, tokenizer, c.rl.batch_size, c.task.prompt_len),
-                 tokenizer.encode_batch(eval_texts, c.task.prompt_len), eval_texts, end_ids)
+                       data.PromptBatches(texts.train_prompts, tokenizer, c.rl.batch_size,
+                                          c.task.prompt_len),
+                       tokenizer.encode_batch(texts.eval_prompts, c.task.prompt_len),
+                       texts.eval_prompts, end_ids, norm)
 
 
-def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, prompts, oracle):
+def _reward_norm(c, cfg, tokenizer, end_ids, sft_params, reward_model, prompts,
+                 workdir: pathlib.Path) -> tuple[float, float]:
+    """The proxy's mean and standard deviation on `reward.norm_samples` SFT completions of
+    the training prompts at the RL temperature (recorded in `workdir/reward_model.json`, and
+    read back from it on resume)."""
+    path = workdir / "reward_model.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if "mean" not in record:
+        rng = np.random.default_rng(streams.seed(c.seed, "reward_norm_prompts"))
+        rows = rng.choice(len(prompts), c.reward.norm_samples)
+        tokens, mask = tokenizer.encode_batch([prompts[i] for i in rows], c.task.prompt_len)
+        out = sampling.sample(sft_params, cfg, tokens, mask, streams.key(c.seed, "reward_norm"),
+                              c.rl.max_new_tokens, temperature=c.rl.temperature,
+                              eos_id=end_ids, backend=c.rl.sampler_backend)
+        proxy = rewards.model_reward(*reward_model)
+        scores = rewards.score(proxy, (tokens, mask, out.tokens, out.mask))
+        normalized = rewards.standardize(proxy, scores)
+        record.update(mean=float(normalized.mean), std=float(normalized.std),
+                      norm_samples=len(scores))
+        if sharding.is_main_process():
+            path.write_text(json.dumps(record, indent=1))
+    return record["mean"], record["std"]
+
+
+def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, prompts, oracle,
+                        workdir: pathlib.Path):
     """Bradley–Terry on pairs of SFT completions of the training prompts, ranked by the
-    oracle (ties dropped): the proxy reward the RL runs optimise."""
+    oracle (ties dropped): the proxy reward the RL runs optimise. Its pairs and held-out
+    accuracy go to `workdir/reward_model.json`."""
     tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
     reps = -(-c.reward.pairs // len(prompts))
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
@@ -258,10 +370,13 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     if sharding.is_main_process():
         print(f"reward model: {len(train[0])} oracle-labelled pairs, held-out accuracy "
               f"{metrics['accuracy']:.3f} on {int(held_out.sum())}")
+        (workdir / "reward_model.json").write_text(json.dumps(
+            {"pairs": len(train[0]), "held_out_pairs": int(held_out.sum()),
+             "held_out_accuracy": metrics["accuracy"]}, indent=1))
     return state.params
 
 
-def _local(c) -> Ingredients:
+def _local(c, workdir: pathlib.Path) -> Ingredients:
     tokenizer = Tokenizer(c.model.tokenizer)
     end_ids = _end_ids(c, tokenizer)
     # The policy's weights stay float32 (see reinforce.make_train_step); the reward model is
@@ -285,6 +400,8 @@ def _local(c) -> Ingredients:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")
     train, held_out = prompts[:-c.task.eval_prompts], prompts[-c.task.eval_prompts:]
+    norm = (_reward_norm(c, cfg, tokenizer, end_ids, sft_params, (rm_cfg, rm_params), train,
+                         workdir) if c.reward.normalize else None)
     return Ingredients(cfg, tokenizer, sft_params, abstract_params(cfg), (rm_cfg, rm_params), None,
                  data.PromptBatches(train, tokenizer, c.rl.batch_size, c.task.prompt_len),
-                 tokenizer.encode_batch(held_out, c.task.prompt_len), held_out, end_ids)
+                 tokenizer.encode_batch(held_out, c.task.prompt_len), held_out, end_ids, norm)

@@ -138,7 +138,7 @@ def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
         cfg = hf.read_config(c.model.hf_dir)
     else:
         overrides = dict(c.model.overrides)
-        if c.task.name == "reviews":
+        if c.task.name in ("reviews", "rotten_tomatoes"):
             overrides["vocab_size"] = c.task.vocab_size
         cfg = GemmaConfig.from_preset(c.model.preset, **overrides)
     cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32",

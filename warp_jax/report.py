@@ -16,7 +16,7 @@ _LABELS = {"reinforce_sft": "REINFORCE, SFT anchor", "reinforce_ema": "REINFORCE
            "warp_run": "WARP runs", "warp": "WARP (LITI of SLERP)",
            "lerp": "LERP in place of SLERP"}
 _KEYS = ("method", "iteration", "run", "step", "eta", "proxy_reward", "proxy_reward_se",
-         "oracle_reward", "oracle_reward_se", "kl", "kl_se")
+         "oracle_reward", "oracle_reward_se", "kl", "kl_se", "rank_correlation")
 
 
 def write_outputs(workdir: pathlib.Path, config, records: list[dict], final_policy: Any,

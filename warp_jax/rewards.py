@@ -123,6 +123,41 @@ class TextReward:
         return scores
 
 
+class TextClassifier:
+    """A gold (oracle) reward on text: the probability that a human label is positive, from
+    a TF-IDF (words and word pairs) logistic regression fitted on labelled texts.
+
+    Trained on real labels (e.g. critics' fresh/rotten) of texts no reward model sees, it
+    scores what a learned proxy only approximates, so a policy that games the proxy shows up
+    as a gap between the two. `classifier(prompts, completions)` scores each prompt with its
+    completion: the `TextReward` protocol.
+    """
+
+    def __init__(self, texts: list[str], labels, C: float = 4.0):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        labels = np.asarray(labels, bool)
+        if len(texts) != len(labels) or labels.all() or not labels.any():
+            raise ValueError(f"a text classifier needs both labels among its {len(texts)} "
+                             f"texts ({int(labels.sum())} positive, {len(labels)} labels)")
+        self._model = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+            LogisticRegression(C=C, max_iter=1000))
+        self._model.fit(list(texts), labels)
+
+    def probability(self, texts: list[str]) -> np.ndarray:
+        """P(positive label) of each text."""
+        return self._model.predict_proba(list(texts))[:, 1]
+
+    def accuracy(self, texts: list[str], labels) -> float:
+        return float(np.mean((self.probability(texts) > 0.5) == np.asarray(labels, bool)))
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        return self.probability([f"{p} {c}" for p, c in zip(prompts, completions, strict=True)])
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
                    meta_fields=["cfg"])
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +176,41 @@ class ModelReward:
         tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
         return RewardModel(self.cfg).apply({"params": self.params}, tokens, mask)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["reward", "mean", "std"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Standardized:
+    """A jittable reward standardised: `(reward(...) - mean) / std`.
+
+    With `mean` and `std` measured on the SFT policy's own completions (`standardize`), one
+    unit of reward is one standard deviation of what the SFT policy scores, so the KL
+    coefficient beta means the same whatever the reward model's scale: an unnormalised
+    reward with a large spread drowns the KL penalty. A pytree (the inner reward's arrays,
+    then `mean` and `std`), like `ModelReward`.
+    """
+
+    reward: Any
+    mean: Any
+    std: Any
+
+    def __call__(self, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+        raw = self.reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+        return (raw - self.mean) / self.std
+
+
+def standardize(reward_fn: Callable, scores) -> Standardized:
+    """`reward_fn` shifted and scaled so that `scores` (its scores of reference completions,
+    e.g. the SFT policy's) have mean 0 and standard deviation 1. Raises `ValueError` when
+    they do not vary (or are not finite)."""
+    scores = np.asarray(scores, np.float64)
+    std = float(scores.std())
+    if not (np.isfinite(scores).all() and std > 0):
+        raise ValueError(f"cannot standardise a reward whose {scores.size} reference scores "
+                         f"have standard deviation {std}")
+    return Standardized(reward_fn, np.asarray(scores.mean(), np.float32),
+                        np.asarray(std, np.float32))
 
 
 def model_reward(cfg: GemmaConfig, params: Any) -> ModelReward:

@@ -30,27 +30,37 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # blocks under one lax.scan: compile time flat in depth (TPU)
 
     c.task = ml_collections.ConfigDict()
-    c.task.name = "reviews"  # "reviews" (built-in) or "prompts" (c.task.prompts)
+    c.task.name = "reviews"  # built-in: "reviews" (a grammar) or "rotten_tomatoes" (real
+    # critics' snippets, data.rotten_tomatoes); or "prompts" (c.task.prompts)
     c.task.prompts = ""  # a text or jsonl file of prompts, for task "prompts"
     c.task.corpus_size = 4000  # built-in reviews the tokenizer and SFT policy learn from
     c.task.vocab_size = 160  # SentencePiece vocabulary of the built-in task
-    c.task.num_prompts = 512  # built-in training prompts
+    c.task.num_prompts = 512  # built-in training prompts (at most)
     c.task.eval_prompts = 64  # held-out prompts for evaluation
     c.task.prompt_len = 8  # prompts are left-padded/truncated to this many tokens
+    c.task.prompt_words = 4  # rotten_tomatoes: a prompt is a snippet's first words
+    c.task.movie_split = (0.45, 0.35, 0.1, 0.1)  # rotten_tomatoes: shares of the movies for
+    # SFT text, the gold classifier, RL prompts and evaluation prompts (no movie in two)
     c.task.chat = False  # wrap prompts in Gemma's chat turns, end at <end_of_turn> (-it models)
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 400  # built-in task: SFT pre-training steps
     c.sft.batch_size = 64
     c.sft.learning_rate = 3e-3
+    c.sft.max_len = 32  # tokens of a training text
 
     c.reward = ml_collections.ConfigDict()
     c.reward.hf_dir = ""  # a *ForSequenceClassification checkpoint (num_labels=1)
-    c.reward.oracle = "vader"  # "vader": the built-in task's oracle labels and scores; "" none
+    c.reward.oracle = "vader"  # built-in tasks' oracle, which labels the proxy's pairs and
+    # scores every evaluation: "vader", "gold" (a classifier of the real fresh/rotten labels,
+    # task rotten_tomatoes) or "" (none)
     c.reward.pairs = 2048  # built-in: SFT completion pairs the oracle labels
     c.reward.steps = 300  # built-in: Bradley-Terry steps
     c.reward.batch_size = 64
     c.reward.learning_rate = 3e-3
+    c.reward.normalize = True  # proxy standardised on SFT samples: beta means the same at
+    # any reward-model scale
+    c.reward.norm_samples = 512  # SFT completions that standardisation measures
 
     c.rl = ml_collections.ConfigDict()
     c.rl.beta = 0.1  # KL coefficient (paper: 0.1)
@@ -93,6 +103,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     elif variant == "test":
         c.task.corpus_size, c.task.num_prompts, c.task.eval_prompts = 600, 64, 8
         c.sft.steps, c.reward.pairs, c.reward.steps = 60, 128, 40
+        c.reward.norm_samples = 64
         c.rl.batch_size, c.rl.max_new_tokens = 8, 6
         c.warp.steps, c.eval.every, c.eval.samples = 6, 3, 2
         c.warp.eta_grid = (0.0, 0.5, 1.0)
@@ -105,6 +116,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.model.scan_layers = not variant.startswith("gemma4")
         c.task.prompt_len = 256
         c.reward.oracle = ""
+        c.reward.normalize = False  # the paper does not say
         c.rl.update(dict(mu=0.01, batch_size=128 // c.rl.num_samples, max_new_tokens=320,
                          learning_rate=1e-6, warmup_steps=100, grad_clip=0.0,
                          remat=True))  # 128 sequences of 576 tokens: activations dominate

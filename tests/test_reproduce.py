@@ -1,0 +1,187 @@
+"""The reproduction study (warp_jax.study): the smoke study end to end, resuming, its data
+split, and the decision rules against brute force and hand-made records."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from experiments.configs.reproduce import get_config
+from warp_jax import data, ingredients, study, study_report
+
+VERDICTS = {"supported", "not supported", "inconclusive"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    claims = study.run(get_config("smoke"), workdir)
+    return workdir, claims
+
+
+@pytest.mark.slow
+def test_the_smoke_study_judges_all_six_claims_on_both_rewards(smoke, tmp_path):
+    workdir, claims = smoke
+    assert json.loads((workdir / "claims.json").read_text()) == claims
+    assert sorted((c["claim"], c["reward"]) for c in claims) == sorted(
+        (k, r) for k in range(1, 7) for r in ("proxy", "gold"))
+    for c in claims:
+        assert c["verdict"] in VERDICTS and c["rule"] == study.RULES[c["claim"]]
+        assert c["seeds"] == 2 and len(c["per_seed"]) == 2
+    records = json.loads((workdir / "study.json").read_text())["records"]
+    assert {r["seed"] for r in records if r["method"] == "warp_run"} == {0, 1}
+    assert {r["merged_runs"] for r in records if r["method"] == "warp"} == {1, 2, 3}
+    assert all(np.isfinite(r["rank_correlation"]) or r["kl"] == 0 for r in records)
+    report = study_report.write(workdir, tmp_path, command="python -m experiments.reproduce")
+    text = report.read_text()
+    for k in range(1, 7):
+        assert f"![claim {k}](reproduction/claim{k}.png)" in text
+        assert (tmp_path / "reproduction" / f"claim{k}.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "reproduction" / "claims.json").read_text()) == claims
+
+
+@pytest.mark.slow
+def test_a_study_resumes_from_what_its_workdir_holds(smoke, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(smoke[0], workdir)
+    for name in ("claims.json", "study.json", "records/seed1_iter2_front.json",
+                 "records/seed0_slerp_lambda0.5.json"):
+        (workdir / name).unlink()  # killed before these were written
+    assert study.run(get_config("smoke"), workdir) == smoke[1]
+    assert len(json.loads((workdir / "wall_time.json").read_text())) == 2
+
+
+def test_bad_study_fields_are_one_line_naming_them():
+    for field, value, match in (("warp.runs", 1, "config.warp.runs = 1: the study merges"),
+                                ("study.lambdas", (0.5, 1.0), "config.study.lambdas"),
+                                ("reward.oracle", "", "config.reward.oracle = '': the study"),
+                                ("study.seeds", 0, "config.study.seeds = 0")):
+        c = get_config("smoke")
+        section, key = field.split(".")
+        c[section][key] = value
+        with pytest.raises(ValueError, match=match):
+            study.validate(c)
+    study.validate(get_config("full"))
+
+
+def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_training():
+    c = get_config("full")
+    texts = ingredients._texts(c)
+    parts = texts.parts
+    assert len(texts.eval_prompts) == c.task.eval_prompts
+    eval_movies = {s.movie for s in parts["eval"]}
+    for other in ("sft", "gold", "rl"):
+        assert not eval_movies & {s.movie for s in parts[other]}
+        assert not {s.text for s in parts["eval"]} & {s.text for s in parts[other]}
+    assert set(texts.corpus) == {s.text for s in parts["sft"]}
+    openings = {name: {data.opening(s.text, c.task.prompt_words) for s in part}
+                for name, part in parts.items()}
+    assert set(texts.eval_prompts) <= openings["eval"]
+    assert not set(texts.eval_prompts) & (openings["sft"] | openings["rl"])
+    assert set(texts.train_prompts) <= openings["rl"]
+    assert len(texts.train_prompts) > 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(-5, 5)), min_size=1, max_size=12))
+def test_the_upper_front_is_what_no_point_dominates(points):
+    front = study.upper_front(points)
+    assert set(front) <= set(points)
+    for kl, reward in front:  # brute force: nothing at lower or equal KL does better
+        assert all(r <= reward for k, r in points if k <= kl)
+    for kl, reward in points:  # and every point has a front point at least as good
+        assert any(k <= kl and r >= reward for k, r in front)
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(front))
+
+
+def test_fronts_are_read_between_their_points_and_compared_at_matched_kl():
+    a = [(0.0, 0.0), (1.0, 1.0), (2.0, 1.5), (1.5, 0.2)]  # (1.5, 0.2) is dominated
+    np.testing.assert_allclose(study.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
+    assert np.isnan(study.front_at(a, [2.5])).all()
+    b = [(k, r - 0.3) for k, r in a] + [(4.0, 9.0)]  # b reaches further; compared up to 2
+    assert study.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
+    assert study.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
+        np.mean([0.4, 0.25]))
+    assert np.isnan(study.above(a, [(5.0, 0.0)]))
+
+
+def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
+    assert study.effect([0.3, 0.31, 0.29], 0.05)[0] == "supported"
+    verdict, p = study.effect([0.3, 0.01, 0.6], 0.05)  # all > 0, but too noisy for 3 seeds
+    assert verdict == "inconclusive" and p > 0.05
+    assert study.effect([0.3, -0.01, 0.4], 0.05)[0] == "inconclusive"
+    assert study.effect([-0.3, 0.1, 0.1], 0.05)[0] == "not supported"
+    assert study.effect([0.2, float("nan")], 0.05)[0] == "inconclusive"
+    import scipy.stats
+
+    x = [0.2, 0.5, 0.1]
+    assert study.effect(x, 0.05)[1] == pytest.approx(
+        scipy.stats.t.sf(np.mean(x) / (np.std(x, ddof=1) / np.sqrt(3)), df=2))
+
+
+def test_the_pilot_takes_the_smallest_beta_whose_kl_plateaus():
+    def run(beta, kls):
+        return [{"beta": beta, "step": 50 * (i + 1), "kl": k} for i, k in enumerate(kls)]
+
+    pilot = run(0.1, [1, 3, 6, 10]) + run(0.3, [1, 2, 2.2, 2.3]) + run(1.0, [0.5, 0.6, .6, .6])
+    assert study.pick_beta(pilot, 0.25) == 0.3
+    assert study.pick_beta(run(0.1, [1, 3, 6, 10]) + run(0.3, [1, 2, 4, 8]), 0.25) == 0.3
+
+
+def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.05),
+             seeds=3):
+    """Hand-made study records of `seeds` seeds with the given effects (on both rewards)."""
+    records = [{"method": "sft", "kl": 0.0, "proxy_reward": 0.0, "oracle_reward": 0.0}]
+
+    def point(reward, **fields):
+        return {**fields, "proxy_reward": reward, "oracle_reward": reward}
+
+    for s in range(seeds):
+        jitter = 0.01 * s
+        for anchor, gain in (("sft", 0.0), ("ema", ema_gain)):
+            records += [point(k * (0.3 + gain + jitter) - 0.2 * max(k - 2, 0), kl=k, seed=s,
+                              method=f"reinforce_{anchor}", step=k) for k in (1.0, 2.0, 3.0)]
+        def base(k, m, jitter=jitter):
+            return 0.4 * k * (1 + m_gain * (m - 1)) + jitter
+
+        records += [point(base(k, m), kl=k, seed=s, method="warp", iteration=1, merged_runs=m)
+                    for m in range(1, 4) for k in (1.0, 2.0)]
+        for i in range(2, len(iteration_gains) + 2):
+            scale = 1 + sum(iteration_gains[:i - 1])
+            records += [point(base(k, 3) * scale, kl=k, seed=s, method="warp", iteration=i,
+                              merged_runs=3) for k in (1.0, 2.0)]
+        records += [point(0.3 * k, kl=k, seed=s, method="warp_run", iteration=1, run=m,
+                          step=k) for m in range(3) for k in (1.0, 2.0)]
+        for lam in (0.25, 0.5, 0.75):
+            records += [point(0.5 + slerp_gain + jitter, kl=1.0 + slerp_gain, seed=s,
+                              method="slerp", lam=lam),
+                        point(0.5, kl=1.0, seed=s, method="lerp", lam=lam)]
+    geometry = {str(s): [{"runs": [0, 1], "block_0": {"task_cosine": 0.05 + jitter,
+                                                      "weight_cosine": 0.999}}]
+                for s in range(seeds)}
+    return records, geometry
+
+
+def _verdicts(records, geometry, seeds=3):
+    c = get_config("full")
+    return {(x["claim"], x["reward"]): x["verdict"]
+            for x in study.judge(records, geometry, c.study, seeds)}
+
+
+def test_the_claims_follow_the_effects_in_hand_made_records():
+    verdicts = _verdicts(*_records())
+    assert set(verdicts.values()) == {"supported"}
+    flipped = _verdicts(*_records(ema_gain=-0.2, slerp_gain=-0.1, m_gain=-0.1,
+                                  iteration_gains=(-0.1, 0.0)))
+    for claim in (1, 2, 5, 6):
+        assert flipped[claim, "gold"] == flipped[claim, "proxy"] == "not supported", claim
+    records, geometry = _records(iteration_gains=(0.1, 0.2))  # no saturation
+    assert _verdicts(records, geometry)[6, "proxy"] == "inconclusive"
+    geometry["1"][0]["block_0"]["task_cosine"] = 0.3  # one seed's runs are not orthogonal
+    assert _verdicts(records, geometry)[3, "gold"] == "inconclusive"
+    geometry["1"][0]["block_0"]["task_cosine"] = -0.9  # nor on average
+    assert _verdicts(records, geometry)[3, "gold"] == "not supported"

@@ -1,0 +1,416 @@
+"""The reproduction study: the paper's six observations at small scale, on real review text,
+over several RL seeds, each judged by a rule fixed before the run.
+
+`run(config, workdir)` trains what every claim needs (the stages below) through
+`experiment.Experiment`, so it checkpoints and resumes like the main job, then judges the
+claims (`judge`) and writes `workdir/claims.json`. The SFT policy, the gold classifier and the
+proxy reward model are shared by all seeds; a seed changes the RL runs' prompt order and
+sampling keys. The stages:
+
+- pilot: SFT-anchored REINFORCE at each `study.pilot_betas`; the study's beta is the smallest
+  at which the run's KL to the SFT policy plateaus (`pick_beta`);
+- baselines: REINFORCE with the SFT and with the EMA anchor, `I * T` steps, the seeds stacked;
+- iterations 1..I: M runs per seed (all seeds stacked), each seed's SLERP and the LITI front
+  of it towards the SFT policy; at iteration 1 also the fronts of the first m runs' merge
+  (m = 1..M), SLERP against LERP of two runs at `study.lambdas`, and the task-vector geometry
+  of every pair of runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from warp_jax import evaluation, merging, sharding
+from warp_jax.experiment import Experiment
+
+REWARDS = {"proxy": "proxy_reward", "gold": "oracle_reward"}
+CLAIMS = {
+    1: "The EMA anchor gives a better KL-reward trade-off than the SFT anchor",
+    2: "SLERP of task vectors gives higher reward and higher KL than LERP at the same lambda",
+    3: "Task vectors of independent runs are close to orthogonal; full weights stay collinear",
+    4: "The LITI front lies above the RL runs' own trajectories and above the baselines",
+    5: "Merging more runs (M = 1, 2, ..., M) improves the front",
+    6: "Iterating improves the front, then saturates",
+}
+# Every rule is fixed before the run. "Front" is the upper envelope of a curve's evaluations
+# (SFT point included), read at the KL levels `study.levels` x the KL that every compared
+# curve reaches. "The paired test" is a one-sided one-sample t-test over seeds at level
+# `study.alpha`; an effect is `supported` if it is > 0 in every seed and the test passes,
+# `not supported` if its mean over seeds is <= 0, else `inconclusive`.
+RULES = {
+    1: "per seed, the EMA-anchor front minus the SFT-anchor front, averaged over the matched "
+       "KL levels: the effect",
+    2: "per seed, SLERP minus LERP of the first two runs of iteration 1 at each lambda in "
+       "study.lambdas (averaged): the reward difference and the KL difference are both effects; "
+       "supported if both are, not supported if either is not",
+    3: "per seed, over the blocks and every pair of iteration-1 runs: supported if the mean "
+       "|task-vector cosine| < study.max_task_cosine and the mean full-weight cosine > "
+       "study.min_weight_cosine in every seed; not supported if the mean over seeds fails "
+       "either; else inconclusive (the same for both rewards: no reward enters)",
+    4: "per seed, (a) iteration 1's LITI front minus each of its runs' evaluations and (b) the "
+       "last iteration's front minus each baseline evaluation, over the points within the "
+       "front's KL range (averaged): both effects; supported if both are, not supported if "
+       "either is not",
+    5: "per seed, the front of the merge of all M iteration-1 runs minus that of one run (M = "
+       "1), averaged over the matched KL levels: the effect",
+    6: "per seed, the front of iteration 2 minus that of iteration 1 (the first gain) is an "
+       "effect, and the mean last gain (iteration I minus I - 1) must be below the mean "
+       "first gain; supported if both hold, not supported if the first gain is not supported, "
+       "else inconclusive",
+}
+
+
+def validate(c) -> None:
+    """Raises `ValueError` naming the first bad `study` field (or a field the study needs)."""
+    s = c.study
+
+    def fail(field, valid):
+        raise ValueError(f"config.{field} = {c[field.split('.')[0]][field.split('.')[1]]!r}: "
+                         f"{valid}")
+
+    if not isinstance(s.seeds, int) or s.seeds < 1:
+        fail("study.seeds", "must be a positive int")
+    if c.warp.runs < 2:
+        fail("warp.runs", "the study merges and compares runs: use 2 or more")
+    if not c.reward.oracle:
+        fail("reward.oracle", "the study judges every claim on a gold reward too: use 'gold'")
+    if any(not 0 <= b < float("inf") for b in s.pilot_betas):
+        fail("study.pilot_betas", "must be finite and >= 0")
+    if s.pilot_betas and (not isinstance(s.pilot_steps, int) or s.pilot_steps < 2):
+        fail("study.pilot_steps", "must be an int >= 2")
+    if not 0 <= s.plateau <= 1:
+        fail("study.plateau", "must be in [0, 1]")
+    if not s.lambdas or any(not 0 < x < 1 for x in s.lambdas):
+        fail("study.lambdas", "needs values in (0, 1)")
+    if not s.levels or any(not 0 < x <= 1 for x in s.levels):
+        fail("study.levels", "needs values in (0, 1]")
+    if not 0 < s.alpha < 1:
+        fail("study.alpha", "must be in (0, 1)")
+    if not 0 < s.max_task_cosine <= 1 or not -1 < s.min_weight_cosine < 1:
+        fail("study.max_task_cosine" if not 0 < s.max_task_cosine <= 1
+             else "study.min_weight_cosine", "must be a cosine in (0, 1] / (-1, 1)")
+
+
+def run(config, workdir: str | os.PathLike) -> list[dict]:
+    """Runs (or resumes) the study of `config` (experiments/configs/reproduce.py) in
+    `workdir`; returns the claims it wrote to `workdir/claims.json`."""
+    started = time.time()
+    validate(config)
+    exp = Experiment.start(config, workdir)
+    study = Study(exp)
+    records = study.collect()
+    claims = judge(records, study.geometry, config.study, config.study.seeds)
+    meta = study.finish(started)
+    if sharding.is_main_process():
+        _write_json(exp.workdir / "claims.json", claims)
+        _write_json(exp.workdir / "study.json", {"records": records, "geometry": study.geometry,
+                                                 **meta})
+    return claims
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+class Study:
+    """The stages of the study on one `Experiment`, each evaluated point a record with its
+    `seed`; `collect()` runs them in order (resuming what is done)."""
+
+    def __init__(self, exp: Experiment):
+        self.exp, self.config = exp, exp.config
+        self.seeds = list(range(self.config.study.seeds))
+        self.geometry: dict[str, list[dict]] = {}
+        self.beta: float = self.config.rl.beta
+
+    def collect(self) -> list[dict]:
+        records = [{**self._point("sft", lambda: self.exp.sft, method="sft"), "seed": None}]
+        records += self.pilot()
+        records += self.baselines()
+        c = self.config.warp
+        inits = [self.exp.sft] * len(self.seeds)
+        for i in range(1, c.iterations + 1):
+            policies, run_records = self._iteration_runs(i, inits)
+            records += run_records
+            for s in self.seeds:
+                mine = policies[s * c.runs:(s + 1) * c.runs]
+                merged = self.exp.slerp(inits[s], mine)
+                records += self._front(f"seed{s}_iter{i}_front", merged, s, i, "warp", c.runs)
+                if i == 1:
+                    records += self._iteration_one(s, mine)
+                inits[s] = self.exp.liti(inits[s], merged, c.eta)
+        return records
+
+    def pilot(self) -> list[dict]:
+        """SFT-anchored runs at each pilot beta; sets `self.beta` (`pick_beta`)."""
+        s, records = self.config.study, []
+        if not s.pilot_betas:
+            return []
+        for beta in s.pilot_betas:
+            stage = f"pilot_beta{beta:g}"
+            self.exp.train(stage, self.exp.sft, "sft", [("pilot", 0)], s.pilot_steps,
+                           "pilot", 0, beta=beta)
+            records += [{**r, "seed": 0, "beta": beta} for r in self.exp.load_records(stage)]
+        self.beta = pick_beta(records, s.plateau)
+        return records
+
+    def baselines(self) -> list[dict]:
+        c, records = self.config.warp, []
+        runs = [("baseline", s) for s in self.seeds]
+        for anchor in ("sft", "ema"):
+            stage = f"baseline_{anchor}"
+            self.exp.train(stage, self.exp.sft, anchor, runs, c.iterations * c.steps,
+                           f"reinforce_{anchor}", 0, beta=self.beta)
+            records += [{**r, "seed": r["run"]} for r in self.exp.load_records(stage)]
+        return records
+
+    def _iteration_runs(self, i: int, inits: list) -> tuple[list, list[dict]]:
+        """Iteration i's M runs of every seed, stacked, each from its seed's init: their
+        policies (seed-major) and records."""
+        c = self.config.warp
+        runs = [("warp_run", s, i, m) for s in self.seeds for m in range(c.runs)]
+        init = (self.exp.sft if i == 1 else
+                jax.tree.map(lambda *x: np.stack([sharding.to_host(a) for a in x]),
+                             *[inits[s] for s in self.seeds for _ in range(c.runs)]))
+        stage = f"iter{i}"
+        policies = self.exp.train(stage, init, "ema", runs, c.steps, "warp_run", i,
+                                  beta=self.beta)
+        return policies, [{**r, "seed": r["run"] // c.runs, "run": r["run"] % c.runs}
+                          for r in self.exp.load_records(stage)]
+
+    def _iteration_one(self, s: int, policies: list) -> list[dict]:
+        """Seed `s`'s iteration-1 analyses: the fronts of the first m runs' merge (m < M),
+        SLERP against LERP of two runs, and the geometry of every pair of runs."""
+        exp, records = self.exp, []
+        for m in range(1, len(policies)):
+            merged = exp.slerp(exp.sft, policies[:m])
+            records += self._front(f"seed{s}_runs{m}_front", merged, s, 1, "warp", m)
+        merges = {"slerp": lambda w: merging.slerp_tree(exp.sft, policies[:2], w,
+                                                        groups=exp.groups),
+                  "lerp": lambda w: merging.lerp_tree(exp.sft, policies[:2], w)}
+        for lam in self.config.study.lambdas:
+            for method, merge in merges.items():
+                records.append(self._point(
+                    f"seed{s}_{method}_lambda{lam:g}",
+                    lambda merge=merge, lam=lam: merge((1 - lam, lam)),
+                    method=method, iteration=1, seed=s, lam=lam))
+        self.geometry[str(s)] = [
+            {"runs": [a, b], **{k: v for k, v in evaluation.task_vector_stats(
+                exp.sft, [policies[a], policies[b]], exp.groups).items()}}
+            for a, b in itertools.combinations(range(len(policies)), 2)]
+        return records
+
+    def _front(self, stage: str, merged, seed: int, iteration: int, method: str,
+               merged_runs: int) -> list[dict]:
+        return [{**r, "seed": seed, "merged_runs": merged_runs}
+                for r in self.exp.front(stage, merged, method, iteration,
+                                        self.config.warp.eta_grid)]
+
+    def _point(self, stage: str, params, **fields) -> dict:
+        """The evaluation of `params()` (made only if not recorded before) as one record."""
+        found = self.exp.load_records(stage)
+        if found:
+            return found[0]
+        record = {"step": None, "eta": None, "run": None, **fields,
+                  **self.exp.evaluate(params(), stage)}
+        self.exp.save_records(stage, [record])
+        return record
+
+    def finish(self, started: float) -> dict:
+        """Closes the experiment; the study's wall time over every invocation (resumes
+        add theirs) and the beta it used."""
+        self.exp.ckpt.close()
+        self.exp.logger.close()
+        path = self.exp.workdir / "wall_time.json"
+        spent = json.loads(path.read_text()) if path.exists() else []
+        spent.append(round(time.time() - started, 1))
+        if sharding.is_main_process():
+            _write_json(path, spent)
+        workdir, setup = self.exp.workdir, self.exp.setup
+        task = json.loads((workdir / "task.json").read_text())
+        parts = task["snippets_per_part"]
+        meta = {"snippets": sum(parts.values()), "split": parts,
+                "train_prompts": task["train_prompts"], "eval_prompts": task["eval_prompts"],
+                "parameters": sum(x.size for x in jax.tree.leaves(setup.sft_params)),
+                "vocab_size": setup.cfg.vocab_size,
+                **{name: json.loads((workdir / f"{name}.json").read_text())
+                   for name in ("gold", "reward_model")}}
+        return {"beta": self.beta, "wall_seconds": spent, "setup": meta}
+
+
+def pick_beta(pilot: Sequence[dict], plateau: float) -> float:
+    """The smallest pilot beta whose SFT-anchored run plateaus: the KL it gains over the
+    second half of the run is at most `plateau` x its final KL. The largest beta if none
+    does."""
+    betas = sorted({r["beta"] for r in pilot})
+    for beta in betas:
+        pts = sorted((r["step"], r["kl"]) for r in pilot if r["beta"] == beta)
+        last_step, last_kl = pts[-1]
+        half = min(pts, key=lambda p: abs(p[0] - last_step / 2))[1]
+        if last_kl - half <= plateau * max(last_kl, 1e-9):
+            return beta
+    return betas[-1]
+
+
+def upper_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated `(kl, reward)` points, by increasing KL: each has a higher reward
+    than every point of lower or equal KL."""
+    out: list[tuple[float, float]] = []
+    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not out or reward > out[-1][1]:
+            out.append((kl, reward))
+    return out
+
+
+def front_at(points: Sequence[tuple[float, float]], kls) -> np.ndarray:
+    """The upper front of `points` read at each of `kls` (linear between its points; NaN
+    outside its KL range)."""
+    front = upper_front(points)
+    values = [evaluation.reward_at_kl(front, k) for k in np.atleast_1d(kls)]
+    return np.array([np.nan if v is None else v for v in values])
+
+
+def matched_gap(a: Sequence, b: Sequence, levels: Sequence[float]) -> float:
+    """Front `a` minus front `b`, averaged over `levels` x the KL up to which both fronts
+    reach (a point beyond a front's last one is dominated by it)."""
+    top = min(upper_front(a)[-1][0], upper_front(b)[-1][0])
+    kls = np.asarray(levels) * top
+    return float(np.mean(front_at(a, kls) - front_at(b, kls)))
+
+
+def above(front: Sequence, points: Sequence) -> float:
+    """The front's reward minus each point's, averaged over the points within its KL range
+    (NaN if none is)."""
+    gaps = [v - p[1] for p, v in zip(points, front_at(front, [p[0] for p in points]),
+                                    strict=True) if np.isfinite(v)]
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
+def effect(per_seed: Sequence[float], alpha: float) -> tuple[str, float]:
+    """The verdict on an effect measured once per seed (see `RULES`), and the p-value of the
+    one-sided t-test that its mean is > 0."""
+    import scipy.stats
+
+    x = np.asarray(per_seed, np.float64)
+    if len(x) == 0 or not np.isfinite(x).all():
+        return "inconclusive", float("nan")
+    if len(x) > 1 and np.ptp(x) > 1e-9 * max(1.0, float(np.abs(x).max())):
+        p = float(scipy.stats.ttest_1samp(x, 0.0, alternative="greater").pvalue)
+    else:  # no spread: the sign decides
+        p = 0.0 if (x > 0).all() else 1.0
+    if (x > 0).all() and p < alpha:
+        return "supported", p
+    if x.mean() <= 0:
+        return "not supported", p
+    return "inconclusive", p
+
+
+def _both(first: str, second: str) -> str:
+    if "not supported" in (first, second):
+        return "not supported"
+    return "supported" if first == second == "supported" else "inconclusive"
+
+
+def _curve(records, reward: str, **match) -> list[tuple[float, float]]:
+    """(kl, reward) of the records whose fields equal `match`."""
+    return [(r["kl"], r[reward]) for r in records
+            if all(r.get(k) == v for k, v in match.items())]
+
+
+def judge(records: list[dict], geometry: dict, study, num_seeds: int) -> list[dict]:
+    """The six claims' verdicts on each reward (`RULES`): the list `claims.json` holds."""
+    seeds = range(num_seeds)
+    sft = next(r for r in records if r["method"] == "sft")
+    iterations = max(r["iteration"] for r in records if r["method"] == "warp")
+    runs = max(r["merged_runs"] for r in records if r["method"] == "warp")
+    levels, alpha = study.levels, study.alpha
+    out = []
+    for name, key in REWARDS.items():
+        origin = [(0.0, sft[key])]
+
+        def curve(key=key, origin=origin, **match):
+            return origin + _curve(records, key, **match)
+
+        def front(s, i, m=runs, curve=curve):
+            return curve(method="warp", seed=s, iteration=i, merged_runs=m)
+
+        def entry(claim, verdict, per_seed, name=name, **extra):
+            out.append({"claim": claim, "title": CLAIMS[claim], "verdict": verdict,
+                        "rule": RULES[claim], "seeds": num_seeds, "per_seed": per_seed,
+                        "reward": name, **extra})
+
+        d = [matched_gap(curve(method="reinforce_ema", seed=s),
+                         curve(method="reinforce_sft", seed=s), levels) for s in seeds]
+        verdict, p = effect(d, alpha)
+        entry(1, verdict, d, p_value=p, mean=float(np.mean(d)))
+
+        per_seed = []
+        for s in seeds:
+            pts = {(r["method"], r["lam"]): r for r in records
+                   if r["method"] in ("slerp", "lerp") and r["seed"] == s}
+            lams = sorted({lam for _, lam in pts})
+            per_seed.append({
+                "reward_diff": float(np.mean([pts["slerp", lam][key] - pts["lerp", lam][key]
+                                              for lam in lams])),
+                "kl_diff": float(np.mean([pts["slerp", lam]["kl"] - pts["lerp", lam]["kl"]
+                                          for lam in lams]))})
+        (vr, pr), (vk, pk) = (effect([x[f] for x in per_seed], alpha)
+                              for f in ("reward_diff", "kl_diff"))
+        entry(2, _both(vr, vk), per_seed, p_value={"reward_diff": pr, "kl_diff": pk})
+
+        per_seed = []
+        for s in seeds:
+            pairs = geometry[str(s)]
+            task = [abs(v["task_cosine"]) for g in pairs for k, v in g.items() if k != "runs"]
+            weight = [v["weight_cosine"] for g in pairs for k, v in g.items() if k != "runs"]
+            per_seed.append({"task_cosine": float(np.mean(task)),
+                             "weight_cosine": float(np.mean(weight))})
+        ok = [x["task_cosine"] < study.max_task_cosine and
+              x["weight_cosine"] > study.min_weight_cosine for x in per_seed]
+        mean_ok = (np.mean([x["task_cosine"] for x in per_seed]) < study.max_task_cosine and
+                   np.mean([x["weight_cosine"] for x in per_seed]) > study.min_weight_cosine)
+        entry(3, "supported" if all(ok) else "inconclusive" if mean_ok else "not supported",
+              per_seed)
+
+        per_seed = []
+        for s in seeds:
+            baseline_points = [p for anchor in ("sft", "ema")
+                               for p in _curve(records, key, method=f"reinforce_{anchor}",
+                                               seed=s)]
+            per_seed.append({
+                "above_runs": above(front(s, 1), _curve(records, key, method="warp_run",
+                                                        seed=s, iteration=1)),
+                "above_baselines": above(front(s, iterations), baseline_points)})
+        (va, pa), (vb, pb) = (effect([x[f] for x in per_seed], alpha)
+                              for f in ("above_runs", "above_baselines"))
+        entry(4, _both(va, vb), per_seed, p_value={"above_runs": pa, "above_baselines": pb})
+
+        d = [matched_gap(front(s, 1, runs), front(s, 1, 1), levels) for s in seeds]
+        by_m = [[matched_gap(front(s, 1, m), front(s, 1, 1), levels) for m in range(1, runs + 1)]
+                for s in seeds]
+        verdict, p = effect(d, alpha)
+        entry(5, verdict, d, p_value=p, mean=float(np.mean(d)), gain_over_one_run=by_m)
+
+        gains = [[matched_gap(front(s, i + 1), front(s, i), levels)
+                  for i in range(1, iterations)] for s in seeds]
+        if iterations < 2:
+            entry(6, "inconclusive", gains, note="needs 2 iterations or more")
+        else:
+            first, last = [g[0] for g in gains], [g[-1] for g in gains]
+            verdict, p = effect(first, alpha)
+            if verdict == "supported" and not (iterations > 2 and
+                                               np.mean(last) < np.mean(first)):
+                verdict = "inconclusive"
+            entry(6, verdict, [{"gains": g} for g in gains], p_value=p,
+                  mean_first_gain=float(np.mean(first)), mean_last_gain=float(np.mean(last)))
+    return out
