@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.configs.reproduce import get_config
-from warp_jax import data, ingredients, study, study_report
+from warp_jax import data, evaluation, ingredients, study, study_report
 
 VERDICTS = {"supported", "not supported", "inconclusive"}
 
@@ -65,6 +65,10 @@ def test_bad_study_fields_are_one_line_naming_them():
         c[section][key] = value
         with pytest.raises(ValueError, match=match):
             study.validate(c)
+    c = get_config("smoke")
+    c.warp = {**c.warp.to_dict(), "baseline_runs": 5}  # a config without the shared field
+    with pytest.raises(ValueError, match=r"once per seed: use study\.seeds"):
+        study.validate(c)
     study.validate(get_config("full"))
 
 
@@ -89,7 +93,7 @@ def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_traini
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 10), st.floats(-5, 5)), min_size=1, max_size=12))
 def test_the_upper_front_is_what_no_point_dominates(points):
-    front = study.upper_front(points)
+    front = evaluation.upper_front(points)
     assert set(front) <= set(points)
     for kl, reward in front:  # brute force: nothing at lower or equal KL does better
         assert all(r <= reward for k, r in points if k <= kl)
@@ -100,13 +104,13 @@ def test_the_upper_front_is_what_no_point_dominates(points):
 
 def test_fronts_are_read_between_their_points_and_compared_at_matched_kl():
     a = [(0.0, 0.0), (1.0, 1.0), (2.0, 1.5), (1.5, 0.2)]  # (1.5, 0.2) is dominated
-    np.testing.assert_allclose(study.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
-    assert np.isnan(study.front_at(a, [2.5])).all()
+    np.testing.assert_allclose(evaluation.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
+    assert np.isnan(evaluation.front_at(a, [2.5])).all()
     b = [(k, r - 0.3) for k, r in a] + [(4.0, 9.0)]  # b reaches further; compared up to 2
-    assert study.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
-    assert study.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
+    assert evaluation.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
+    assert evaluation.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
         np.mean([0.4, 0.25]))
-    assert np.isnan(study.above(a, [(5.0, 0.0)]))
+    assert np.isnan(evaluation.above(a, [(5.0, 0.0)]))
 
 
 def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
@@ -123,13 +127,15 @@ def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
         scipy.stats.t.sf(np.mean(x) / (np.std(x, ddof=1) / np.sqrt(3)), df=2))
 
 
-def test_the_pilot_takes_the_smallest_beta_whose_kl_plateaus():
-    def run(beta, kls):
-        return [{"beta": beta, "step": 50 * (i + 1), "kl": k} for i, k in enumerate(kls)]
+def test_the_pilot_takes_the_smallest_beta_whose_kl_term_binds():
+    def run(beta, kl, reward):
+        return [{"beta": beta, "step": 50, "kl": kl / 2, "proxy_reward": reward / 2},
+                {"beta": beta, "step": 100, "kl": kl, "proxy_reward": reward}]
 
-    pilot = run(0.1, [1, 3, 6, 10]) + run(0.3, [1, 2, 2.2, 2.3]) + run(1.0, [0.5, 0.6, .6, .6])
-    assert study.pick_beta(pilot, 0.25) == 0.3
-    assert study.pick_beta(run(0.1, [1, 3, 6, 10]) + run(0.3, [1, 2, 4, 8]), 0.25) == 0.3
+    pilot = run(0.03, 10.0, 1.0) + run(0.1, 4.5, 0.7) + run(0.3, 2.4, 0.4)
+    assert study.pick_beta(pilot, 0.0, 0.5) == 0.1  # 0.45 >= 0.35; 0.03 x 10 < 0.5
+    assert study.pick_beta(pilot, 0.0, 0.2) == 0.03
+    assert study.pick_beta(pilot, -1.0, 0.5) == 0.3  # none binds: the largest
 
 
 def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.05),

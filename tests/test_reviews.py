@@ -77,3 +77,12 @@ def test_a_missing_or_damaged_corpus_is_one_line_saying_how_to_install(monkeypat
         data.rotten_tomatoes(tmp_path / "columns.csv.bz2")
     with pytest.raises(ValueError, match="fractions must be"):
         data.split_by_movie([], {"a": 0.7, "b": 0.5})
+
+
+def test_the_built_in_tasks_evaluation_prompts_never_occur_in_training():
+    train = set(data.review_prompts(2000, seed=0))
+    held_out = set(data.review_prompts(500, seed=1, part="eval"))
+    assert len(train) == 54 and len(held_out) == 18  # all 72 opener x noun pairs, split
+    assert not train & held_out
+    with pytest.raises(ValueError, match="part must be"):
+        data.review_prompts(1, part="test")

@@ -51,10 +51,16 @@ def review_corpus(num: int, seed: int | Sequence[int] = 0) -> list[str]:
     return out
 
 
-def review_prompts(num: int, seed: int | Sequence[int] = 0) -> list[str]:
-    """Review openings to complete, such as "i thought the acting was"."""
+def review_prompts(num: int, seed: int | Sequence[int] = 0, part: str = "train") -> list[str]:
+    """Review openings to complete, such as "i thought the acting was", drawn from the
+    `part` "train" or "eval" of the opener x noun pairs: every fourth pair is for evaluation
+    only, so held-out prompts never occur in training."""
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
+    pairs = [(o, n) for o in _OPENERS for n in _NOUNS]
+    pairs = [p for i, p in enumerate(pairs) if (i % 4 == 0) == (part == "eval")]
     rng = np.random.default_rng(seed)
-    return [rng.choice(_OPENERS).format(n=rng.choice(_NOUNS)) for _ in range(num)]
+    return [o.format(n=n) for o, n in (pairs[i] for i in rng.integers(len(pairs), size=num))]
 
 
 # Real review text: the Rotten Tomatoes snippets (Pang and Lee's critic quotes, labelled fresh

@@ -19,7 +19,8 @@ from warp_jax.gemma import GemmaConfig
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
 
 
-def _mean_se(values) -> tuple[float, float]:
+def mean_se(values) -> tuple[float, float]:
+    """The mean of `values` and its standard error (NaN for a single value)."""
     values = np.asarray(values, np.float64)
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
     return float(values.mean()), float(se)
@@ -87,10 +88,10 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
             backend=sampling.get_backend(backend))
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
-    result["kl"], result["kl_se"] = _mean_se(host_out[4])
+    result["kl"], result["kl_se"] = mean_se(host_out[4])
     scores = {name: rewards.score(fn, out[:4], host_out[:4]) for name, fn in reward_fns.items()}
     for name, values in scores.items():
-        result[name], result[f"{name}_se"] = _mean_se(values)
+        result[name], result[f"{name}_se"] = mean_se(values)
     if len(scores) >= 2:
         first, second = list(scores.values())[:2]
         result["rank_correlation"] = rank_correlation(first, second)
@@ -159,3 +160,37 @@ def reward_at_kl(front: Sequence[tuple[float, float]], kl: float) -> float | Non
         return None
     xs, ys = zip(*points, strict=True)
     return float(np.interp(kl, xs, ys))
+
+
+def upper_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated `(kl, reward)` points, by increasing KL: each has a higher reward
+    than every point of lower or equal KL."""
+    out: list[tuple[float, float]] = []
+    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not out or reward > out[-1][1]:
+            out.append((kl, reward))
+    return out
+
+
+def front_at(points: Sequence[tuple[float, float]], kls) -> np.ndarray:
+    """The upper front of `points` read at each of `kls` (linear between its points; NaN
+    outside its KL range)."""
+    front = upper_front(points)
+    values = [reward_at_kl(front, k) for k in np.atleast_1d(kls)]
+    return np.array([np.nan if v is None else v for v in values])
+
+
+def matched_gap(a: Sequence, b: Sequence, levels: Sequence[float]) -> float:
+    """Front `a` minus front `b`, averaged over `levels` x the KL up to which both fronts
+    reach (a point beyond a front's last one is dominated by it)."""
+    top = min(upper_front(a)[-1][0], upper_front(b)[-1][0])
+    kls = np.asarray(levels) * top
+    return float(np.mean(front_at(a, kls) - front_at(b, kls)))
+
+
+def above(front: Sequence, points: Sequence) -> float:
+    """The front's reward minus each point's, averaged over the points within its KL range
+    (NaN if none is)."""
+    gaps = [v - p[1] for p, v in zip(points, front_at(front, [p[0] for p in points]),
+                                    strict=True) if np.isfinite(v)]
+    return float(np.mean(gaps)) if gaps else float("nan")

@@ -269,14 +269,17 @@ class Experiment:
         record_config(config, workdir)
         return cls(config, workdir, prepare(config, workdir))
 
-    def baselines(self) -> list[dict]:
+    def baselines(self, beta: float | None = None) -> list[dict]:
         """REINFORCE from the SFT policy with the SFT and the EMA anchor (as configured), for
-        as many steps as WARP's runs take in all; their evaluation records."""
+        as many steps as WARP's runs take in all, `warp.baseline_runs` seeds of each (stacked;
+        record `run` r is seed r), with `beta` in place of `rl.beta` if given; their
+        evaluation records."""
         c, records = self.config, []
+        runs = [("baseline", r) for r in range(c.warp.baseline_runs)]
         for name in c.warp.baselines:
             if name in ("reinforce_sft", "reinforce_ema"):
-                self.train(f"baseline_{name}", self.sft, name.split("_")[1], [("baseline", 0)],
-                           c.warp.iterations * c.warp.steps, name, 0)
+                self.train(f"baseline_{name}", self.sft, name.split("_")[1], runs,
+                           c.warp.iterations * c.warp.steps, name, 0, beta=beta)
                 records += self.load_records(f"baseline_{name}")
         return records
 

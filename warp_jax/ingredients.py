@@ -91,6 +91,7 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
                   f"or start from variant gemma_2b); the built-in task {c.task.name!r} trains "
                   "its own tokenizer, policy and reward model")
     positive = {"warp.iterations": c.warp.iterations, "warp.runs": c.warp.runs,
+                "warp.baseline_runs": c.warp.baseline_runs,
                 "warp.steps": c.warp.steps, "eval.every": c.eval.every,
                 "eval.samples": c.eval.samples, "rl.batch_size": c.rl.batch_size,
                 "task.eval_prompts": c.task.eval_prompts, "task.prompt_len": c.task.prompt_len,
@@ -205,7 +206,7 @@ def _texts(c) -> _Texts:
                       data.review_prompts(c.task.num_prompts,
                                           streams.seed(c.seed, "train_prompts")),
                       data.review_prompts(c.task.eval_prompts,
-                                          streams.seed(c.seed, "eval_prompts")))
+                                          streams.seed(c.seed, "eval_prompts"), "eval"))
     # Real review snippets, split by movie: the SFT policy learns one part, the gold
     # classifier another; RL and evaluation prompts open snippets of two more.
     parts = data.split_by_movie(data.rotten_tomatoes(), dict(zip(

@@ -89,6 +89,33 @@ def _final_points(records, method):
     return list(last.values())
 
 
+LEVELS = (0.25, 0.5, 0.75)  # matched-KL levels: fractions of the KL both compared fronts reach
+
+
+def _verdicts(front, records, rewards) -> list[str]:
+    """Per baseline and reward: WARP's final front minus each baseline run's front (the
+    upper envelope of its evaluations, from the SFT point), averaged over `LEVELS`, as the
+    mean and standard error over the baseline's runs (independent seeds)."""
+    lines = []
+    origin = [r for r in front if r["eta"] == 0.0]
+    for reward in rewards:
+        warp = [(r["kl"], r[reward]) for r in front]
+        for method in ("reinforce_sft", "reinforce_ema"):
+            runs = sorted({r["run"] for r in records if r["method"] == method})
+            if not runs or not origin:
+                continue
+            gaps = [evaluation.matched_gap(warp, [(0.0, origin[0][reward])] + [
+                (r["kl"], r[reward]) for r in records if r["method"] == method
+                and r["run"] == run], LEVELS) for run in runs]
+            mean, se = evaluation.mean_se(gaps)
+            spread = (f" ± {se:.3f} (standard error over {len(runs)} runs)" if len(runs) > 1
+                      else " (one run: no standard error)")
+            lines.append(f"{reward.replace('_', ' ')}: WARP's front minus {_LABELS[method]}'s "
+                         f"is {mean:+.3f}{spread}, at {', '.join(f'{x:.0%}' for x in LEVELS)} "
+                         "of the KL both reach.")
+    return lines
+
+
 def _summary(path, records, rewards, config, samples) -> None:
     iterations = config.warp.iterations
     front = sorted((r for r in records if r["method"] == "warp"
@@ -109,19 +136,7 @@ def _summary(path, records, rewards, config, samples) -> None:
                      f"{'' if r['eta'] is None else r['eta']} | {r['kl']:.2f} ± "
                      f"{r['kl_se']:.2f} | {values} |")
     lines += ["", "## Verdict: WARP's final front against the baselines at matched KL", ""]
-    baselines = [r for r in records if r["method"] in ("reinforce_sft", "reinforce_ema")]
-    for reward in rewards:
-        pts = [(r["kl"], r[reward]) for r in front]
-        compared = [(r, evaluation.reward_at_kl(pts, r["kl"])) for r in baselines]
-        compared = [(r, v) for r, v in compared if v is not None]
-        wins = sum(v > r[reward] for r, v in compared)
-        if compared:
-            verdict = (f"WARP's front is above {wins} of {len(compared)} baseline evaluations "
-                       f"within its KL range ({reward.replace('_', ' ')}).")
-        else:
-            verdict = (f"No baseline evaluation falls within the KL range of WARP's front "
-                       f"({reward.replace('_', ' ')}): no matched-KL comparison.")
-        lines.append(f"- {verdict}")
+    lines += [f"- {line}" for line in _verdicts(front, records, rewards)]
     lines += ["", "## Samples (held-out prompts, temperature "
               f"{config.rl.temperature})", ""]
     for name, pairs in samples.items():

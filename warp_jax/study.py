@@ -8,7 +8,7 @@ proxy reward model are shared by all seeds; a seed changes the RL runs' prompt o
 sampling keys. The stages:
 
 - pilot: SFT-anchored REINFORCE at each `study.pilot_betas`; the study's beta is the smallest
-  at which the run's KL to the SFT policy plateaus (`pick_beta`);
+  whose KL term binds (`pick_beta`);
 - baselines: REINFORCE with the SFT and with the EMA anchor, `I * T` steps, the seeds stacked;
 - iterations 1..I: M runs per seed (all seeds stacked), each seed's SLERP and the LITI front
   of it towards the SFT policy; at iteration 1 also the fronts of the first m runs' merge
@@ -79,6 +79,12 @@ def validate(c) -> None:
 
     if not isinstance(s.seeds, int) or s.seeds < 1:
         fail("study.seeds", "must be a positive int")
+    if c.warp.baseline_runs != s.seeds:
+        fail("warp.baseline_runs", f"the study runs each baseline once per seed: use "
+             f"study.seeds ({s.seeds})")
+    if set(c.warp.baselines) != {"reinforce_sft", "reinforce_ema"}:
+        fail("warp.baselines", "the study compares both REINFORCE baselines: use "
+             "('reinforce_sft', 'reinforce_ema')")
     if c.warp.runs < 2:
         fail("warp.runs", "the study merges and compares runs: use 2 or more")
     if not c.reward.oracle:
@@ -87,8 +93,8 @@ def validate(c) -> None:
         fail("study.pilot_betas", "must be finite and >= 0")
     if s.pilot_betas and (not isinstance(s.pilot_steps, int) or s.pilot_steps < 2):
         fail("study.pilot_steps", "must be an int >= 2")
-    if not 0 <= s.plateau <= 1:
-        fail("study.plateau", "must be in [0, 1]")
+    if not 0 <= s.bind < float("inf"):
+        fail("study.bind", "must be finite and >= 0")
     if not s.lambdas or any(not 0 < x < 1 for x in s.lambdas):
         fail("study.lambdas", "needs values in (0, 1)")
     if not s.levels or any(not 0 < x <= 1 for x in s.levels):
@@ -134,8 +140,8 @@ class Study:
         self.beta: float = self.config.rl.beta
 
     def collect(self) -> list[dict]:
-        records = [{**self._point("sft", lambda: self.exp.sft, method="sft"), "seed": None}]
-        records += self.pilot()
+        self.sft_point = {**self._point("sft", lambda: self.exp.sft, method="sft"), "seed": None}
+        records = [self.sft_point, *self.pilot()]
         records += self.baselines()
         c = self.config.warp
         inits = [self.exp.sft] * len(self.seeds)
@@ -161,18 +167,12 @@ class Study:
             self.exp.train(stage, self.exp.sft, "sft", [("pilot", 0)], s.pilot_steps,
                            "pilot", 0, beta=beta)
             records += [{**r, "seed": 0, "beta": beta} for r in self.exp.load_records(stage)]
-        self.beta = pick_beta(records, s.plateau)
+        self.beta = pick_beta(records, self.sft_point["proxy_reward"], s.bind)
         return records
 
     def baselines(self) -> list[dict]:
-        c, records = self.config.warp, []
-        runs = [("baseline", s) for s in self.seeds]
-        for anchor in ("sft", "ema"):
-            stage = f"baseline_{anchor}"
-            self.exp.train(stage, self.exp.sft, anchor, runs, c.iterations * c.steps,
-                           f"reinforce_{anchor}", 0, beta=self.beta)
-            records += [{**r, "seed": r["run"]} for r in self.exp.load_records(stage)]
-        return records
+        """The REINFORCE baselines (`Experiment.baselines`), one run per seed."""
+        return [{**r, "seed": r["run"]} for r in self.exp.baselines(beta=self.beta)]
 
     def _iteration_runs(self, i: int, inits: list) -> tuple[list, list[dict]]:
         """Iteration i's M runs of every seed, stacked, each from its seed's init: their
@@ -248,52 +248,17 @@ class Study:
         return {"beta": self.beta, "wall_seconds": spent, "setup": meta}
 
 
-def pick_beta(pilot: Sequence[dict], plateau: float) -> float:
-    """The smallest pilot beta whose SFT-anchored run plateaus: the KL it gains over the
-    second half of the run is at most `plateau` x its final KL. The largest beta if none
+def pick_beta(pilot: Sequence[dict], sft_reward: float, bind: float) -> float:
+    """The smallest pilot beta that binds: at the end of its SFT-anchored run, the KL term
+    beta x KL costs at least `bind` x the proxy reward gained over the SFT policy (a KL
+    penalty that is small next to the gain never shapes the run). The largest beta if none
     does."""
     betas = sorted({r["beta"] for r in pilot})
     for beta in betas:
-        pts = sorted((r["step"], r["kl"]) for r in pilot if r["beta"] == beta)
-        last_step, last_kl = pts[-1]
-        half = min(pts, key=lambda p: abs(p[0] - last_step / 2))[1]
-        if last_kl - half <= plateau * max(last_kl, 1e-9):
+        last = max((r for r in pilot if r["beta"] == beta), key=lambda r: r["step"])
+        if beta * last["kl"] >= bind * (last["proxy_reward"] - sft_reward):
             return beta
     return betas[-1]
-
-
-def upper_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The non-dominated `(kl, reward)` points, by increasing KL: each has a higher reward
-    than every point of lower or equal KL."""
-    out: list[tuple[float, float]] = []
-    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not out or reward > out[-1][1]:
-            out.append((kl, reward))
-    return out
-
-
-def front_at(points: Sequence[tuple[float, float]], kls) -> np.ndarray:
-    """The upper front of `points` read at each of `kls` (linear between its points; NaN
-    outside its KL range)."""
-    front = upper_front(points)
-    values = [evaluation.reward_at_kl(front, k) for k in np.atleast_1d(kls)]
-    return np.array([np.nan if v is None else v for v in values])
-
-
-def matched_gap(a: Sequence, b: Sequence, levels: Sequence[float]) -> float:
-    """Front `a` minus front `b`, averaged over `levels` x the KL up to which both fronts
-    reach (a point beyond a front's last one is dominated by it)."""
-    top = min(upper_front(a)[-1][0], upper_front(b)[-1][0])
-    kls = np.asarray(levels) * top
-    return float(np.mean(front_at(a, kls) - front_at(b, kls)))
-
-
-def above(front: Sequence, points: Sequence) -> float:
-    """The front's reward minus each point's, averaged over the points within its KL range
-    (NaN if none is)."""
-    gaps = [v - p[1] for p, v in zip(points, front_at(front, [p[0] for p in points]),
-                                    strict=True) if np.isfinite(v)]
-    return float(np.mean(gaps)) if gaps else float("nan")
 
 
 def effect(per_seed: Sequence[float], alpha: float) -> tuple[str, float]:
@@ -349,7 +314,7 @@ def judge(records: list[dict], geometry: dict, study, num_seeds: int) -> list[di
                         "rule": RULES[claim], "seeds": num_seeds, "per_seed": per_seed,
                         "reward": name, **extra})
 
-        d = [matched_gap(curve(method="reinforce_ema", seed=s),
+        d = [evaluation.matched_gap(curve(method="reinforce_ema", seed=s),
                          curve(method="reinforce_sft", seed=s), levels) for s in seeds]
         verdict, p = effect(d, alpha)
         entry(1, verdict, d, p_value=p, mean=float(np.mean(d)))
@@ -387,21 +352,21 @@ def judge(records: list[dict], geometry: dict, study, num_seeds: int) -> list[di
             baseline_points = [p for anchor in ("sft", "ema")
                                for p in _curve(records, key, method=f"reinforce_{anchor}",
                                                seed=s)]
+            run_points = _curve(records, key, method="warp_run", seed=s, iteration=1)
             per_seed.append({
-                "above_runs": above(front(s, 1), _curve(records, key, method="warp_run",
-                                                        seed=s, iteration=1)),
-                "above_baselines": above(front(s, iterations), baseline_points)})
+                "above_runs": evaluation.above(front(s, 1), run_points),
+                "above_baselines": evaluation.above(front(s, iterations), baseline_points)})
         (va, pa), (vb, pb) = (effect([x[f] for x in per_seed], alpha)
                               for f in ("above_runs", "above_baselines"))
         entry(4, _both(va, vb), per_seed, p_value={"above_runs": pa, "above_baselines": pb})
 
-        d = [matched_gap(front(s, 1, runs), front(s, 1, 1), levels) for s in seeds]
-        by_m = [[matched_gap(front(s, 1, m), front(s, 1, 1), levels) for m in range(1, runs + 1)]
-                for s in seeds]
+        by_m = [[evaluation.matched_gap(front(s, 1, m), front(s, 1, 1), levels)
+                 for m in range(1, runs + 1)] for s in seeds]
+        d = [gains[-1] for gains in by_m]
         verdict, p = effect(d, alpha)
         entry(5, verdict, d, p_value=p, mean=float(np.mean(d)), gain_over_one_run=by_m)
 
-        gains = [[matched_gap(front(s, i + 1), front(s, i), levels)
+        gains = [[evaluation.matched_gap(front(s, i + 1), front(s, i), levels)
                   for i in range(1, iterations)] for s in seeds]
         if iterations < 2:
             entry(6, "inconclusive", gains, note="needs 2 iterations or more")

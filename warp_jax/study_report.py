@@ -13,7 +13,7 @@ import subprocess
 
 import numpy as np
 
-from warp_jax import study
+from warp_jax import evaluation, study
 
 _COLORS = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
 
@@ -46,7 +46,7 @@ def _band(ax, curves, label, color, style="-") -> None:
         return
     top = min(max(p[0] for p in c) for c in curves)
     grid = np.linspace(0, top, 40)
-    values = np.array([study.front_at(c, grid) for c in curves])
+    values = np.array([evaluation.front_at(c, grid) for c in curves])
     mean = values.mean(0)
     ax.plot(grid, mean, style, color=color, label=label)
     if len(curves) > 1:
@@ -245,15 +245,19 @@ def _markdown(run, claims, config, figures, command) -> str:
     if pilot:
         lines += ["## Pilot", "",
                   f"SFT-anchored REINFORCE for {c['study']['pilot_steps']} steps at each beta; "
-                  f"the study takes the smallest beta whose KL grows by at most "
-                  f"{c['study']['plateau']:.0%} of its final value over the second half "
-                  f"(it plateaus: the KL term binds). Chosen: **beta = {run['beta']:g}**.", "",
-                  "| beta | step | KL | proxy | gold | Spearman(proxy, gold) |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "the study takes the smallest beta whose KL term binds: at the end of its "
+                  f"run, beta x KL is at least {c['study']['bind']:g} x the proxy reward gained "
+                  "over the SFT policy (the last column). Chosen: "
+                  f"**beta = {run['beta']:g}**.", "",
+                  "| beta | step | KL | proxy | gold | Spearman(proxy, gold) | beta x KL / "
+                  "proxy gain |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        sft_proxy = records[0]["proxy_reward"]
         for r in sorted(pilot, key=lambda r: (r["beta"], r["step"])):
+            gain = r["proxy_reward"] - sft_proxy
+            ratio = f"{r['beta'] * r['kl'] / gain:.2f}" if gain > 0 else "(no gain)"
             lines.append(f"| {r['beta']:g} | {r['step']} | {r['kl']:.3f} | "
                          f"{r['proxy_reward']:+.3f} | {r['oracle_reward']:.3f} | "
-                         f"{r['rank_correlation']:+.3f} |")
+                         f"{r['rank_correlation']:+.3f} | {ratio} |")
         lines.append("")
     by = {(x["claim"], x["reward"]): x for x in claims}
     lines += ["## Verdicts", "", "| claim | proxy reward | gold reward |", "|---|---|---|"]

@@ -87,6 +87,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.warp.eta_grid = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)  # the final front
     c.warp.granularity = "layer"  # SLERP angle per transformer block, or "tensor"
     c.warp.baselines = ("reinforce_sft", "reinforce_ema", "lerp")  # compared methods
+    c.warp.baseline_runs = 2  # seeds of each REINFORCE baseline (stacked): the verdict's
+    # standard error
     c.warp.export_eta = 1.0  # the point of the final front saved in HF format
 
     c.mesh = ml_collections.ConfigDict()  # how each run's devices split (warp.runs: `run`)
@@ -123,6 +125,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.warp.steps = 2000 if variant == "gemma_2b" else 9000
         c.warp.iterations = 2 if variant == "gemma_2b" else 5
         c.eval.every, c.eval.samples = 100, 2
+        c.warp.baseline_runs = 1
         c.mesh.data = 1  # every device of a run shards the weights (FSDP)
         c.plan_first = True
     else:

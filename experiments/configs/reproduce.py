@@ -33,20 +33,28 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.reward.oracle = "gold"
     c.reward.pairs, c.reward.steps, c.reward.learning_rate = 4096, 150, 1e-3
 
-    c.rl.batch_size = 16  # prompts per step (K = 2 completions each)
-    c.rl.max_new_tokens = 16
-    c.rl.learning_rate = 2e-4
-    c.rl.mu = 0.05
+    # Every field the study depends on is set here, so the main job's defaults can change
+    # without changing the study.
+    c.reward.normalize, c.reward.norm_samples = True, 512
+    c.rl.beta = 0.1  # without a pilot; the pilot's choice otherwise
+    c.rl.batch_size, c.rl.num_samples = 16, 2  # prompts per step, completions per prompt
+    c.rl.max_new_tokens, c.rl.temperature = 16, 0.9
+    c.rl.learning_rate, c.rl.warmup_steps = 2e-4, 10
+    c.rl.mu = 0.05  # EMA rate, for runs of 150 steps (the paper: 0.01 over 9k)
     c.warp.iterations, c.warp.runs, c.warp.steps = 3, 4, 150
+    c.warp.eta, c.warp.eta_grid = 0.3, (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)
+    c.warp.granularity = "layer"
     c.warp.baselines = ("reinforce_sft", "reinforce_ema")
     c.eval.every, c.eval.samples = 50, 8
 
     c.study = ml_collections.ConfigDict()
-    c.study.seeds = 3  # RL seeds: prompt order and sampling keys (SFT and rewards fixed)
+    c.study.seeds = ml_collections.FieldReference(3)  # RL seeds: prompt order and sampling
+    # keys (SFT and rewards fixed); each baseline runs once per seed
+    c.warp.baseline_runs = c.study.get_ref("seeds")
     c.study.pilot_betas = (0.03, 0.1, 0.3, 1.0)  # SFT-anchored pilot runs; () skips the pilot
     c.study.pilot_steps = 150
-    c.study.plateau = 0.25  # a pilot run plateaus if its KL grows by at most this fraction
-    # of its final KL over its second half; the study takes the smallest such beta
+    c.study.bind = 0.5  # the study's beta: the smallest pilot beta whose KL term (beta x KL)
+    # costs at least this fraction of the proxy reward its run gained
     c.study.lambdas = (0.25, 0.5, 0.75)  # SLERP against LERP of two runs
     c.study.levels = (0.25, 0.5, 0.75)  # matched-KL levels, as fractions of the shared range
     c.study.alpha = 0.05  # the one-sided paired test over seeds
