@@ -1,4 +1,5 @@
-"""Monte-Carlo reward and KL estimates against exact expectations over every completion."""
+"""Monte-Carlo reward and KL estimates against exact expectations over every completion;
+rank correlation and KL-reward fronts against brute force."""
 
 import itertools
 
@@ -7,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
 from warp_jax import evaluation, reinforce, sharding
@@ -91,3 +94,26 @@ def test_rank_correlation_is_the_correlation_of_the_ranks():
         np.corrcoef(*ranks)[0, 1])
     assert evaluation.rank_correlation(a, 2 * a + 1) == pytest.approx(1.0)
     assert np.isnan(evaluation.rank_correlation(a, np.ones(50)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(-5, 5)), min_size=1, max_size=12))
+def test_the_upper_front_is_what_no_point_dominates(points):
+    front = evaluation.upper_front(points)
+    assert set(front) <= set(points)
+    for kl, reward in front:  # brute force: nothing at lower or equal KL does better
+        assert all(r <= reward for k, r in points if k <= kl)
+    for kl, reward in points:  # and every point has a front point at least as good
+        assert any(k <= kl and r >= reward for k, r in front)
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(front))
+
+
+def test_fronts_are_read_between_their_points_and_compared_at_matched_kl():
+    a = [(0.0, 0.0), (1.0, 1.0), (2.0, 1.5), (1.5, 0.2)]  # (1.5, 0.2) is dominated
+    np.testing.assert_allclose(evaluation.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
+    assert np.isnan(evaluation.front_at(a, [2.5])).all()
+    b = [(k, r - 0.3) for k, r in a] + [(4.0, 9.0)]  # b reaches further; compared up to 2
+    assert evaluation.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
+    assert evaluation.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
+        np.mean([0.4, 0.25]))
+    assert np.isnan(evaluation.above(a, [(5.0, 0.0)]))

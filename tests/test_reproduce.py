@@ -1,17 +1,14 @@
 """The reproduction study (warp_jax.study): the smoke study end to end, resuming, its data
 split, and the decision rules against brute force and hand-made records."""
 
-import itertools
 import json
 import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from experiments.configs.reproduce import get_config
-from warp_jax import data, evaluation, ingredients, study, study_report
+from warp_jax import data, ingredients, study, study_report
 
 VERDICTS = {"supported", "not supported", "inconclusive"}
 
@@ -88,29 +85,6 @@ def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_traini
     assert not set(texts.eval_prompts) & (openings["sft"] | openings["rl"])
     assert set(texts.train_prompts) <= openings["rl"]
     assert len(texts.train_prompts) > 1000
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.floats(0, 10), st.floats(-5, 5)), min_size=1, max_size=12))
-def test_the_upper_front_is_what_no_point_dominates(points):
-    front = evaluation.upper_front(points)
-    assert set(front) <= set(points)
-    for kl, reward in front:  # brute force: nothing at lower or equal KL does better
-        assert all(r <= reward for k, r in points if k <= kl)
-    for kl, reward in points:  # and every point has a front point at least as good
-        assert any(k <= kl and r >= reward for k, r in front)
-    assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(front))
-
-
-def test_fronts_are_read_between_their_points_and_compared_at_matched_kl():
-    a = [(0.0, 0.0), (1.0, 1.0), (2.0, 1.5), (1.5, 0.2)]  # (1.5, 0.2) is dominated
-    np.testing.assert_allclose(evaluation.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
-    assert np.isnan(evaluation.front_at(a, [2.5])).all()
-    b = [(k, r - 0.3) for k, r in a] + [(4.0, 9.0)]  # b reaches further; compared up to 2
-    assert evaluation.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
-    assert evaluation.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
-        np.mean([0.4, 0.25]))
-    assert np.isnan(evaluation.above(a, [(5.0, 0.0)]))
 
 
 def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
