@@ -61,7 +61,7 @@ def test_the_main_job_says_one_line_for_bad_files_and_paths(recorded, tmp_path_f
          "error: config.rl.grad_clip = -1.0: must be >= 0 (0: no clipping)"),
         ((f"--config={CONFIG}", f"--workdir={recorded}", "--config.rl.beta=0.5",
           "--config.warp.steps=7"),
-         f"error: {recorded} was made with another config: rl.beta (0.1 -> 0.5), warp.steps "
+         f"error: {recorded} was made with another config: rl.beta (0.3 -> 0.5), warp.steps "
          "(6 -> 7); rerun with the recorded values (config.json there), or use a new --workdir"),
     ]
     for flags, message in cases:

@@ -118,7 +118,7 @@ def test_a_damaged_workdir_resumes_to_the_same_front(finished, tmp_path, capsys)
     changed = get_config("test")
     changed.rl.beta = 0.5
     before = (workdir / "pareto_front.json").read_bytes()
-    with pytest.raises(ValueError, match=r"was made with another config: rl.beta \(0.1 -> 0.5\)"):
+    with pytest.raises(ValueError, match=r"was made with another config: rl.beta \(0.3 -> 0.5\)"):
         warp.run(changed, workdir)
     assert (workdir / "pareto_front.json").read_bytes() == before
 

@@ -163,7 +163,7 @@ def _params(boxed, mesh) -> Any:
 def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every jitted program of the WARP job of config `c` on `devices`, lowered from abstract
     inputs: the stacked train step (one program with a model reward), its init, the
-    baselines' one-run step, the evaluation's sampler and KL, the SLERP of the runs and LITI.
+    baselines' step (`warp.baseline_runs` stacked runs), the evaluation's sampler and KL, the SLERP of the runs and LITI.
     Also returns the mesh shape and sizes the report needs. The sampler backend "auto" is
     planned as "xla", what it picks on a TPU."""
     ingredients.validate_config(c, files=False, num_devices=len(devices))
@@ -187,16 +187,17 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=shards.keys)
     programs = {f"train_step/{k}": v for k, v in train_step.lower(state, prompts, keys).items()}
     programs["init"] = init.lower(params)
-    if {"reinforce_sft", "reinforce_ema"} & set(c.warp.baselines):  # one run at a time
-        step_1, init_1 = reinforce.make_train_step(
-            cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=1)
-        state_1 = _abstract(jax.eval_shape(init_1, params), step_1.shardings.state)
-        inputs_1 = [jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype, sharding=sh)
-                    for x, sh in zip((*prompts, keys), (*step_1.shardings.prompts,
-                                                        step_1.shardings.keys), strict=True)]
+    if {"reinforce_sft", "reinforce_ema"} & set(c.warp.baselines):  # their seeds stacked
+        n = c.warp.baseline_runs
+        step_b, init_b = reinforce.make_train_step(
+            cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=n)
+        state_b = _abstract(jax.eval_shape(init_b, params), step_b.shardings.state)
+        inputs_b = [jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype, sharding=sh)
+                    for x, sh in zip((*prompts, keys), (*step_b.shardings.prompts,
+                                                        step_b.shardings.keys), strict=True)]
         programs |= {f"baseline_step/{k}": v
-                     for k, v in step_1.lower(state_1, tuple(inputs_1[:2]),
-                                              inputs_1[2]).items()}
+                     for k, v in step_b.lower(state_b, tuple(inputs_b[:2]),
+                                              inputs_b[2]).items()}
     rows = evaluation.prompt_sharding(mesh, c.task.eval_prompts)  # as evaluate_policy
     eval_prompts = [jax.ShapeDtypeStruct((c.task.eval_prompts, c.task.prompt_len), dtype,
                                          sharding=rows or sharding.replicated(mesh))

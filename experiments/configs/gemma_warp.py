@@ -63,7 +63,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.reward.norm_samples = 512  # SFT completions that standardisation measures
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.beta = 0.1  # KL coefficient (paper: 0.1)
+    c.rl.beta = 0.3  # KL coefficient (paper: 0.1). On the standardised built-in proxy, 0.3
+    # binds: the SFT-anchored run plateaus at KL ~1.3 by step 75 (at 0.1 it gains to step 175)
     c.rl.mu = 0.05  # EMA rate (paper: 0.01 over 9k steps; faster for our 100-step runs)
     c.rl.num_samples = 2  # K completions per prompt (RLOO)
     c.rl.baseline = "rloo"
@@ -119,8 +120,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.task.prompt_len = 256
         c.reward.oracle = ""
         c.reward.normalize = False  # the paper does not say
-        c.rl.update(dict(mu=0.01, batch_size=128 // c.rl.num_samples, max_new_tokens=320,
-                         learning_rate=1e-6, warmup_steps=100, grad_clip=0.0,
+        c.rl.update(dict(beta=0.1, mu=0.01, batch_size=128 // c.rl.num_samples,
+                         max_new_tokens=320, learning_rate=1e-6, warmup_steps=100, grad_clip=0.0,
                          remat=True))  # 128 sequences of 576 tokens: activations dominate
         c.warp.steps = 2000 if variant == "gemma_2b" else 9000
         c.warp.iterations = 2 if variant == "gemma_2b" else 5
