@@ -163,9 +163,9 @@ def _params(boxed, mesh) -> Any:
 def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every jitted program of the WARP job of config `c` on `devices`, lowered from abstract
     inputs: the stacked train step (one program with a model reward), its init, the
-    baselines' step (`warp.baseline_runs` stacked runs), the evaluation's sampler and KL, the SLERP of the runs and LITI.
-    Also returns the mesh shape and sizes the report needs. The sampler backend "auto" is
-    planned as "xla", what it picks on a TPU."""
+    baselines' step (`warp.baseline_runs` stacked runs), the evaluation's sampler and KL, the
+    SLERP of the runs and LITI. Also returns the mesh shape and sizes the report needs. The
+    sampler backend "auto" is planned as "xla", what it picks on a TPU."""
     ingredients.validate_config(c, files=False, num_devices=len(devices))
     c = c.copy_and_resolve_references()
     if c.rl.sampler_backend == "auto":  # what "auto" picks on the slice, not on this host
