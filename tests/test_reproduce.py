@@ -2,14 +2,20 @@
 split, and the decision rules against brute force and hand-made records."""
 
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from experiments.configs import gemma_warp
 from experiments.configs.reproduce import get_config
 from warp_jax import data, ingredients, study, study_report
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "not supported", "inconclusive"}
 
 
@@ -67,6 +73,21 @@ def test_bad_study_fields_are_one_line_naming_them():
     with pytest.raises(ValueError, match=r"once per seed: use study\.seeds"):
         study.validate(c)
     study.validate(get_config("full"))
+    c = gemma_warp.get_config("test")
+    c.reward.oracle = "gold"
+    with pytest.raises(ValueError, match="use it with task 'rotten_tomatoes'"):
+        ingredients.validate_config(c)
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce",
+         f"--config={ROOT}/experiments/configs/reproduce.py:smoke", "--config.warp.runs=1",
+         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert (out.returncode, out.stderr.strip().splitlines()) == (
+        2, ["error: config.warp.runs = 1: the study merges and compares runs: use 2 or more"])
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_training():

@@ -116,6 +116,9 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if c.reward.oracle not in ("vader", "gold", ""):
         _fail("reward.oracle", c.reward.oracle, "use 'vader', 'gold' (task 'rotten_tomatoes') "
               "or ''")
+    if c.reward.oracle == "gold" and c.task.name != "rotten_tomatoes":
+        _fail("reward.oracle", c.reward.oracle, "the gold classifier is fitted on real labelled "
+              "reviews: use it with task 'rotten_tomatoes'")
     split = tuple(c.task.movie_split)
     if len(split) != 4 or any(not 0 < f <= 1 for f in split) or sum(split) > 1 + 1e-9:
         _fail("task.movie_split", split, "needs 4 shares in (0, 1] (SFT, gold, RL, evaluation "
@@ -191,12 +194,11 @@ def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
 @dataclasses.dataclass
 class _Texts:
     """A built-in task's text: what the tokenizer and the SFT policy learn, the RL and the
-    evaluation prompts, and the labelled text a gold reward is fitted on (if any)."""
+    evaluation prompts, and the real snippets by part (sft, gold, rl, eval) they come from."""
 
     corpus: list[str]
     train_prompts: list[str]
     eval_prompts: list[str]
-    gold: tuple[list[str], list[bool]] | None = None
     parts: dict[str, list[data.Snippet]] = dataclasses.field(default_factory=dict)
 
 
@@ -224,32 +226,27 @@ def _texts(c) -> _Texts:
     # An opening that other movies' snippets share ("It's a film that") is no held-out prompt.
     seen = {data.opening(s.text, c.task.prompt_words) for s in parts["sft"] + parts["rl"]}
     return _Texts([s.text for s in parts["sft"]], train,
-                  openings("eval", c.task.eval_prompts, seen),
-                  ([s.text for s in parts["gold"]], [s.fresh for s in parts["gold"]]),
-                  parts)
+                  openings("eval", c.task.eval_prompts, seen), parts)
 
 
 def _oracle(c, texts: _Texts, tokenizer: Tokenizer, workdir: pathlib.Path):
     """The built-in task's oracle (`reward.oracle`): VADER, or the gold classifier fitted on
-    the labelled part of the real reviews (its accuracy on that part's held-out tenth is
-    recorded in `workdir/gold.json`)."""
+    the fresh/rotten labels of the real reviews' gold part (its accuracy on a held-out tenth
+    of that part, by a classifier fitted on the rest, is recorded in `workdir/gold.json`)."""
     if c.reward.oracle == "vader":
         return vader_oracle(tokenizer)
     if c.reward.oracle != "gold":
         return None
-    if texts.gold is None:
-        raise ValueError("config.reward.oracle = 'gold': the gold classifier is fitted on real "
-                         "labelled reviews; use it with task 'rotten_tomatoes'")
-    gold_texts, labels = texts.gold
-    held_out = np.arange(len(gold_texts)) % 10 == 0
-    pick = lambda xs, keep: [x for x, k in zip(xs, keep, strict=True) if k]  # noqa: E731
-    probe = rewards.TextClassifier(pick(gold_texts, ~held_out), pick(labels, ~held_out))
-    record = {"texts": len(gold_texts), "held_out": int(held_out.sum()),
-              "held_out_accuracy": probe.accuracy(pick(gold_texts, held_out),
-                                                  pick(labels, held_out))}
+    gold = texts.parts["gold"]
+    held_out = [s for i, s in enumerate(gold) if i % 10 == 0]
+    rest = [s for i, s in enumerate(gold) if i % 10]
+    probe = rewards.TextClassifier([s.text for s in rest], [s.fresh for s in rest])
+    record = {"texts": len(gold), "held_out": len(held_out), "held_out_accuracy": probe.accuracy(
+        [s.text for s in held_out], [s.fresh for s in held_out])}
     if sharding.is_main_process():
         (workdir / "gold.json").write_text(json.dumps(record, indent=1))
-    return rewards.TextReward(rewards.TextClassifier(gold_texts, labels), tokenizer)
+    return rewards.TextReward(rewards.TextClassifier([s.text for s in gold],
+                                                     [s.fresh for s in gold]), tokenizer)
 
 
 def _built_in(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
