@@ -38,7 +38,7 @@ def test_the_smoke_study_judges_all_six_claims_on_both_rewards(smoke, tmp_path):
     records = json.loads((workdir / "study.json").read_text())["records"]
     assert {r["seed"] for r in records if r["method"] == "warp_run"} == {0, 1}
     assert {r["merged_runs"] for r in records if r["method"] == "warp"} == {1, 2, 3}
-    assert all(np.isfinite(r["rank_correlation"]) or r["kl"] == 0 for r in records)
+    assert all(r["rank_correlation"] is not None or r["kl"] == 0 for r in records)
     report = study_report.write(workdir, tmp_path, command="python -m experiments.reproduce")
     text = report.read_text()
     for k in range(1, 7):

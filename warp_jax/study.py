@@ -114,7 +114,7 @@ def run(config, workdir: str | os.PathLike) -> list[dict]:
     exp = Experiment.start(config, workdir)
     study = Study(exp)
     records = study.collect()
-    claims = judge(records, study.geometry, config.study, config.study.seeds)
+    claims = _strict_json(judge(records, study.geometry, config.study, config.study.seeds))
     meta = study.finish(started)
     if sharding.is_main_process():
         _write_json(exp.workdir / "claims.json", claims)
@@ -123,9 +123,20 @@ def run(config, workdir: str | os.PathLike) -> list[dict]:
     return claims
 
 
+def _strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinity (an undefined statistic) as None: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _write_json(path: pathlib.Path, value: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
+    tmp.write_text(json.dumps(_strict_json(value), indent=1, allow_nan=False))
     os.replace(tmp, path)
 
 

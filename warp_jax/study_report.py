@@ -158,9 +158,12 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, color in (("reinforce_sft", _COLORS[0]), ("reinforce_ema", _COLORS[1]),
                           ("warp_run", _COLORS[3]), ("warp", _COLORS[4])):
-        pts = [(r["kl"], r["rank_correlation"]) for r in records if r["method"] == method]
-        ax.scatter(*zip(*pts, strict=True), s=8, color=color, label=method, alpha=0.6)
-    ax.axhline(sft["rank_correlation"], color="k", lw=0.8, label="SFT policy")
+        pts = [(r["kl"], r["rank_correlation"]) for r in records
+               if r["method"] == method and r["rank_correlation"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=8, color=color, label=method, alpha=0.6)
+    if sft["rank_correlation"] is not None:
+        ax.axhline(sft["rank_correlation"], color="k", lw=0.8, label="SFT policy")
     ax.set_xlabel("KL(pi || pi_sft)")
     ax.set_ylabel("Spearman(proxy, gold) of a policy's samples")
     ax.grid(alpha=0.3)
@@ -188,6 +191,8 @@ def _commit() -> str:
 
 
 def _fmt(x) -> str:
+    if x is None:  # a statistic that is undefined (NaN) in the run
+        return "n/a"
     if isinstance(x, dict):
         return ", ".join(f"{k} {_fmt(v)}" for k, v in x.items())
     if isinstance(x, list):
@@ -206,6 +211,19 @@ def _markdown(run, claims, config, figures, command) -> str:
         f"({os.cpu_count()} CPU cores, JAX on CPU); wall time {minutes:.0f} minutes"
         f"{f' over {invocations} invocations (resumed)' if invocations > 1 else ''}. "
         "Every number below is in `reproduction/claims.json` or `reproduction/study.json`.", "",
+        "## Running it", "",
+        "```bash",
+        "python -m experiments.reproduce --config=experiments/configs/reproduce.py:full "
+        "--workdir=W --report_dir=docs",
+        "```", "",
+        "Variants: `full` (this report) and `smoke` (2 seeds of a tiny model, a few minutes: "
+        "what the tests run); any field is overridable (`--config.study.seeds=5`), and a bad "
+        "value stops it with one line. Killed and rerun with the same workdir, it resumes "
+        "where it stopped (every run and evaluation is checkpointed, as in the main job); a "
+        "finished study only judges the claims again and rewrites the report. `W/claims.json` "
+        "holds each claim's verdict on both rewards (`claim`, `title`, `verdict`, `rule`, "
+        "`seeds`, `per_seed`, `reward`, p-values), `W/study.json` every evaluated point, the "
+        "task-vector geometry and the set-up.", "",
         "## Setup", "",
         f"- **Text**: {meta['snippets']} real Rotten Tomatoes critic snippets "
         "(`warp_jax.data.rotten_tomatoes`), split by movie into SFT text "
@@ -257,7 +275,7 @@ def _markdown(run, claims, config, figures, command) -> str:
             ratio = f"{r['beta'] * r['kl'] / gain:.2f}" if gain > 0 else "(no gain)"
             lines.append(f"| {r['beta']:g} | {r['step']} | {r['kl']:.3f} | "
                          f"{r['proxy_reward']:+.3f} | {r['oracle_reward']:.3f} | "
-                         f"{r['rank_correlation']:+.3f} | {ratio} |")
+                         f"{_fmt(r['rank_correlation'])} | {ratio} |")
         lines.append("")
     by = {(x["claim"], x["reward"]): x for x in claims}
     lines += ["## Verdicts", "", "| claim | proxy reward | gold reward |", "|---|---|---|"]
@@ -280,7 +298,7 @@ def _markdown(run, claims, config, figures, command) -> str:
         lines += ["", f"![claim {k}]({figures[k]})", ""]
     lines += ["## Reward hacking", "",
               "The Spearman correlation between proxy and gold scores of a policy's samples "
-              f"is {records[0]['rank_correlation']:+.3f} for the SFT policy; the figure shows it "
+              f"is {_fmt(records[0]['rank_correlation'])} for the SFT policy; the figure shows it "
               "for every evaluated policy against its KL.", "",
               f"![rank correlation]({figures[0]})", "",
               "## What differs from the paper", "",
