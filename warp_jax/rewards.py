@@ -178,8 +178,7 @@ class ModelReward:
         return RewardModel(self.cfg).apply({"params": self.params}, tokens, mask)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["reward", "mean", "std"],
-                   meta_fields=[])
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class Standardized:
     """A jittable reward standardised: `(reward(...) - mean) / std`.
@@ -187,8 +186,8 @@ class Standardized:
     With `mean` and `std` measured on the SFT policy's own completions (`standardize`), one
     unit of reward is one standard deviation of what the SFT policy scores, so the KL
     coefficient beta means the same whatever the reward model's scale: an unnormalised
-    reward with a large spread drowns the KL penalty. A pytree (the inner reward's arrays,
-    then `mean` and `std`), like `ModelReward`.
+    reward with a large spread drowns the KL penalty. A pytree of arrays, like `ModelReward`:
+    the inner reward's (if it is such a pytree; else it is static), then `mean` and `std`.
     """
 
     reward: Any
@@ -198,6 +197,15 @@ class Standardized:
     def __call__(self, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
         raw = self.reward(prompt_tokens, prompt_mask, completion_tokens, completion_mask)
         return (raw - self.mean) / self.std
+
+    def tree_flatten(self):
+        if reward_arrays(self.reward)[1] is not None:
+            return (self.reward, self.mean, self.std), None
+        return (self.mean, self.std), self.reward
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        return cls(*children) if static is None else cls(static, *children)
 
 
 def standardize(reward_fn: Callable, scores) -> Standardized:
