@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import pathlib
+import platform
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -256,7 +257,9 @@ class Study:
                 "vocab_size": setup.cfg.vocab_size,
                 **{name: json.loads((workdir / f"{name}.json").read_text())
                    for name in ("gold", "reward_model")}}
-        return {"beta": self.beta, "wall_seconds": spent, "setup": meta}
+        machine = {"platform": platform.machine(), "cpus": os.cpu_count(),
+                   "backend": jax.default_backend(), "devices": jax.device_count()}
+        return {"beta": self.beta, "wall_seconds": spent, "setup": meta, "machine": machine}
 
 
 def pick_beta(pilot: Sequence[dict], sft_reward: float, bind: float) -> float:
