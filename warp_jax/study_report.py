@@ -311,7 +311,7 @@ def _markdown(run, claims, config, figures, command) -> str:
               f"= {c['rl']['mu']:g}) are scaled to runs of {c['warp']['steps']} steps (the "
               "paper: 1e-6 and 0.01 over 9k); beta comes from the pilot.",
               f"- M = {c['warp']['runs']} runs and I = {c['warp']['iterations']} iterations "
-              "(the paper: M = 2 by default, up to 5; I = 5); the batch, M and I follow the "
-              "audit that filed this study, T and the learning rate fit the study into about "
-              "an hour on 2 CPU cores; only beta is piloted.", ""]
+              "(the paper: M = 2 by default, up to 5; I = 5). The batch, M, I, T and the "
+              "learning rate are fixed in advance (T and the rate so that the study fits in "
+              "about an hour on 2 CPU cores); only beta is piloted.", ""]
     return "\n".join(lines)
