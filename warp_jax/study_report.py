@@ -198,6 +198,23 @@ def _fmt(x) -> str:
     return f"{x:+.3f}" if isinstance(x, float) else str(x)
 
 
+def _per_seed(values) -> str:
+    return "<br>".join(f"seed {s}: {_fmt(v)}" for s, v in enumerate(values))
+
+
+def _hacking(records) -> list[str]:
+    """The proxy-gold rank correlation of the evaluated RL policies, by KL band."""
+    bands = ((0, 5), (5, 20), (20, float("inf")))
+    rows = ["| KL(pi &#124;&#124; pi_sft) | policies | mean Spearman(proxy, gold) |",
+            "|---|---:|---:|"]
+    for low, high in bands:
+        values = [r["rank_correlation"] for r in records if r["method"] != "sft"
+                  and r["rank_correlation"] is not None and low <= r["kl"] < high]
+        if values:
+            rows.append(f"| {low:g} to {high:g} | {len(values)} | {np.mean(values):+.3f} |")
+    return rows
+
+
 def _markdown(run, claims, config, figures, command) -> str:
     c, meta, machine = config, run["setup"], run["machine"]
     records = run["records"]
@@ -292,13 +309,13 @@ def _markdown(run, claims, config, figures, command) -> str:
                   "| reward | verdict | per seed | p |", "|---|---|---|---|"]
         for name in study.REWARDS:
             x = by[k, name]
-            lines.append(f"| {name} | {x['verdict']} | {_fmt(x['per_seed'])} | "
+            lines.append(f"| {name} | {x['verdict']} | {_per_seed(x['per_seed'])} | "
                          f"{_fmt(x.get('p_value', ''))} |")
         lines += ["", f"![claim {k}]({figures[k]})", ""]
     lines += ["## Reward hacking", "",
               "The Spearman correlation between proxy and gold scores of a policy's samples "
               f"is {_fmt(records[0]['rank_correlation'])} for the SFT policy; the figure shows it "
-              "for every evaluated policy against its KL.", "",
+              "for every evaluated policy against its KL.", "", *_hacking(records), "",
               f"![rank correlation]({figures[0]})", "",
               "## What differs from the paper", "",
               f"- Scale: a {meta['parameters'] / 1e6:.1f}M-parameter Gemma completing "
