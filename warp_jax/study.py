@@ -75,8 +75,8 @@ def validate(c) -> None:
     s = c.study
 
     def fail(field, valid):
-        raise ValueError(f"config.{field} = {c[field.split('.')[0]][field.split('.')[1]]!r}: "
-                         f"{valid}")
+        section, key = field.split(".")
+        raise ValueError(f"config.{field} = {c[section][key]!r}: {valid}")
 
     if not isinstance(s.seeds, int) or s.seeds < 1:
         fail("study.seeds", "must be a positive int")
@@ -102,9 +102,10 @@ def validate(c) -> None:
         fail("study.levels", "needs values in (0, 1]")
     if not 0 < s.alpha < 1:
         fail("study.alpha", "must be in (0, 1)")
-    if not 0 < s.max_task_cosine <= 1 or not -1 < s.min_weight_cosine < 1:
-        fail("study.max_task_cosine" if not 0 < s.max_task_cosine <= 1
-             else "study.min_weight_cosine", "must be a cosine in (0, 1] / (-1, 1)")
+    if not 0 < s.max_task_cosine <= 1:
+        fail("study.max_task_cosine", "must be in (0, 1]")
+    if not -1 < s.min_weight_cosine < 1:
+        fail("study.min_weight_cosine", "must be in (-1, 1)")
 
 
 def run(config, workdir: str | os.PathLike) -> list[dict]:
@@ -148,8 +149,9 @@ class Study:
     def __init__(self, exp: Experiment):
         self.exp, self.config = exp, exp.config
         self.seeds = list(range(self.config.study.seeds))
-        self.geometry: dict[str, list[dict]] = {}
-        self.beta: float = self.config.rl.beta
+        self.geometry: dict[str, list[dict]] = {}  # per seed: every pair of iteration-1 runs
+        self.beta: float = self.config.rl.beta  # the pilot's choice, once it has run
+        self.sft_point: dict = {}  # the SFT policy's evaluation
 
     def collect(self) -> list[dict]:
         self.sft_point = {**self._point("sft", lambda: self.exp.sft, method="sft"), "seed": None}
@@ -300,7 +302,7 @@ def _both(first: str, second: str) -> str:
     return "supported" if first == second == "supported" else "inconclusive"
 
 
-def _curve(records, reward: str, **match) -> list[tuple[float, float]]:
+def points(records, reward: str, **match) -> list[tuple[float, float]]:
     """(kl, reward) of the records whose fields equal `match`."""
     return [(r["kl"], r[reward]) for r in records
             if all(r.get(k) == v for k, v in match.items())]
@@ -318,7 +320,7 @@ def judge(records: list[dict], geometry: dict, study, num_seeds: int) -> list[di
         origin = [(0.0, sft[key])]
 
         def curve(key=key, origin=origin, **match):
-            return origin + _curve(records, key, **match)
+            return origin + points(records, key, **match)
 
         def front(s, i, m=runs, curve=curve):
             return curve(method="warp", seed=s, iteration=i, merged_runs=m)
@@ -364,9 +366,9 @@ def judge(records: list[dict], geometry: dict, study, num_seeds: int) -> list[di
         per_seed = []
         for s in seeds:
             baseline_points = [p for anchor in ("sft", "ema")
-                               for p in _curve(records, key, method=f"reinforce_{anchor}",
+                               for p in points(records, key, method=f"reinforce_{anchor}",
                                                seed=s)]
-            run_points = _curve(records, key, method="warp_run", seed=s, iteration=1)
+            run_points = points(records, key, method="warp_run", seed=s, iteration=1)
             per_seed.append({
                 "above_runs": evaluation.above(front(s, 1), run_points),
                 "above_baselines": evaluation.above(front(s, iterations), baseline_points)})

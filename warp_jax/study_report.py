@@ -43,7 +43,7 @@ def _band(ax, curves, label, color, style="-") -> None:
     curves = [c for c in curves if c]
     if not curves:
         return
-    top = min(max(p[0] for p in c) for c in curves)
+    top = min(evaluation.upper_front(c)[-1][0] for c in curves)
     grid = np.linspace(0, top, 40)
     values = np.array([evaluation.front_at(c, grid) for c in curves])
     mean = values.mean(0)
@@ -54,7 +54,7 @@ def _band(ax, curves, label, color, style="-") -> None:
 
 
 def _curves(records, reward, seeds, origin, **match):
-    return [origin + study._curve(records, reward, seed=s, **match) for s in seeds]
+    return [origin + study.points(records, reward, seed=s, **match) for s in seeds]
 
 
 def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
@@ -125,7 +125,7 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     plt.close(fig)
 
     def liti(ax, key, origin):
-        runs = [origin + study._curve(records, key, method="warp_run", seed=s, iteration=1,
+        runs = [origin + study.points(records, key, method="warp_run", seed=s, iteration=1,
                                       run=m) for s in seeds for m in range(w["runs"])]
         _band(ax, runs, "iteration 1's RL runs", _COLORS[3], ":")
         _band(ax, _curves(records, key, seeds, origin, method="warp", iteration=1,
