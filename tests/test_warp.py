@@ -57,7 +57,9 @@ def test_end_to_end_on_the_8_device_mesh_writes_every_output(finished):
     assert len(result.inits) == config.warp.iterations + 1
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "final_policy")
     assert model.config.vocab_size == result.inits[0]["input_embedding"].shape[0]
-    assert "Verdict" in (workdir / "summary.md").read_text()
+    summary = (workdir / "summary.md").read_text()
+    assert "Verdict" in summary and "standard error over 2 runs" in summary
+    assert "docs/reproduction.md" in summary
 
 
 def test_merged_policy_is_slerp_of_the_saved_runs_and_liti_gives_the_next_init(finished):

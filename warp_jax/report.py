@@ -137,6 +137,9 @@ def _summary(path, records, rewards, config, samples) -> None:
                      f"{r['kl_se']:.2f} | {values} |")
     lines += ["", "## Verdict: WARP's final front against the baselines at matched KL", ""]
     lines += [f"- {line}" for line in _verdicts(front, records, rewards)]
+    lines += ["", "Whether the paper's observations hold at small scale, on real review text and "
+              "over seeds, judged by rules fixed in advance: warp_jax's reproduction study, "
+              "docs/reproduction.md (`python -m experiments.reproduce`)."]
     lines += ["", "## Samples (held-out prompts, temperature "
               f"{config.rl.temperature})", ""]
     for name, pairs in samples.items():
