@@ -58,12 +58,21 @@ def _curves(records, reward, seeds, origin, **match):
 
 
 def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
+    import matplotlib
     import matplotlib.pyplot as plt
 
     seeds = range(config["study"]["seeds"])
     sft = next(r for r in records if r["method"] == "sft")
     w = config["warp"]
     names = {}
+
+    def save(fig, name: str, title: str | None = None) -> str:
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        return f"reproduction/{name}.png"
 
     def pair(claim, draw, title):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -73,11 +82,8 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
             ax.set_ylabel(f"{name} reward")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.suptitle(f"Claim {claim}: {title} (mean and std over {len(seeds)} seeds)")
-        fig.tight_layout()
-        names[claim] = f"reproduction/claim{claim}.png"
-        fig.savefig(out / f"claim{claim}.png", dpi=110)
-        plt.close(fig)
+        names[claim] = save(fig, f"claim{claim}",
+                            f"Claim {claim}: {title} (mean and std over {len(seeds)} seeds)")
 
     def anchors(ax, key, origin):
         for anchor, color in (("sft", _COLORS[0]), ("ema", _COLORS[1])):
@@ -103,11 +109,8 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
                        "kl": "KL(pi || pi_sft)"}[key])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Claim 2: SLERP against LERP of two runs' task vectors (iteration 1)")
-    fig.tight_layout()
-    names[2] = "reproduction/claim2.png"
-    fig.savefig(out / "claim2.png", dpi=110)
-    plt.close(fig)
+    names[2] = save(fig, "claim2",
+                    "Claim 2: SLERP against LERP of two runs' task vectors (iteration 1)")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, label in ((axes[0], "task_cosine", "task vectors"),
@@ -118,11 +121,7 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
         ax.set_xlabel(f"cosine between two runs' {label}, per block")
         ax.set_ylabel("blocks x run pairs x seeds")
         ax.grid(alpha=0.3)
-    fig.suptitle("Claim 3: geometry of iteration 1's runs (the paper's Fig. 11)")
-    fig.tight_layout()
-    names[3] = "reproduction/claim3.png"
-    fig.savefig(out / "claim3.png", dpi=110)
-    plt.close(fig)
+    names[3] = save(fig, "claim3", "Claim 3: geometry of iteration 1's runs (the paper's Fig. 11)")
 
     def liti(ax, key, origin):
         runs = [origin + study.points(records, key, method="warp_run", seed=s, iteration=1,
@@ -138,7 +137,7 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     pair(4, liti, "LITI fronts against RL trajectories and baselines")
 
     def merged(ax, key, origin):
-        cmap = __import__("matplotlib").colormaps["Reds"]
+        cmap = matplotlib.colormaps["Reds"]
         for m in range(1, w["runs"] + 1):
             _band(ax, _curves(records, key, seeds, origin, method="warp", iteration=1,
                               merged_runs=m), f"M = {m}", cmap(0.3 + 0.7 * m / w["runs"]))
@@ -146,7 +145,7 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     pair(5, merged, "LITI fronts of the SLERP of M runs (iteration 1)")
 
     def iterations(ax, key, origin):
-        cmap = __import__("matplotlib").colormaps["Blues"]
+        cmap = matplotlib.colormaps["Blues"]
         for i in range(1, w["iterations"] + 1):
             _band(ax, _curves(records, key, seeds, origin, method="warp", iteration=i,
                               merged_runs=w["runs"]), f"iteration {i}",
@@ -167,10 +166,7 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     ax.set_ylabel("Spearman(proxy, gold) of a policy's samples")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    names[0] = "reproduction/rank_correlation.png"
-    fig.savefig(out / "rank_correlation.png", dpi=110)
-    plt.close(fig)
+    names[0] = save(fig, "rank_correlation")
     return names
 
 
