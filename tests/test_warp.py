@@ -334,7 +334,7 @@ def test_the_demo_runs_in_two_processes(tmp_path):
         assert (tmp_path / name).exists(), name
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "baseline_reinforce_sft", "iter1", "reward_model", "sft"]
-    assert len(_metrics(tmp_path)) == 3 + 3 * 2
+    assert len(_metrics(tmp_path)) == 3 * 2 + 3 * 2  # two baseline seeds, two WARP runs
     records = json.loads((tmp_path / "pareto_front.json").read_text())
     assert {r["method"] for r in records} == {"reinforce_sft", "warp_run", "warp", "lerp"}
     for r in records:
