@@ -195,6 +195,13 @@ def _fmt(x) -> str:
     return f"{x:+.3f}" if isinstance(x, float) else str(x)
 
 
+def _p(x) -> str:
+    """A claim's p-value, or its p-value per effect; blank for a claim without a test."""
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {_p(v) or 'n/a'}" for k, v in x.items())
+    return "" if x is None else f"{x:.3f}"
+
+
 def _per_seed(values) -> str:
     return "<br>".join(f"seed {s}: {_fmt(v)}" for s, v in enumerate(values))
 
@@ -309,7 +316,7 @@ def _markdown(run, claims, config, figures, command) -> str:
         for name in study.REWARDS:
             x = by[k, name]
             lines.append(f"| {name} | {x['verdict']} | {_per_seed(x['per_seed'])} | "
-                         f"{_fmt(x.get('p_value', ''))} |")
+                         f"{_p(x.get('p_value'))} |")
         lines += ["", f"![claim {k}]({figures[k]})", ""]
     lines += ["## Reward hacking", "",
               "The Spearman correlation between proxy and gold scores of a policy's samples "
