@@ -218,10 +218,14 @@ class Study:
                     f"seed{s}_{method}_lambda{lam:g}",
                     lambda merge=merge, lam=lam: merge((1 - lam, lam)),
                     method=method, iteration=1, seed=s, lam=lam))
-        self.geometry[str(s)] = [
-            {"runs": [a, b], **{k: v for k, v in evaluation.task_vector_stats(
-                exp.sft, [policies[a], policies[b]], exp.groups).items()}}
-            for a, b in itertools.combinations(range(len(policies)), 2)]
+        stage = f"seed{s}_geometry"  # recorded once, like the evaluations: a rerun reads it
+        pairs = exp.load_records(stage)
+        if not pairs:
+            pairs = [{"runs": [a, b], **evaluation.task_vector_stats(
+                exp.sft, [policies[a], policies[b]], exp.groups)}
+                for a, b in itertools.combinations(range(len(policies)), 2)]
+            exp.save_records(stage, pairs)
+        self.geometry[str(s)] = pairs
         return records
 
     def _front(self, stage: str, merged, seed: int, iteration: int, method: str,
