@@ -31,40 +31,53 @@ from experiments.gemma_warp import USER_ERRORS, define_config_flag, fail, load_c
 
 def _table(result: dict) -> str:
     chip = result["chip"]
+    ici = f", ICI {chip['ici_gbps']} GB/s" if chip["ici_gbps"] else ""
+    layout = result["decode_layout"]
+    decode = (f"sampling on tensor {layout['tensor_parallel']} x data "
+              f"{layout['data_parallel']} per run" if layout else "sampling on the training layout")
     lines = [f"{result['topology']}: {result['chips']} chips of {result['hbm_gib_per_chip']} GiB "
-             f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s; mesh "
-             f"{result['mesh']}; the runs' state {result['state_gib_per_chip']:.3g} GiB/chip",
+             f"HBM, {chip['bf16_tflops']} bf16 TFLOP/s, {chip['hbm_gbps']} GB/s{ici}; mesh "
+             f"{result['mesh']}, {decode}; the runs' state "
+             f"{result['state_gib_per_chip']:.3g} GiB/chip",
              "", "| program | fits | peak GiB/chip | arguments | outputs | temporaries | code MiB "
-             "| compile s | GFLOP/call | GB/call | collectives |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| compile s | GFLOP/call | GB/call | collectives | collective GiB/chip/call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, r in result["programs"].items():
         if "peak_gib_per_chip" not in r:
             lines.append(f"| {name} | **no**: needs {r['used_gib']} of {r['hbm_gib']} GiB "
-                         f"| | | | | | {r['compile_s']:.3g} | | | |")
+                         f"| | | | | | {r['compile_s']:.3g} | | | | |")
             continue
+        moved = ", ".join(f"{b / 2**30:.3g} {k}" for k, b in r["collective_bytes"].items() if b)
         lines.append(
             f"| {name} | {'yes' if r['fits'] else '**no**'} | {r['peak_gib_per_chip']:.3g} | "
             f"{r['arguments_gib']:.3g} | {r['outputs_gib']:.3g} | {r['temporaries_gib']:.3g} | "
             f"{r['generated_code_mib']:.3g} | {r['compile_s']:.3g} | {r['flops'] / 1e9:.3g} | "
             f"{r['bytes'] / 1e9:.3g} | "
-            f"{', '.join(f'{n} {k}' for k, n in r['collectives'].items() if n) or 'none'} |")
+            f"{', '.join(f'{n} {k}' for k, n in r['collectives'].items() if n) or 'none'} | "
+            f"{moved or 'none'} |")
     roof = result["train_step_roofline"]
     if roof:
         lines.append("")
+        ici_s = roof["ici_bound_s"]
         lines.append(f"train step, counted by hand: {roof['analytic_flops'] / 1e12:.3g} TFLOP "
                      f"of matmuls, >= {roof['analytic_hbm_bytes_per_chip'] / 1e9:.3g} GB of "
-                     f"HBM traffic per chip; roofline >= {roof['step_time_lower_bound_s']:.3g} "
-                     f"s/step (compute {roof['compute_bound_s']:.3g} s, HBM "
-                     f"{roof['hbm_bound_s']:.3g} s), MFU <= {roof['mfu_upper_bound']:.0%}")
+                     f"HBM traffic per chip; read from the compiled step: "
+                     f"{roof['collective_bytes_per_chip'] / 2**30:.3g} GiB of collectives per "
+                     f"chip; roofline >= {roof['step_time_lower_bound_s']:.3g} s/step (compute "
+                     f"{roof['compute_bound_s']:.3g} s, HBM {roof['hbm_bound_s']:.3g} s, ICI "
+                     f"{'n/a' if ici_s is None else f'{ici_s:.3g} s'}), MFU <= "
+                     f"{roof['mfu_upper_bound']:.0%}")
     lines.append("(GFLOP and GB per call are XLA's cost analysis, which counts a loop's body "
-                 "once: the sampler's tokens and scanned layers are missing from them)")
+                 "once: the sampler's tokens and scanned layers are missing from them; "
+                 "collective GiB count every loop by its trips)")
     return "\n".join(lines)
 
 
 def _row(result: dict, config, command: str) -> str:
     """The plan in one markdown row (docs/tpu.md's table): the model, runs, slice and mesh,
-    whether it fits, the train step's per-chip peak and compile time, the largest program,
-    and the step's FLOPs and roofline bound."""
+    the decode layout, whether it fits, the train step's per-chip peak and compile time, the
+    largest program, the step's FLOPs, collective GiB per chip, ICI bound, roofline bound and
+    MFU bound."""
     mesh = result["mesh"]
     programs = result["programs"]
     step = [r for n, r in programs.items() if n.startswith("train_step/")]
@@ -75,6 +88,8 @@ def _row(result: dict, config, command: str) -> str:
         f"`{command}`", config.model.hf_dir or config.model.preset, str(config.warp.runs),
         f"{result['topology']} ({result['chips']} chips)",
         "x".join(str(mesh[a]) for a in ("run", "data", "fsdp", "model")),
+        (f"{result['decode_layout']['tensor_parallel']}x{result['decode_layout']['data_parallel']}"
+         if result["decode_layout"] else "train"),
         "yes" if result["fits"] else "**no**",
         " + ".join(f"{r['peak_gib_per_chip']:.1f}" if "peak_gib_per_chip" in r
                    else f"needs {r['used_gib']:.1f}" for r in step),
@@ -82,14 +97,19 @@ def _row(result: dict, config, command: str) -> str:
         " + ".join(f"{r['compile_s']:.0f}" for r in step),
         " + ".join(f"{r['generated_code_mib']:.0f}" for r in step if "generated_code_mib" in r),
         f"{roof['analytic_flops'] / 1e12:.3g}" if roof else "",
-        f"{roof['step_time_lower_bound_s']:.2f}" if roof else "",
+        f"{roof['collective_bytes_per_chip'] / 2**30:.3g}" if roof else "",
+        f"{roof['ici_bound_s']:.3g}" if roof and roof["ici_bound_s"] is not None else "",
+        f"{roof['step_time_lower_bound_s']:.3g}" if roof else "",
+        f"{roof['mfu_upper_bound']:.0%}" if roof else "",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-ROW_HEADER = ("| command | model | M | slice | mesh run x data x fsdp x model | fits | step peak "
-              "GiB/chip | largest peak GiB/chip | step compile s | step code MiB | TFLOP/step "
-              "| roofline s/step |\n|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+ROW_HEADER = ("| command | model | M | slice | mesh run x data x fsdp x model | decode tensor x "
+              "data | fits | step peak GiB/chip | largest peak GiB/chip | step compile s | step "
+              "code MiB | TFLOP/step | collective GiB/chip/step | ICI bound s | roofline s/step "
+              "| MFU bound |\n|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+              "---:|---:|")
 
 
 def _remedies(config):

@@ -3,6 +3,7 @@ the suite itself still runs on the 8 emulated CPU devices."""
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -12,7 +13,7 @@ import jax
 import pytest
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import ingredients, plan, sharding
+from warp_jax import gemma, hlo, ingredients, plan, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/experiments/configs/gemma_warp.py"
@@ -91,10 +92,43 @@ def test_the_tiny_job_plans_on_a_tpu_slice_without_resharding(tmp_path, scan):
     assert result["programs"]["train_step/step"]["collectives"]["all-reduce"] > 0
     for report in result["programs"].values():
         assert report["collectives"]["all-gather"] == 0
-    assert result["train_step_roofline"]["step_time_lower_bound_s"] > 0
+    roofline = result["train_step_roofline"]
+    assert roofline["step_time_lower_bound_s"] >= max(roofline["ici_bound_s"], 1e-9)
+    assert roofline["collective_bytes_per_chip"] == sum(
+        result["programs"]["train_step/step"]["collective_bytes"].values()) > 0
     assert "| train_step/step | yes |" in stdout
     assert result["row"].startswith("| `test --topology=v5e-8 --config.model.scan_layers=")
     assert result["row"] in stdout and result["compiled_on"] in stdout
+
+
+def test_plan_counts_the_weights_each_sampled_token_gathers():
+    """A tiny FSDP job (4 chips per run of a v5e-8) compiled by the TPU compiler: on the
+    training layout the decode loop all-gathers each chip's missing 3/4 of every matrix for
+    every token (at least 2 bytes a weight: the compiler moves float32 matmul operands as
+    bfloat16); in the decode layout it gathers no weight, under 1% of the float32 model per
+    token, the weights moving once per step instead."""
+    config = get_config("test")
+    config.mesh.data = 1
+    config.model.overrides.update(embed_dim=256, mlp_dim=1024)  # the weights dominate
+    topo = plan.topology("v5e-8")
+    gathered = {}
+    for layout in ("train", "auto"):
+        config.rl.decode_layout = layout
+        programs, sizes = plan.lowered_programs(config, topo.devices)
+        report = plan.compile_report(programs["train_step/step"], topo.chip,
+                                     sizes["decode_trips"])
+        decode = [loop for loop in report["collective_loops"]
+                  if loop["trips"] == config.rl.max_new_tokens]
+        assert len(decode) == 1 and decode[0]["trips_from"] == "condition", decode
+        gathered[layout] = decode[0]["bytes_per_trip"].get("all-gather", 0.0)
+        assert set(report["collective_bytes"]) == set(hlo.KINDS)
+        assert report["collective_bytes"]["all-gather"] >= (
+            config.rl.max_new_tokens * gathered[layout])
+    matrices = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        gemma.abstract_params(sizes["cfg"])) if x.ndim >= 2)
+    assert gathered["train"] >= 3 / 4 * 2 * matrices, (gathered, matrices)
+    assert gathered["auto"] < 0.01 * 4 * matrices, (gathered, matrices)
+    assert sizes["decode_layout"] == {"tensor_parallel": 4, "data_parallel": 1}
 
 
 @pytest.mark.parametrize("preset, layers", [("tiny_gemma4", 6), ("tiny_gemma4_moe", 2)])

@@ -13,7 +13,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warp_jax import sampling, sharding
+from warp_jax import sampling, sharding, stacking, trainer
 from warp_jax.backends import cpu as cpu_backend
 from warp_jax.gemma import Gemma, GemmaConfig
 
@@ -233,6 +233,59 @@ def test_sharded_equals_unsharded(setup, sampler_backend):
                           backend=sampler_backend)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("axes, tensor_parallel, kv_split", [
+    (dict(run=2, fsdp=4), 4, False), (dict(run=2, fsdp=2, model=2), 4, False),
+    (dict(run=2, data=2, fsdp=2), 2, True)])
+def test_decode_layout_gives_the_training_layouts_tokens(setup, sampler_backend, axes,
+                                                         tensor_parallel, kv_split, capfd):
+    """Two stacked runs sampled in the decode layout (tensor x data parallel; 2 KV heads split
+    over 2 devices, replicated over 4) draw the tokens and log-probs that each run draws alone
+    on one device, and the compiler follows the move from the training layout without
+    rematerialising whole weights."""
+    cfg, params, tokens, mask, _ = setup
+    mesh = sharding.make_mesh(**axes)
+    boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    layout = sharding.decode_layout(boxed["params"], mesh)
+    assert (layout.tensor_parallel, layout.kv_heads_split) == (tensor_parallel, kv_split)
+    runs = [params, jax.tree.map(lambda x: x * 1.5, params)]
+    stacked = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *runs),
+                             sharding.param_shardings(boxed["params"], mesh, [("run", 2)]))
+    rows = sharding.batch_sharding(mesh, 2, num_runs=2)
+    keys = jax.random.split(jax.random.key(5), 2)
+
+    def one_run(p, t, m, key):
+        return trainer.decode(p, cfg, t, m, key, N, layout, temperature=0.9,
+                              backend=sampler_backend)
+
+    with sharding.activation_sharding(mesh):
+        out = jax.jit(stacking.stack_runs(one_run, mesh, 2, (0, 0, 0, 0)))(
+            stacked, *(jax.device_put(jnp.stack([x, x]), rows) for x in (tokens, mask)), keys)
+    for m, run_params in enumerate(runs):
+        ref = sampling.sample(run_params, cfg, tokens, mask, keys[m], N,
+                              backend=sampler_backend)
+        np.testing.assert_array_equal(out.tokens[m], ref.tokens)
+        np.testing.assert_array_equal(out.mask[m], ref.mask)
+        np.testing.assert_allclose(out.logprobs[m], ref.logprobs, atol=1e-5)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_decode_layouts_the_model_cannot_take_are_one_clear_error(setup):
+    cfg, *_ = setup
+    boxed = jax.eval_shape(Gemma(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    shape = {"run": 1, "data": 1, "fsdp": 8, "model": 1}
+    assert sharding.decode_tensor_parallel(boxed["params"], shape) == 4  # 4 heads
+    with pytest.raises(ValueError, match=r"decode_layout = '8': 8 does not divide the model's "
+                                         r"heads, MLP, vocabulary or expert dimension\(s\) "
+                                         r"\[4\]; 'auto' picks 4"):
+        sharding.decode_tensor_parallel(boxed["params"], shape, "8")
+    with pytest.raises(ValueError, match=r"decode_layout = 3: the tensor-parallel degree must "
+                                         r"be mesh.model \(1\) times a divisor of mesh.fsdp "
+                                         r"\(8\): one of \[1, 2, 4, 8\]"):
+        sharding.decode_tensor_parallel(boxed["params"], shape, 3)
+    with pytest.raises(ValueError, match=r"decode_layout = 'wide': use 'auto', 'train' or"):
+        sharding.decode_tensor_parallel(boxed["params"], shape, "wide")
 
 
 @pytest.mark.parametrize("backend", sorted(_BACKENDS))

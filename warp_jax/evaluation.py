@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from warp_jax import losses, merging, rewards, sampling, sharding, trainer
-from warp_jax.gemma import GemmaConfig
+from warp_jax.gemma import GemmaConfig, abstract_params
 
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
 
@@ -27,14 +27,16 @@ def mean_se(values) -> tuple[float, float]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature",
-                                             "num_samples", "eos_id", "backend"))
+                                             "num_samples", "eos_id", "backend", "layout"))
 def sample_and_kl(params, sft_params, tokens, mask, rng, *, cfg, max_new_tokens, temperature,
-                  num_samples, eos_id, backend):
-    """The evaluation's program: `num_samples` completions of each prompt and their
-    sequence-level log-ratio to `sft_params` (`evaluate_policy` adds the rewards)."""
+                  num_samples, eos_id, backend, layout=None):
+    """The evaluation's program: `num_samples` completions of each prompt (sampled in the
+    decode `layout`, if any) and their sequence-level log-ratio to `sft_params`
+    (`evaluate_policy` adds the rewards); both log-probs from full forward passes on the
+    params' own layout."""
     tokens, mask = (jnp.repeat(x, num_samples, axis=0) for x in (tokens, mask))
-    out = sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens,
-                          temperature=temperature, eos_id=eos_id, backend=backend)
+    out = trainer.decode(params, cfg, tokens, mask, rng, max_new_tokens, layout,
+                         temperature=temperature, eos_id=eos_id, backend=backend)
     # Both log-probs from the same full forward pass: the sampler's own differ from it by
     # rounding, and tokens are drawn where that rounding raised their log-probs, so in
     # bfloat16 they would bias the KL upwards (a test model's KL to itself: 0.42 nats over 64
@@ -60,7 +62,8 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     reward_fns: Mapping[str, Callable], *, max_new_tokens: int,
                     temperature: float = 0.9, num_samples: int = 1,
                     eos_id: int | Sequence[int] | None = None,
-                    backend: str = "auto", mesh: Mesh | None = None) -> dict[str, Any]:
+                    backend: str = "auto", mesh: Mesh | None = None,
+                    decode_layout: str | int = "auto") -> dict[str, Any]:
     """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
     with its standard error, over `num_samples` completions of each held-out prompt.
 
@@ -71,8 +74,10 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
     completions (a proxy against its gold reward: it falls as a policy games the proxy).
     `backend` is the sampler's. On a
     `mesh` (that of the params), the prompts are split over its batch axes where they divide
-    them (`prompt_sharding`), so each device samples its rows, not all of them.
+    them (`prompt_sharding`), so each device samples its rows, not all of them, and the
+    sampler runs in the decode layout `decode_layout` (`sharding.decode_layout`).
     """
+    layout = sharding.decode_layout(abstract_params(cfg), mesh, decode_layout)
     rows = prompt_sharding(mesh, len(prompts[0]))
     if rows is None:
         tokens, mask = map(jnp.asarray, prompts)
@@ -85,7 +90,7 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
             params, sft_params, tokens, mask, rng, cfg=cfg,
             max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
             eos_id=sampling.end_token_ids(eos_id, cfg.vocab_size) or None,  # static: hashable
-            backend=sampling.get_backend(backend))
+            backend=sampling.get_backend(backend), layout=layout)
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
     result["kl"], result["kl_se"] = mean_se(host_out[4])

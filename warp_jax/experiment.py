@@ -146,7 +146,8 @@ class Experiment:
             params, self.sft, self.setup.cfg, self.setup.eval_prompts, streams.key(c.seed, "eval"),
             self.rewards, max_new_tokens=c.rl.max_new_tokens,
             temperature=c.rl.temperature, num_samples=c.eval.samples,
-            eos_id=self.setup.end_ids, backend=c.rl.sampler_backend, mesh=self.mesh)
+            eos_id=self.setup.end_ids, backend=c.rl.sampler_backend, mesh=self.mesh,
+            decode_layout=c.rl.decode_layout)
         result.pop("completions")
         bad = [k for k, v in result.items() if not math.isfinite(v) and k != "rank_correlation"]
         if bad:

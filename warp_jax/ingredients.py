@@ -140,7 +140,29 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if built_in and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
-    mesh_shape(c, len(jax.devices()) if num_devices is None else num_devices)
+    shape = mesh_shape(c, len(jax.devices()) if num_devices is None else num_devices)
+    if c.rl.decode_layout != "train" and (not c.model.hf_dir
+                                          or os.path.exists(f"{c.model.hf_dir}/config.json")):
+        sharding.decode_tensor_parallel(abstract_params(model_configs(c)[0]), shape,
+                                        c.rl.decode_layout, "config.rl.decode_layout")
+
+
+def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
+    """The policy's and the reward model's `GemmaConfig` for config `c`, without weights:
+    from `model.hf_dir`'s / `reward.hf_dir`'s config.json if set, else the variant's preset
+    (the built-in task's vocabulary for it; the reward model then shares the architecture)."""
+    if c.model.hf_dir:
+        cfg = hf.read_config(c.model.hf_dir)
+    else:
+        overrides = dict(c.model.overrides)
+        if c.task.name in ("reviews", "rotten_tomatoes"):
+            overrides["vocab_size"] = c.task.vocab_size
+        cfg = GemmaConfig.from_preset(c.model.preset, **overrides)
+    cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32",
+                      scan_layers=c.model.scan_layers)
+    rm_cfg = hf.read_config(c.reward.hf_dir) if c.reward.hf_dir else cfg
+    return cfg, rm_cfg.replace(dtype=c.model.dtype, param_dtype=c.model.dtype,
+                               scan_layers=c.model.scan_layers)
 
 
 def rl_config(c, anchor: str, eos_id) -> reinforce.RLConfig:
@@ -152,7 +174,7 @@ def rl_config(c, anchor: str, eos_id) -> reinforce.RLConfig:
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=eos_id,
         learning_rate=r.learning_rate, warmup_steps=r.warmup_steps,
         grad_clip=r.grad_clip or None, adam_eps=r.adam_eps, microbatches=r.microbatches,
-        remat=r.remat, sampler_backend=r.sampler_backend)
+        remat=r.remat, sampler_backend=r.sampler_backend, decode_layout=r.decode_layout)
 
 
 def vader_oracle(tokenizer: Tokenizer) -> rewards.TextReward:

@@ -5,8 +5,10 @@ devices (`jax.experimental.topologies`), on which the job's mesh is built and ev
 program of the WARP job is compiled by the real TPU compiler from abstract inputs: nothing is
 allocated, and no weights, tokenizer or prompts are read. Each program's per-chip memory
 comes from the compiler (`memory_analysis`), FLOPs and HBM bytes per call from its cost
-analysis (which counts a loop's body once), and the step's time is bounded below by a roofline
-of FLOPs and HBM bytes counted by hand against the chip's published peaks.
+analysis (which counts a loop's body once), the bytes its collectives move per chip from its
+optimized HLO with every loop counted by its trips (`warp_jax.hlo`), and the step's time is
+bounded below by a roofline of FLOPs and HBM bytes counted by hand and those collective bytes,
+against the chip's published peaks.
 
 `plan(config, topology(name))` is what `python -m experiments.plan` prints.
 """
@@ -25,8 +27,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from warp_jax import evaluation, ingredients, merging, reinforce, rewards, sampling, sharding
-from warp_jax.gemma import GemmaConfig, abstract_params, hf
+from warp_jax import (
+    evaluation,
+    hlo,
+    ingredients,
+    merging,
+    reinforce,
+    rewards,
+    sampling,
+    sharding,
+)
+from warp_jax.gemma import GemmaConfig, abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +48,18 @@ class Chip:
     hbm_gbps: float  # HBM bandwidth, in 1e9 bytes/s
     cores: int  # TensorCores per chip: v4 and v5p names count cores, v5e and v6e names chips
     libtpu: str  # the generation's name in libtpu's topology names
+    ici_gbps: float | None = None  # bidirectional inter-chip interconnect, 1e9 bytes/s
 
 
-# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm;
+# ICI: "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip)" of the v5e, v5p and
+# v6e pages, cloud.google.com/tpu/docs/v5e, /v5p, /v6e; the v4 page gives no per-chip figure).
 CHIPS = {
     "v4": Chip(hbm_gib=32, bf16_tflops=275, hbm_gbps=1228, cores=2, libtpu="v4"),
-    "v5e": Chip(hbm_gib=16, bf16_tflops=197, hbm_gbps=819, cores=1, libtpu="v5e"),
-    "v5p": Chip(hbm_gib=95, bf16_tflops=459, hbm_gbps=2765, cores=2, libtpu="v5"),
-    "v6e": Chip(hbm_gib=32, bf16_tflops=918, hbm_gbps=1640, cores=1, libtpu="v6e"),
+    "v5e": Chip(hbm_gib=16, bf16_tflops=197, hbm_gbps=819, cores=1, libtpu="v5e", ici_gbps=400),
+    "v5p": Chip(hbm_gib=95, bf16_tflops=459, hbm_gbps=2765, cores=2, libtpu="v5",
+                ici_gbps=1200),
+    "v6e": Chip(hbm_gib=32, bf16_tflops=918, hbm_gbps=1640, cores=1, libtpu="v6e", ici_gbps=800),
 }
 # Chips -> the slice's shape: v4/v5p chips form a 3-D torus, v5e/v6e chips a 2-D one.
 _SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -117,10 +132,11 @@ def check_fits(c, devices: list, chip: Chip) -> dict[str, Any]:
     """Compiles every program of config `c`'s job for `devices` (the job's own, before it
     starts: `--config.plan_first`); raises `ValueError` naming the first program that does
     not fit in `chip`'s HBM and by how much. Returns the reports."""
-    programs, _ = lowered_programs(c, devices)
+    programs, sizes = lowered_programs(c, devices)
+    check_decode_copy(sizes, chip)
     reports = {}
     for name, lowered in programs.items():
-        reports[name] = report = compile_report(lowered, chip)
+        reports[name] = report = compile_report(lowered, chip, sizes["decode_trips"])
         if not report["fits"]:
             short = report.get("shortfall_gib",
                                round(report.get("peak_gib_per_chip", 0) - chip.hbm_gib, 2))
@@ -128,24 +144,6 @@ def check_fits(c, devices: list, chip: Chip) -> dict[str, Any]:
                              f"the {chip.hbm_gib:.1f} GiB per chip; plan a setting that fits "
                              "with python -m experiments.plan (docs/tpu.md)")
     return reports
-
-
-def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
-    """The policy's and the reward model's `GemmaConfig` for config `c`, without weights:
-    from `model.hf_dir`'s / `reward.hf_dir`'s config.json if set, else the variant's preset
-    (the built-in task's vocabulary for it; the reward model then shares the architecture)."""
-    if c.model.hf_dir:
-        cfg = hf.read_config(c.model.hf_dir)
-    else:
-        overrides = dict(c.model.overrides)
-        if c.task.name in ("reviews", "rotten_tomatoes"):
-            overrides["vocab_size"] = c.task.vocab_size
-        cfg = GemmaConfig.from_preset(c.model.preset, **overrides)
-    cfg = cfg.replace(dtype=c.model.dtype, param_dtype="float32",
-                      scan_layers=c.model.scan_layers)
-    rm_cfg = hf.read_config(c.reward.hf_dir) if c.reward.hf_dir else cfg
-    return cfg, rm_cfg.replace(dtype=c.model.dtype, param_dtype=c.model.dtype,
-                               scan_layers=c.model.scan_layers)
 
 
 def _abstract(tree, shardings):
@@ -170,7 +168,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     c = c.copy_and_resolve_references()
     if c.rl.sampler_backend == "auto":  # what "auto" picks on the slice, not on this host
         c.rl.sampler_backend = "xla"
-    cfg, rm_cfg = model_configs(c)
+    cfg, rm_cfg = ingredients.model_configs(c)
     shape = ingredients.mesh_shape(c, len(devices))
     mesh = sharding.make_mesh(**shape, devices=devices)
     runs = c.warp.runs
@@ -178,7 +176,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
     train_step, init = reinforce.make_train_step(
         cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
-    shards = train_step.shardings
+    shards, layout = train_step.shardings, train_step.layout
     state = _abstract(jax.eval_shape(init, params), shards.state)
     rows = (runs, c.rl.batch_size, c.task.prompt_len)
     prompts = (jax.ShapeDtypeStruct(rows, jnp.int32, sharding=shards.prompts[0]),
@@ -207,15 +205,34 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
             params, params, *eval_prompts, jax.eval_shape(lambda: jax.random.key(0)),
             cfg=cfg, max_new_tokens=c.rl.max_new_tokens, temperature=c.rl.temperature,
             num_samples=c.eval.samples, eos_id=(1,),
-            backend=sampling.get_backend(c.rl.sampler_backend))
+            backend=sampling.get_backend(c.rl.sampler_backend), layout=layout)
     groups = merging.block_groups(params) if c.warp.granularity == "layer" else None
     out = dict(out_shardings=jax.tree.map(lambda x: x.sharding, params))
     policies = [params] * runs
     programs["slerp"] = jax.jit(functools.partial(merging.slerp_tree, groups=groups),
                                 **out).lower(params, policies)
     programs["liti"] = jax.jit(merging.liti_tree, **out).lower(params, params, c.warp.eta)
-    sizes = dict(mesh=shape, cfg=cfg, rm_cfg=rm_cfg, state_gib_per_chip=gib_per_chip(state))
+    decode = None if layout is None else {"tensor_parallel": layout.tensor_parallel,
+                                          "data_parallel": layout.data_parallel}
+    sizes = dict(mesh=shape, cfg=cfg, rm_cfg=rm_cfg, state_gib_per_chip=gib_per_chip(state),
+                 decode_layout=decode, decode_trips=c.rl.max_new_tokens,
+                 dtype_bytes=jnp.dtype(c.model.dtype).itemsize)
     return programs, sizes
+
+
+def check_decode_copy(sizes: dict[str, Any], chip: Chip) -> None:
+    """Raises `ValueError` (before any compile) where the policy's copy in the decode layout
+    alone, in the compute dtype, exceeds the chip's HBM."""
+    layout = sizes["decode_layout"]
+    if layout is None:
+        return
+    copy = matmul_params(sizes["cfg"]) * sizes["dtype_bytes"] / layout["tensor_parallel"] / 2**30
+    if copy > chip.hbm_gib:
+        raise ValueError(f"config.rl.decode_layout: the policy's copy for sampling takes "
+                         f"{copy:.1f} GiB per chip at tensor parallelism "
+                         f"{layout['tensor_parallel']}, more than the chip's {chip.hbm_gib:.1f} "
+                         "GiB; raise mesh.model, or sample on the training layout "
+                         "(--config.rl.decode_layout=train)")
 
 
 def gib_per_chip(tree) -> float:
@@ -253,19 +270,23 @@ def step_flops(c, cfg: GemmaConfig, rm_cfg: GemmaConfig) -> float:
 
 
 def step_hbm_bytes(c, cfg: GemmaConfig, rm_cfg: GemmaConfig, mesh: dict[str, int],
-                   state_gib_per_chip: float) -> float:
+                   state_gib_per_chip: float, decode_tp: int | None = None) -> float:
     """A lower bound on the HBM bytes one chip moves in one train step, counted by hand:
-    every pass over its run's model reads the weights the chip computes with (gathered over
-    `fsdp`, split over `model`, in the compute dtype) once, and the update reads and writes
-    the chip's share of the runs' state once. Passes: a prefill and one per new token to
-    sample, the anchor's log-probs, the policy's forward and backward (one more forward with
-    remat), per microbatch, and the reward model's forward. Activations, the KV cache and
-    the collectives are left out, so the bound stays a bound. (XLA's cost analysis counts a
-    loop's body once, so its bytes miss the sampler's tokens and scanned layers.)"""
+    every pass over its run's model reads the weights the chip computes with once, in the
+    compute dtype: split over the decode layout's `decode_tp` devices while sampling (or, on
+    the training layout, gathered over `fsdp` and split over `model`), gathered over `fsdp`
+    and split over `model` in the other passes; and the update reads and writes the chip's
+    share of the runs' state once. Passes: a prefill and one per new token to sample, the
+    anchor's log-probs, the policy's forward and backward (one more forward with remat), per
+    microbatch, and the reward model's forward. Activations, the KV cache and the collectives
+    are left out, so the bound stays a bound. (XLA's cost analysis counts a loop's body once,
+    so its bytes miss the sampler's tokens and scanned layers.)"""
     dtype = jnp.dtype(c.model.dtype).itemsize
-    passes = 1 + c.rl.max_new_tokens + c.rl.microbatches * (1 + 2 + bool(c.rl.remat))
-    weights = passes * matmul_params(cfg) + matmul_params(rm_cfg)
-    return float(weights * dtype / mesh["model"] + 2 * state_gib_per_chip * 2**30)
+    sampling_passes = 1 + c.rl.max_new_tokens
+    passes = c.rl.microbatches * (1 + 2 + bool(c.rl.remat))
+    weights = (sampling_passes * matmul_params(cfg) / (decode_tp or mesh["model"])
+               + (passes * matmul_params(cfg) + matmul_params(rm_cfg)) / mesh["model"])
+    return float(weights * dtype + 2 * state_gib_per_chip * 2**30)
 
 
 # The TPU compiler's two ways of saying a program does not fit (sizes in GiB, "773.00M").
@@ -279,9 +300,14 @@ def _gib(size: str) -> float:
     return float(size.rstrip("KMGT")) * scale
 
 
-def compile_report(lowered, chip: Chip) -> dict[str, Any]:
-    """Compiles `lowered` and reports its per-chip memory, cost and compile time; a program
-    the compiler finds too large for HBM reports `fits: False` with the shortfall."""
+def compile_report(lowered, chip: Chip, decode_trips: int = 1) -> dict[str, Any]:
+    """Compiles `lowered` and reports its per-chip memory, cost, collectives and compile time;
+    a program the compiler finds too large for HBM reports `fits: False` with the shortfall.
+
+    `collective_bytes` are the bytes each kind of collective moves per chip per call
+    (`hlo.traffic`: loops by their trips, the sampler's decode loop by its bound,
+    `max_new_tokens`; `decode_trips` for a loop whose trips nothing tells); `collective_loops`
+    the loops that hold collectives."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -295,6 +321,8 @@ def compile_report(lowered, chip: Chip) -> dict[str, Any]:
                 "shortfall_gib": round(used - hbm, 2)}
     seconds = time.perf_counter() - start
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+    text = compiled.as_text()
+    traffic = hlo.traffic(text, decode_trips)
     gib = 2.0 ** -30
     peak = memory.peak_memory_in_bytes or (memory.argument_size_in_bytes
                                            + memory.output_size_in_bytes
@@ -310,43 +338,51 @@ def compile_report(lowered, chip: Chip) -> dict[str, Any]:
         "compile_s": round(seconds, 1),
         "flops": max(float(cost.get("flops", 0.0)), 0.0),
         "bytes": float(cost.get("bytes accessed", 0.0)),
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(text),
+        "collective_bytes": traffic.bytes,
+        "collective_loops": traffic.loops,
     }
 
 
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-                "collective-permute")
-
-
-def collectives(hlo: str) -> dict[str, int]:
+def collectives(hlo_text: str) -> dict[str, int]:
     """How many collective instructions of each kind the compiled HLO holds (their `-start`
     halves, where asynchronous, counted once)."""
-    return {kind: len(re.findall(rf" {kind}(?:-start)?\(", hlo)) for kind in _COLLECTIVES}
+    return {kind: len(re.findall(rf" {kind}(?:-start)?\(", hlo_text)) for kind in hlo.KINDS}
 
 
 def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
     """The plan of config `c` on `topo`: per program, its report (`compile_report`), and for
-    the train step a roofline lower bound on its time and upper bound on MFU."""
+    the train step a roofline lower bound on its time and upper bound on MFU: the largest of
+    its matmul FLOPs over the chips' peak, its HBM bytes per chip (both counted by hand) over
+    the chip's bandwidth, and its collective bytes per chip (read from the compiled program)
+    over the chip's ICI bandwidth (`ici_bound_s`; None where no figure is published)."""
     programs, sizes = lowered_programs(c, topo.devices)
     chips, chip = len(topo.devices), topo.chip
+    check_decode_copy(sizes, chip)
     reports = {}
     for name, lowered in programs.items():
         progress(f"compiling {name} for {topo.name} ...")
-        reports[name] = compile_report(lowered, chip)
+        reports[name] = compile_report(lowered, chip, sizes["decode_trips"])
     flops = step_flops(c, sizes["cfg"], sizes["rm_cfg"])
     step = [r for n, r in reports.items() if n.startswith("train_step/") and r["fits"]]
     roofline = None
     if step and len(step) == sum(n.startswith("train_step/") for n in reports):
+        layout = sizes["decode_layout"]
         hbm_bytes = step_hbm_bytes(c, sizes["cfg"], sizes["rm_cfg"], sizes["mesh"],
-                                   sizes["state_gib_per_chip"])
+                                   sizes["state_gib_per_chip"],
+                                   layout and layout["tensor_parallel"])
+        ici_bytes = sum(sum(r["collective_bytes"].values()) for r in step)
         compute_s = flops / chips / (chip.bf16_tflops * 1e12)
         memory_s = hbm_bytes / (chip.hbm_gbps * 1e9)
-        bound = max(compute_s, memory_s)
+        ici_s = ici_bytes / (chip.ici_gbps * 1e9) if chip.ici_gbps else None
+        bound = max(compute_s, memory_s, ici_s or 0.0)
         roofline = {"analytic_flops": flops, "analytic_hbm_bytes_per_chip": hbm_bytes,
-                    "compute_bound_s": compute_s, "hbm_bound_s": memory_s,
+                    "collective_bytes_per_chip": ici_bytes, "compute_bound_s": compute_s,
+                    "hbm_bound_s": memory_s, "ici_bound_s": ici_s,
                     "step_time_lower_bound_s": bound, "mfu_upper_bound": compute_s / bound}
     return {"topology": topo.name, "chips": chips, "hbm_gib_per_chip": chip.hbm_gib,
             "chip": dataclasses.asdict(chip), "mesh": sizes["mesh"],
+            "decode_layout": sizes["decode_layout"],
             "state_gib_per_chip": round(sizes["state_gib_per_chip"], 3),
             "fits": all(r["fits"] for r in reports.values()), "programs": reports,
             "train_step_roofline": roofline}

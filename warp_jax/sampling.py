@@ -252,7 +252,7 @@ def _check_prompts(tokens_BP, mask_BP, vocab_size):
 def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids_E, *, cfg,
             max_new_tokens, greedy, top_k, use_top_p, backend):
     model = Gemma(cfg)
-    params = _matrices_in_compute_dtype(params, cfg)
+    params = in_compute_dtype(params, cfg)
     variables = {"params": params}
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -308,7 +308,7 @@ def _sample(params, prompt_tokens, prompt_mask, rng, temperature, top_p, eos_ids
     return SampleOutput(s.tokens, s.logprobs, s.mask)
 
 
-def _matrices_in_compute_dtype(params, cfg: GemmaConfig):
+def in_compute_dtype(params, cfg: GemmaConfig):
     """`params` with every floating matrix (ndim >= 2) cast to `cfg.dtype` where that is
     narrower. The model casts exactly these at each use; cast once before the decode loop, a
     step reads each weight at the compute dtype's width (float32 weights computed in

@@ -1,9 +1,10 @@
-"""The device mesh (axes run, data, fsdp, model), the one table of logical-axis rules, and
-multi-process (multi-host) start-up and data movement."""
+"""The device mesh (axes run, data, fsdp, model), the one table of logical-axis rules, the
+training and the decode layouts, and multi-process (multi-host) start-up and data movement."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,9 +36,12 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 # Activations: the batch over the data-parallel axes, positions and features whole on each
-# device; the embedding table at the lookup keeps whole rows (its vocabulary axis as it is).
+# device; the embedding table at the lookup keeps whole rows (its vocabulary axis as it is);
+# keys and values split by rows only (with K heads that `model` does not divide, XLA's
+# propagation would split K over part of it and must then replicate).
 ACTIVATION_RULES = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
-                    ("activation_embed", None), ("activation_vocab", PartitionSpec.UNCONSTRAINED))
+                    ("activation_embed", None), ("activation_vocab", PartitionSpec.UNCONSTRAINED),
+                    ("activation_kv_heads", None))
 
 
 @contextlib.contextmanager
@@ -47,6 +51,156 @@ def activation_sharding(mesh: Mesh):
     the model on sharded params; without it the model sets no constraint)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         yield
+
+
+# Logical names that the decode layout's tensor parallelism must split evenly; `kv_heads` is
+# split where it divides and replicated where it does not (one KV head: multi-query attention).
+_TENSOR_PARALLEL = ("heads", "mlp", "vocab", "expert")
+DECODE_SETTINGS = "'auto', 'train' or a tensor-parallel degree (e.g. '8')"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+    """Where the policy's weights and the sampler's activations live while decoding.
+
+    Decoding reads every weight for every token, so under FSDP it would all-gather the whole
+    model token after token. The decode layout splits each run's `data x fsdp x model` devices
+    into `tensor_parallel` devices that split the heads, MLP, vocabulary and experts (no
+    `fsdp` on any weight) and `data_parallel` groups that split the prompts; the KV cache is
+    split the same way (its KV heads where they divide). The policy moves to it once per
+    rollout (`put`: an all-gather within the data-parallel groups and an all-to-all within the
+    tensor-parallel ones, in the compute dtype), its rows too (`rows`); the sampler runs
+    under `activations()`. Every run keeps its own devices: the layouts differ only in how a
+    run's devices are arranged.
+
+    `mesh` is the decode mesh `(run, data, fsdp, model)` = `(runs, data_parallel, 1,
+    tensor_parallel)` over the training mesh's devices in their order; `bridge` names the
+    training mesh's `fsdp` axis as `dp x tpf` (the devices it gives to data and to tensor
+    parallelism), through which a weight's sharding moves without gathering it whole.
+    """
+
+    train: Mesh
+    mesh: Mesh
+    bridge: Mesh
+    kv_heads_split: bool
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.mesh.shape["model"]
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh.shape["data"]
+
+    @contextlib.contextmanager
+    def activations(self):
+        """Within it (inside a traced function), the model's activations are constrained to
+        the decode layout: rows over the data-parallel groups, features whole, keys and
+        values split over the tensor-parallel devices where their heads divide."""
+        rules = (*ACTIVATION_RULES[:-1],
+                 ("activation_kv_heads", "model" if self.kv_heads_split else None))
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+                nn.logical_axis_rules(rules):
+            yield
+
+    def put(self, params: Any, boxed: Any) -> Any:
+        """`params` (one run's, traced; `boxed` their abstract `nn.Partitioned` boxes) moved
+        from the training layout to the decode layout. Cast them to the compute dtype first:
+        the collectives then move half the bytes of float32 weights."""
+        def one(x, box):
+            names, shape = box.names, box.value.shape
+            train = spec_for(names, shape, self.train)
+            steps = [_respec(train, {"fsdp": ("dp", "tpf")}),
+                     _respec(train, {"fsdp": ("tpf",)}),
+                     _respec(spec_for(names, shape, self.mesh),
+                             {"model": ("tpf", "model"), "data": ("data", "dp")})]
+            for spec in steps:
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(self.bridge, spec))
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(self.mesh, spec_for(names, shape, self.mesh)))
+
+        return jax.tree.map(one, params, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+    def rows(self, x: jax.Array) -> jax.Array:
+        """`x` `[B, ...]` (traced) split over the data-parallel groups by rows, where they
+        divide B (else left as it is)."""
+        if x.shape[0] % self.data_parallel:
+            return x
+        spec = PartitionSpec("data", *(None,) * (x.ndim - 1))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def _respec(spec: PartitionSpec, rename: dict[str, tuple[str, ...]]) -> PartitionSpec:
+    """`spec` with each mesh axis replaced by the axes of `rename` (kept where absent)."""
+    out = []
+    for entry in spec:
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for axis in axes for a in rename.get(axis, (axis,)))
+        out.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*out)
+
+
+def _logical_dims(boxed: Any) -> dict[str, set[int]]:
+    """The sizes that each logical axis name takes in the boxed params."""
+    dims: dict[str, set[int]] = {}
+    for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if isinstance(box, nn.Partitioned):
+            for name, size in zip(box.names, box.value.shape, strict=True):
+                dims.setdefault(name, set()).add(size)
+    return dims
+
+
+def decode_tensor_parallel(boxed: Any, mesh_shape: dict[str, int],
+                           setting: str | int = "auto", name: str = "decode_layout") -> int:
+    """The decode layout's tensor-parallel degree on a mesh of `mesh_shape`: `model` times a
+    divisor of `fsdp` that divides every head, MLP, vocabulary and expert dimension of the
+    boxed params; "auto" takes the largest. An int (or its string) asks for that degree.
+    Raises `ValueError` naming `name` for a degree the model or the mesh cannot take."""
+    model, fsdp = mesh_shape["model"], mesh_shape["fsdp"]
+    dims = _logical_dims(boxed)
+    sizes = sorted({size for n in _TENSOR_PARALLEL for size in dims.get(n, ())})
+
+    def fits(t):
+        return all(size % t == 0 for size in sizes)
+
+    candidates = [model * f for f in range(fsdp, 0, -1) if fsdp % f == 0]
+    if setting == "auto":
+        return next(t for t in candidates if fits(t) or t == model)
+    try:
+        t = int(setting)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} = {setting!r}: use {DECODE_SETTINGS}") from None
+    if t not in candidates:
+        raise ValueError(f"{name} = {setting!r}: the tensor-parallel degree must be mesh.model "
+                         f"({model}) times a divisor of mesh.fsdp ({fsdp}): one of "
+                         f"{sorted(candidates)}")
+    if not fits(t):
+        bad = [s for s in sizes if s % t]
+        raise ValueError(f"{name} = {setting!r}: {t} does not divide the model's heads, MLP, "
+                         f"vocabulary or expert dimension(s) {bad}; 'auto' picks "
+                         f"{decode_tensor_parallel(boxed, mesh_shape)}")
+    return t
+
+
+def decode_layout(boxed: Any, mesh: Mesh | None,
+                  setting: str | int = "auto") -> DecodeLayout | None:
+    """The `DecodeLayout` of the model whose boxed params are `boxed` on the training `mesh`
+    (None without a mesh, or with `setting` "train": decode on the training layout)."""
+    if mesh is None or setting == "train":
+        return None
+    tp = decode_tensor_parallel(boxed, dict(mesh.shape), setting)
+    run, data, fsdp, model = (mesh.shape[a] for a in MESH_AXES)
+    tpf = tp // model
+    devices = mesh.devices
+    kv = _logical_dims(boxed).get("kv_heads", set())
+    auto = (AxisType.Auto,)
+    return DecodeLayout(
+        train=mesh,
+        mesh=Mesh(devices.reshape(run, data * fsdp // tpf, 1, tp), MESH_AXES,
+                  axis_types=auto * 4),
+        bridge=Mesh(devices.reshape(run, data, fsdp // tpf, tpf, model),
+                    ("run", "data", "dp", "tpf", "model"), axis_types=auto * 5),
+        kv_heads_split=all(k % tp == 0 for k in kv))
 
 
 def make_mesh(run: int = 1, data: int = 1, fsdp: int = 1, model: int = 1,

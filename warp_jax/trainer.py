@@ -63,10 +63,22 @@ class RLConfig:
     microbatches: int = 1  # the gradient accumulated over this many slices of the prompts
     remat: bool = False  # rematerialise each block in the backward pass (`Gemma.remat`)
     sampler_backend: str = "auto"  # `sampling.sample`'s backend: "xla", "cpu" or "auto"
+    # Where a run samples on a mesh: "auto" (the decode layout, `sharding.DecodeLayout`, with
+    # the largest tensor parallelism the model takes), a tensor-parallel degree, or "train"
+    # (on the training layout: every weight gathered for every token under FSDP).
+    decode_layout: str | int = "auto"
 
     def __post_init__(self):
         if self.eos_id is not None and not isinstance(self.eos_id, numbers.Integral):
             object.__setattr__(self, "eos_id", tuple(self.eos_id))  # a list, made hashable
+        if self.decode_layout not in ("auto", "train"):
+            try:
+                valid = int(self.decode_layout) >= 1
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                _invalid("decode_layout", self.decode_layout,
+                         f"use {sharding.DECODE_SETTINGS}")
         choices = {"sampler_backend": sampling.BACKENDS, "anchor": ANCHORS,
                    "baseline": BASELINES}
         for name, valid in choices.items():
@@ -149,14 +161,34 @@ def completion_logprobs(cfg: GemmaConfig, params: Any, prompt_tokens, prompt_mas
     return token_logprobs(logits, completion, completion_mask), entropy
 
 
-def rollout(state: RLState, prompts, rng, *, cfg: GemmaConfig, rl: RLConfig):
+def rollout(state: RLState, prompts, rng, *, cfg: GemmaConfig, rl: RLConfig,
+            layout: sharding.DecodeLayout | None = None):
     """K completions of each prompt from the policy: `(tokens, mask, completion,
-    completion_mask)`, the K samples of a prompt consecutive (`[P * K, ...]`)."""
+    completion_mask)`, the K samples of a prompt consecutive (`[P * K, ...]`). With a decode
+    `layout`, the policy is moved to it (in the compute dtype) and sampled there, and the
+    completions come back split like the prompts."""
     tokens, mask = (jnp.repeat(x, rl.num_samples, axis=0) for x in prompts)
-    out = sampling.sample(state.params, cfg, tokens, mask, jax.random.fold_in(rng, state.step),
-                          rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
-                          top_p=rl.top_p, eos_id=rl.eos_id, backend=rl.sampler_backend)
+    out = decode(state.params, cfg, tokens, mask, jax.random.fold_in(rng, state.step),
+                 rl.max_new_tokens, layout, temperature=rl.temperature, top_k=rl.top_k,
+                 top_p=rl.top_p, eos_id=rl.eos_id, backend=rl.sampler_backend)
     return tokens, mask, out.tokens, out.mask
+
+
+def decode(params, cfg: GemmaConfig, tokens, mask, rng, max_new_tokens: int,
+           layout: sharding.DecodeLayout | None, **kw) -> sampling.SampleOutput:
+    """`sampling.sample` (keywords `kw`) of traced prompts, in the decode `layout` if one is
+    given; the outputs are constrained back to the prompts' rows' sharding."""
+    if layout is None:
+        return sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens, **kw)
+    rows_sharding = sharding.batch_sharding(layout.train, 2)
+    with layout.activations():
+        params = layout.put(sampling.in_compute_dtype(params, cfg), abstract_params(cfg))
+        out = sampling.sample(params, cfg, layout.rows(tokens), layout.rows(mask), rng,
+                              max_new_tokens, **kw)
+    if tokens.shape[0] % (layout.train.shape["data"] * layout.train.shape["fsdp"]) == 0:
+        out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, sharding.NamedSharding(layout.train, rows_sharding.spec)), out)
+    return out
 
 
 def _to_microbatches(rows, microbatches: int, num_samples: int):
@@ -253,10 +285,11 @@ def update(state: RLState, batch, reward, init_params, *, cfg: GemmaConfig, rl: 
 
 
 def step(state: RLState, prompts, rng, init_params, reward_leaves, *, cfg: GemmaConfig,
-         rl: RLConfig, reward_fn: Callable, reward_def: Any):
-    """One whole step of one run with a jittable reward: `rollout`, the reward (rebuilt from
-    `reward_leaves`, see `rewards.reward_arrays`), `update`."""
-    batch = rollout(state, prompts, rng, cfg=cfg, rl=rl)
+         rl: RLConfig, reward_fn: Callable, reward_def: Any,
+         layout: sharding.DecodeLayout | None = None):
+    """One whole step of one run with a jittable reward: `rollout` (in the decode `layout`),
+    the reward (rebuilt from `reward_leaves`, see `rewards.reward_arrays`), `update`."""
+    batch = rollout(state, prompts, rng, cfg=cfg, rl=rl, layout=layout)
     reward = rewards.call_reward(reward_fn, reward_def, reward_leaves, batch)
     return update(state, batch, reward, init_params, cfg=cfg, rl=rl)
 
@@ -279,6 +312,8 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
         `host = True`), called between two jitted halves of the step.
       mesh: None for plain `jax.jit`; else one jit with explicit in/out shardings over the
         mesh (params by their logical axes, prompts over `data`/`fsdp`) and donated state.
+        The rollout samples in the decode layout of `rl.decode_layout`
+        (`sharding.decode_layout`; `ValueError` for one the model or mesh cannot take).
       num_runs: None for one run; M to train M stacked runs (every state leaf, prompt and key
         with a leading `[M]` axis, sharded over the mesh's `run` axis) in one program.
 
@@ -286,7 +321,8 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
       The step, and `init(params) -> state` that builds the (stacked) state already sharded.
       `train_step.lower(...)` and `init.lower(params)` lower their jitted programs for
       abstract inputs (planning a job for another topology: `warp_jax.plan`);
-      `train_step.shardings` holds the inputs' and outputs' shardings.
+      `train_step.shardings` holds the inputs' and outputs' shardings, `train_step.layout`
+      the rollout's `sharding.DecodeLayout` (None: the training layout).
       With `num_runs`, `init` takes M stacked params (one init per run) or one run's params,
       which every run starts from (copied inside the jitted init, straight into the `run`
       sharding). Params that fit neither raise `ValueError` naming the leaf.
@@ -301,6 +337,10 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
     reward_leaves, reward_def = rewards.reward_arrays(reward_fn)
     boxed = abstract_params(cfg)
     shard = _Shardings(boxed, rl, mesh, num_runs)
+    try:
+        layout = sharding.decode_layout(boxed, mesh, rl.decode_layout)
+    except ValueError as e:
+        raise ValueError(f"RLConfig.{e}") from None
     reward_shardings = None
     if mesh is not None:  # the reward's arrays in their sharding on the mesh, else replicated
         reward_shardings = [
@@ -321,15 +361,16 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     out = (shard.state, shard.metrics)
     programs = {  # by (name, with init_params), whose in_shardings differ
-        ("step", w): jit(functools.partial(step, reward_fn=reward_fn, reward_def=reward_def),
+        ("step", w): jit(functools.partial(step, reward_fn=reward_fn, reward_def=reward_def,
+                                           layout=layout),
                          (0, 0, 0, None, None), (shard.state, shard.prompts, shard.keys,
                                                  shard.params if w else None, reward_shardings),
                          out, (0,)) for w in (False, True)}
     programs.update({("update", w): jit(update, (0, 0, 0, None), (
         shard.state, shard.batch, shard.rewards, shard.params if w else None), out, (0,))
                      for w in (False, True)})
-    programs["rollout", False] = jit(rollout, (0, 0, 0), (shard.state, shard.prompts,
-                                                          shard.keys), shard.batch, ())
+    programs["rollout", False] = jit(functools.partial(rollout, layout=layout), (0, 0, 0),
+                                     (shard.state, shard.prompts, shard.keys), shard.batch, ())
 
     def train_step(state, prompts, rng, init_params=None):
         with_init = init_params is not None
@@ -367,6 +408,7 @@ def make_train_step(cfg: GemmaConfig, rl: RLConfig, reward_fn: Callable,
 
     train_step.lower = lower
     train_step.shardings = shard
+    train_step.layout = layout
     init_fn = functools.partial(init_state, rl=rl)
     out = {} if mesh is None else dict(out_shardings=shard.state)
     init_one = jax.jit(init_fn, **out)

@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 
-# Fields a resumed run may change: the device layout, the update's memory schedule and the
-# check that the job fits.
-LAYOUT_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.model", "rl.remat", "rl.microbatches",
-                 "plan_first")
+# Fields a resumed run may change: the device layout (the sampler's too), the update's memory
+# schedule and the check that the job fits.
+LAYOUT_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.model", "rl.decode_layout", "rl.remat",
+                 "rl.microbatches", "plan_first")
 
 
 def writable(path: str | os.PathLike, flag: str = "--workdir") -> pathlib.Path:

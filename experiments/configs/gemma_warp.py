@@ -79,6 +79,9 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.rl.microbatches = 1  # the update's gradient summed over this many slices of the prompts
     c.rl.remat = False  # recompute each block's activations in the backward pass
     c.rl.sampler_backend = "auto"  # "xla", "cpu" (opt-in) or "auto": cpu where JAX runs on CPU
+    # Where a run samples: "auto" (its devices as tensor x data parallel, no FSDP: the weights
+    # moved once per rollout, not gathered per token), a tensor-parallel degree, or "train"
+    c.rl.decode_layout = "auto"
 
     c.warp = ml_collections.ConfigDict()
     c.warp.iterations = 2  # I

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -32,10 +33,18 @@ class CpuBackend:
         return jax.random.uniform(rng, (steps, batch), jnp.float32)
 
     def draw(self, uniform_B, logits_BV):
-        return _draw(uniform_B, logits_BV)
+        return _draw(uniform_B, _whole_rows(logits_BV))
 
     def filter(self, logits_BV, top_k, top_p):
-        return _filter(logits_BV, top_k, top_p)
+        return _filter(_whole_rows(logits_BV), top_k, top_p)
+
+
+def _whole_rows(logits_BV):
+    """Each device's rows with their whole vocabulary: the searches below reshape the
+    vocabulary into chunks, which a vocabulary split over devices (the decode layout's tensor
+    parallelism) cannot follow. Under the caller's sharding rules only."""
+    return nn.with_logical_constraint(logits_BV, ("activation_batch", None),
+                                      fallback=nn.spmd.RulesFallback.NO_CONSTRAINT)
 
 
 _CHUNK = 128  # vocabulary entries per block of the two-level inverse CDF

@@ -203,8 +203,7 @@ class Attention(nn.Module):
         if self.reuses_kv:
             k_BTKH, v_BTKH = shared_kv
         else:
-            # Keys and values split by rows only: with K heads that the `model` axis does not
-            # divide, XLA's propagation otherwise splits K over part of it and must replicate.
+            # Keys and values as the caller's rules split them (`activation_kv_heads`).
             k_BTKH = _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, k_w.astype(dt)))
             v_BTKH = (k_BTKH if cfg.values_are_keys(kind)
                       else _kv(jnp.einsum("BTD,DKH->BTKH", x_BTD, v_w.astype(dt))))
@@ -417,7 +416,8 @@ def _constrain(x, logical_axes):
 
 
 def _kv(x_BTKH):
-    return _constrain(x_BTKH, ("activation_batch", "activation_length", None, None))
+    return _constrain(x_BTKH, ("activation_batch", "activation_length", "activation_kv_heads",
+                               None))
 
 
 def _residual(x_BTD):

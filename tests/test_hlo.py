@@ -1,0 +1,102 @@
+"""Reading collectives and loop trip counts from compiled HLO text, against hand counts."""
+
+import pytest
+
+from warp_jax import hlo
+
+# A decode loop (its bound, 6, in its condition) around a scan over 3 layers (trips known to
+# the compiler), a loop whose trips nothing tells; XLA's three spellings of device groups; an
+# asynchronous all-gather; a reduce-scatter over all devices.
+PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[4]{0}}, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%layer_body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %w = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %ag = bf16[16,8]{1,0} all-gather(%w), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %ar = f32[32]{0} all-reduce(%z), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%i, %w)
+}
+
+%layer_cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+%decode_body (q: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %q = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %layers = (s32[], bf16[4,8]{1,0}) while(%q), condition=%layer_cond, body=%layer_body, backend_config={"known_trip_count":{"n":"3"}}
+  %ags = (bf16[2,8]{1,0}, bf16[8,8]{1,0}) all-gather-start(%v), channel_id=3, replica_groups=mesh['a'=2,'b'=4] {'b'}, dimensions={0}
+  %agd = bf16[8,8]{1,0} all-gather-done(%ags)
+  %cp = f32[10]{0} collective-permute(%u), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  ROOT %r = (s32[], bf16[4,8]{1,0}) tuple(%i, %w)
+}
+
+%decode_cond (q: (s32[], bf16[4,8])) -> pred[] {
+  %n = s32[1]{0:T(128)} constant({6})
+  %yes = pred[] constant(true)
+  %q = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %i = s32[1]{0} get-tuple-element(%q), index=0
+  ROOT %lt = pred[1]{0} compare(%i, %n), direction=LT
+}
+
+%other_body (q: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %q = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %cp2 = u8[8]{0} collective-permute(%u), source_target_pairs={{0,1},{1,0}}
+  ROOT %r = (s32[], bf16[4,8]{1,0}) tuple(%i, %w)
+}
+
+%other_cond (q: (s32[], bf16[4,8])) -> pred[] {
+  %q = (s32[], bf16[4,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main.1 () -> f32[4] {
+  %rs = f32[4]{0} reduce-scatter(%big), channel_id=5, replica_groups={}, dimensions={0}, to_apply=%add
+  %loop = (s32[], bf16[4,8]{1,0}) while(%init), condition=%decode_cond, body=%decode_body
+  %other = (s32[], bf16[4,8]{1,0}) while(%init), condition=%other_cond, body=%other_body
+  ROOT %out = f32[4]{0} copy(%rs)
+}
+"""
+
+
+def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
+    got = hlo.traffic(PROGRAM, unknown_trips=7)
+    # Per layer: all-gather 256 B over 4 devices (3/4 received), all-reduce 128 B over 2
+    # (2 x 1/2). Per decode step: 3 layers, an all-gather of 128 B over 4, a permute of 40 B.
+    layer = {"all-gather": 256 * 3 / 4, "all-reduce": 2 * 128 / 2}
+    step = {"all-gather": 3 * layer["all-gather"] + 128 * 3 / 4,
+            "all-reduce": 3 * layer["all-reduce"], "collective-permute": 40}
+    assert got.bytes == {"all-gather": 6 * step["all-gather"],
+                         "all-reduce": 6 * step["all-reduce"],
+                         "reduce-scatter": 16 * 7,  # its input is 8 x 16 B, all devices
+                         "all-to-all": 0.0,
+                         "collective-permute": 6 * step["collective-permute"] + 7 * 8}
+    assert got.counts == {"all-gather": 24, "all-reduce": 18, "reduce-scatter": 1,
+                          "all-to-all": 0, "collective-permute": 6 + 7}
+    assert got.total_bytes == sum(got.bytes.values())
+    loops = {loop["name"]: loop for loop in got.loops}
+    assert loops == {
+        "loop": {"name": "loop", "trips": 6, "trips_from": "condition", "bytes_per_trip": step},
+        "layers": {"name": "layers", "trips": 3, "trips_from": "compiler",
+                   "bytes_per_trip": layer},
+        "other": {"name": "other", "trips": 7, "trips_from": "assumed",
+                  "bytes_per_trip": {"collective-permute": 8}}}
+
+
+def test_shapes_and_groups():
+    assert hlo.shape_bytes("(bf16[2,8]{1,0}, f32[3], pred[])") == 2 * 16 + 4 * 3 + 1
+    assert hlo.group_size("replica_groups=[4,16]<=[64]", 64) == 16
+    assert hlo.group_size("replica_groups={{0,2,4},{1,3,5}}, dimensions={0}", 6) == 3
+    assert hlo.group_size("replica_groups=mesh['x'=2,'y'=2,'z'=4] {'x','z'}", 16) == 8
+    assert hlo.group_size("channel_id=1, dimensions={0}", 32) == 32
+
+
+def test_text_without_an_entry_is_refused():
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        hlo.traffic("HloModule m\n")
