@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from warp_jax import backends, sharding, warp
+from warp_jax.workdir import os_error_line
 
 BAD_FLAG = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 # What a user's inputs cause (an unreadable or damaged file, a bad value): one line, exit
@@ -38,7 +39,10 @@ def fail(error: BaseException) -> None:
     """A bad flag, config override or config value: one line on stderr, exit code 2."""
     while error.args and isinstance(error.args[0], BaseException):  # unwrap re-raises
         error = error.args[0]
-    text = str(error.args[0]) if error.args else str(error)
+    if isinstance(error, OSError):
+        text = os_error_line(error)
+    else:
+        text = str(error.args[0]) if error.args else str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[-1] if "Traceback" in text else " ".join(lines)
     print(f"error: {message}", file=sys.stderr)

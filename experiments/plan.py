@@ -27,6 +27,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices are compile-onl
 from absl import app, flags, logging
 
 from experiments.gemma_warp import USER_ERRORS, define_config_flag, fail, load_config, parse_flags
+from warp_jax.workdir import writable_file
 
 
 def _table(result: dict) -> str:
@@ -140,6 +141,8 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", flags.FLAGS.topology)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
+        if flags.FLAGS.out:  # before the compiles, not after their minutes
+            writable_file(flags.FLAGS.out, "--out")
         topo = plan.topology(flags.FLAGS.topology)
         result = plan.plan(config, topo, progress=lambda m: print(m, file=sys.stderr))
     except USER_ERRORS as e:
@@ -150,7 +153,10 @@ def main(argv: list[str]) -> None:
     print(_table(result))
     print(f"\n{ROW_HEADER}\n{result['row']}")
     if flags.FLAGS.out:
-        pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            fail(e)
     if result["fits"]:
         return
     name, worst = next((n, r) for n, r in result["programs"].items() if not r["fits"])

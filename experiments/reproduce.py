@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from experiments import gemma_warp
 from warp_jax import backends, sharding, study, study_report
+from warp_jax.workdir import writable
 
 
 def main(argv: list[str]) -> None:
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> None:
     backends.configure_process(config.rl.sampler_backend)
     workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
+        if flags.FLAGS.report_dir:  # before the study, not after its hours of work
+            writable(flags.FLAGS.report_dir, "--report_dir")
         claims = study.run(config, workdir)
         if sharding.is_main_process():
             report = study_report.write(

@@ -5,7 +5,9 @@ r"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss
 
 `prefs.jsonl` holds one `{"prompt", "chosen", "rejected"}` object per line. A held-out split
 (`--eval-fraction`) reports loss and accuracy as training goes; checkpoints go to
-`WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one.
+`WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one
+(`WORKDIR/arguments.json` records the arguments and the data's fingerprint: a rerun may change
+only --steps, --eval-every, --fsdp, --model and --remat).
 The trained model is written to `WORKDIR/hf` as a Hugging Face `*ForSequenceClassification`
 (`num_labels=1`): WARP's `--config.reward.hf_dir`, or transformers, read it. The weights and
 Adam moments are sharded over the devices (`--fsdp`, `--model`); `--remat` trades compute for
@@ -23,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warp_jax import rewards, sharding
+from warp_jax import backends, rewards, sharding
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
-from warp_jax.workdir import writable
+from warp_jax.workdir import fingerprint, os_error_line, record, writable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,12 +82,39 @@ def _mesh(args, batch_size: int):
     return sharding.make_mesh(**shape)
 
 
+# Arguments a rerun in the same workdir may change: how far it trains, how often it
+# evaluates, and how it is laid out on the devices.
+_MAY_CHANGE = ("--steps", "--eval-every", "--fsdp", "--model", "--remat")
+
+
+def _recorded(args) -> dict:
+    """What made a workdir's outputs: the arguments, with the data's and the tokenizer's
+    fingerprints (and the init's config.json), as `arguments.json` records them."""
+    values = {f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items())
+              if k not in ("workdir",)}
+    values["--data"] = {"path": str(args.data), "sha256": fingerprint(args.data)}
+    if args.tokenizer:
+        values["--tokenizer"] = {"path": str(args.tokenizer),
+                                 "sha256": fingerprint(args.tokenizer)}
+    if args.init:
+        values["--init"] = {"path": str(args.init),
+                            "config_sha256": fingerprint(f"{args.init}/config.json")}
+    return values
+
+
 def run(args) -> dict[str, float]:
     """Trains and returns the final held-out metrics."""
     _check(args)
     pairs = rewards.read_preferences(args.data, on_error=args.on_error)
+    same = sum(p.chosen == p.rejected for p in pairs)
+    if same and len(pairs) - same >= 2:
+        print(f"warning: {args.data}: {same} of {len(pairs)} pairs have chosen equal to "
+              "rejected and teach nothing; they are left out", file=sys.stderr)
+    pairs = [p for p in pairs if p.chosen != p.rejected]
     if len(pairs) < 2:
-        raise ValueError(f"{args.data}: need at least 2 preference pairs, found {len(pairs)}")
+        raise ValueError(f"{args.data}: need at least 2 preference pairs whose chosen and "
+                         f"rejected differ, found {len(pairs)}"
+                         + (f" ({same} have chosen equal to rejected)" if same else ""))
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(pairs))
     n_eval = max(1, int(len(pairs) * args.eval_fraction))
@@ -94,17 +123,20 @@ def run(args) -> dict[str, float]:
     mesh = _mesh(args, batch_size)  # a mesh that does not fit fails before anything is written
 
     workdir = writable(args.workdir)
+    given = Tokenizer(args.tokenizer) if args.tokenizer else None
+    cfg = hf.read_config(args.init) if args.init else None
+    # The inputs read, before anything is written: what made this workdir's outputs.
+    record(_recorded(args), workdir, "arguments.json", _MAY_CHANGE, "other arguments")
     checkpoints = Checkpoints(workdir / "checkpoints")
-    if args.tokenizer:
-        tokenizer = Tokenizer(args.tokenizer)
+    if given is not None:
+        tokenizer = given
     elif (workdir / "tokenizer.model").exists():  # resuming: the tokenizer trained before
         tokenizer = Tokenizer(workdir / "tokenizer.model")
     else:
         texts = [t for p in train for t in (f"{p.prompt} {p.chosen}", f"{p.prompt} {p.rejected}")]
         tokenizer = Tokenizer.train(texts, args.tokenizer_vocab)
         tokenizer.save(workdir / "tokenizer.model")
-    if args.init:
-        cfg = hf.read_config(args.init)
+    if cfg is not None:
         params = hf.params_from_hf(args.init, cfg)
         params.setdefault("score", np.zeros((cfg.embed_dim,), np.dtype(cfg.param_dtype)))
     else:
@@ -135,16 +167,21 @@ def run(args) -> dict[str, float]:
     hf.save_hf(jax.device_get(state.params), cfg, workdir / "hf")
     print(f"held-out ({len(held_out)} pairs): accuracy {metrics['accuracy']:.3f}, "
           f"Bradley-Terry loss {metrics['loss']:.4f}")
+    if not metrics["accuracy"] > 0.5:
+        print(f"warning: the reward model learned nothing: held-out accuracy "
+              f"{metrics['accuracy']:.3f} on {len(held_out)} pairs is at or below chance "
+              "(0.5); more pairs, steps or a higher --learning-rate may help", file=sys.stderr)
     print(f"reward model (Hugging Face, for --config.reward.hf_dir): {workdir / 'hf'}")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    backends.configure_process("xla")  # on the CPU straight away where there is no TPU
     try:
         run(args)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
 
 

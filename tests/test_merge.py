@@ -228,3 +228,37 @@ def test_two_gemma4_checkpoints_merge_and_load_in_transformers(tmp_path):
     np.testing.assert_array_equal(
         loaded.model.layers[1].experts.down_proj.detach().numpy(),
         hf.params_to_hf(got, cfg)["model.layers.1.experts.down_proj"])
+
+
+def test_an_empty_eta_grid_settings_that_differ_and_a_killed_merge(checkpoints, tmp_path,
+                                                                   capsys):
+    root, runs = checkpoints
+    base = ["--init", str(root / "init"), "--policy", str(runs[0])]
+    with pytest.raises(SystemExit) as info:
+        merge.main([*base, "--eta-grid=", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --eta-grid: expected comma-separated numbers, got ''")
+    # A policy fine-tuned with another sliding window computes something else: warned.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model.safetensors",):
+        (other / name).write_bytes((runs[1] / name).read_bytes())
+    config = json.loads((runs[1] / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "sliding_window": 2}))
+    # What a merge killed before it finished left (its process is gone), and a live one's.
+    stale = tmp_path / ".o.k1ll3d"
+    stale.mkdir()
+    (stale / "merge.pid").write_text("999999999")
+    live = tmp_path / ".o.l1v3"
+    live.mkdir()
+    (live / "merge.pid").write_text(str(__import__("os").getpid()))
+    merge.main([*base, "--policy", str(other), "--out", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line
+           and line.strip()]  # no progress bars
+    assert err == [
+        f"warning: removed {stale}, the unfinished output of a merge that was stopped",
+        f"warning: {other}'s config.json differs from the init's in sliding_window (4 -> 2); "
+        "the merge is written with the init's"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.l1v3", "o", "other"]
+    assert not (tmp_path / "o" / "merge.pid").exists()

@@ -168,3 +168,29 @@ def test_plan_first_stops_the_job_naming_the_program_that_does_not_fit():
                                          r"setting that fits with python -m experiments.plan"):
         plan.check_fits(get_config("test"), topo.devices, small)
     assert get_config("gemma_7b_paper").plan_first and not get_config("cpu_demo").plan_first
+
+
+def test_bad_outputs_and_stub_configs_are_one_line_before_any_compile(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "config.json").write_text('{"model_type": "gemma"}')
+    for flags, message in (
+            ([f"--out={tmp_path}"], f"error: --out '{tmp_path}': a directory, not a file"),
+            ([f"--out={a_file / 'plan.json'}"], f"error: --out '{a_file}': a file, not a "
+                                                f"directory (the directory of "
+                                                f"'{a_file / 'plan.json'}')"),
+            (["--config.task.name=prompts", f"--config.model.hf_dir={stub}"],
+             f"error: {stub / 'config.json'}: lacks vocab_size, hidden_size, "
+             "intermediate_size, num_hidden_layers, num_attention_heads (a checkpoint's "
+             "config.json gives the model's sizes)")):
+        code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", *flags)
+        assert code == 2 and stderr.strip().splitlines()[-1] == message, stderr[-2000:]
+        assert "compiling" not in stderr
+    code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8",
+                            f"--out={tmp_path / 'new' / 'plan.json'}",
+                            "--config.rl.decode_layout=3")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        "error: config.rl.decode_layout = '3': the tensor-parallel degree must be mesh.model "
+        "(1) times a divisor of mesh.fsdp (1): one of [1]"), stderr[-2000:]

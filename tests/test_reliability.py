@@ -11,7 +11,7 @@ import pytest
 
 from experiments import train_reward_model
 from experiments.configs.gemma_warp import get_config
-from warp_jax import data, rewards, workdir
+from warp_jax import data, ingredients, rewards, workdir
 from warp_jax.gemma import hf
 from warp_jax.gemma.tokenizer import Tokenizer
 
@@ -144,3 +144,119 @@ def test_train_reward_model_says_one_line_for_bad_files(tmp_path, capsys):
                                      "--steps", "1", "--batch-size", "8", *flags])
         err = capsys.readouterr().err.strip().splitlines()
         assert info.value.code == 2 and len(err) == 1 and message in err[0], (flags, err)
+
+
+def _write_prefs(path, n=24, same=0):
+    rows = [{"prompt": "the movie was", "chosen": "great fun", "rejected": "dull"}] * (n - same)
+    rows += [{"prompt": "the movie was", "chosen": "fine", "rejected": "fine"}] * same
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_train_reward_model_refuses_a_rerun_with_other_arguments_or_data(tmp_path, capsys):
+    prefs, rm = tmp_path / "prefs.jsonl", tmp_path / "rm"
+    _write_prefs(prefs)
+    argv = ["--data", str(prefs), "--workdir", str(rm), "--steps", "2", "--batch-size", "8",
+            "--tokenizer-vocab", "30", "--max-len", "8"]
+    train_reward_model.main(argv)
+    capsys.readouterr()
+    before = _listing(rm)
+    _write_prefs(prefs, n=30)  # other data under the same name
+    for flags, changed in ((["--learning-rate", "0.01"], "--learning-rate (0.001 -> 0.01)"),
+                           ([], "--data.sha256 (")):
+        with pytest.raises(SystemExit) as info:
+            train_reward_model.main([*argv, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {rm} was made with other arguments: ") and \
+            changed in err[0] and err[0].endswith("rerun with the recorded values "
+                                                  "(arguments.json there), or use a new "
+                                                  "--workdir"), err
+        assert _listing(rm) == before
+    _write_prefs(prefs)  # the recorded data again: more steps and another layout resume
+    train_reward_model.main([*argv[:5], "3", *argv[6:], "--remat"])
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_train_reward_model_says_when_pairs_or_the_model_teach_nothing(tmp_path, capsys,
+                                                                      monkeypatch):
+    prefs = tmp_path / "prefs.jsonl"
+    argv = ["--data", str(prefs), "--steps", "1", "--batch-size", "8", "--tokenizer-vocab",
+            "30", "--max-len", "8"]
+    _write_prefs(prefs, n=20, same=20)
+    with pytest.raises(SystemExit) as info:
+        train_reward_model.main([*argv, "--workdir", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [
+        f"error: {prefs}: need at least 2 preference pairs whose chosen and rejected differ, "
+        "found 0 (20 have chosen equal to rejected)"]
+    assert not (tmp_path / "a").exists()
+    _write_prefs(prefs, n=20, same=5)
+    monkeypatch.setattr(rewards, "fit", lambda step, evaluate, state, *a, **k: (
+        state, {"accuracy": 0.5, "loss": 0.69}))
+    train_reward_model.main([*argv, "--workdir", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"warning: {prefs}: 5 of 20 pairs have chosen equal to rejected and teach nothing; "
+        "they are left out",
+        "warning: the reward model learned nothing: held-out accuracy 0.500 on 1 pairs is at "
+        "or below chance (0.5); more pairs, steps or a higher --learning-rate may help"], err
+
+
+def test_train_reward_model_is_quiet_on_a_cpu_machine(tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    _write_prefs(prefs)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_reward_model", "--data",
+                           str(prefs), "--workdir", str(tmp_path / "rm"), "--steps", "1",
+                           "--batch-size", "8", "--tokenizer-vocab", "30", "--max-len", "8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("E0000", "INVALID_ARGUMENT", "TPU", "libtpu"):  # libtpu probing for a TPU
+        assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_rotten_tomatoes_split_must_make_data(capsys):
+    def check(**fields):
+        c = get_config("test")
+        c.task.name, c.reward.oracle = "rotten_tomatoes", "gold"
+        for field, value in fields.items():
+            section, key = field.split("__")
+            c[section][key] = value
+        with pytest.raises(ValueError) as info:
+            ingredients.validate_config(c)
+        return str(info.value)
+
+    assert check(task__movie_split=(0.5, 0.3, 0.1, 0.0001)) == (
+        "config.task.movie_split = (0.5, 0.3, 0.1, 0.0001): gives the eval part(s) none of "
+        "the 508 movies: each share needs at least 0.002")
+    assert check(task__movie_split=(0.0005, 0.3, 0.0005, 0.1)).startswith(
+        "config.task.movie_split = (0.0005, 0.3, 0.0005, 0.1): gives the sft and rl part(s) "
+        "none of the 508 movies")
+    assert check(task__prompt_words=1000).startswith(
+        "config.task.prompt_words = 1000: half the RL snippets have at most ")
+    assert check(task__movie_split=(0.5, 0.3, 0.003, 0.1), rl__batch_size=64).startswith(
+        "config.task.movie_split = (0.5, 0.3, 0.003, 0.1): gives the RL part ")
+
+
+def test_reproduce_checks_its_report_dir_before_the_study(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for report_dir, message in ((a_file, f"--report_dir '{a_file}': a file, not a directory"),
+                                (a_file / "below", f"--report_dir '{a_file / 'below'}': a "
+                                                   "path below a file")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.reproduce",
+             f"--config={ROOT}/experiments/configs/reproduce.py:smoke",
+             f"--workdir={tmp_path / 'w'}", f"--report_dir={report_dir}"],
+            cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+            text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {message}"], proc.stderr[-2000:]
+        assert not (tmp_path / "w").exists()
+
+
+def test_os_errors_are_one_line_with_the_path_and_the_reason():
+    assert workdir.os_error_line(OSError(28, "No space left on device", "/w/ckpt")) == (
+        "/w/ckpt: No space left on device")
+    assert workdir.os_error_line(OSError(30, "Read-only file system")) == (
+        "Read-only file system")

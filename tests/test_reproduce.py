@@ -48,21 +48,49 @@ def test_the_smoke_study_judges_all_six_claims_on_both_rewards(smoke, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_study_resumes_from_what_its_workdir_holds(smoke, tmp_path):
+def test_a_study_resumes_from_what_its_workdir_holds(smoke, tmp_path, capfd):
     workdir = tmp_path / "w"
     shutil.copytree(smoke[0], workdir)
-    for name in ("claims.json", "study.json", "records/seed1_iter2_front.json",
-                 "records/seed0_slerp_lambda0.5.json"):
+    for name in ("claims.json", "study.json"):
         (workdir / name).unlink()  # killed before these were written
+    # Records that are JSON but not what their stage wrote are redone, each with a warning.
+    front = workdir / "records/seed1_iter2_front.json"
+    front.write_text(json.dumps(json.loads(front.read_text())[:1]))
+    (workdir / "records/seed0_slerp_lambda0.5.json").write_text('{"oops": 1}')
+    (workdir / "records/seed0_lerp_lambda0.5.json").write_text('[{"method": "lerp"}]')
+    first = json.loads((workdir / "wall_time.json").read_text())
+
+    def killed(self):
+        raise KeyboardInterrupt  # after the last record, before the outputs
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study.Study, "finish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            study.run(get_config("smoke"), workdir)
+    warnings = [line for line in capfd.readouterr().err.splitlines()
+                if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: {workdir}/records/seed0_slerp_lambda0.5.json is not a list of records; "
+        "evaluating seed0_slerp_lambda0.5 again",
+        f"warning: {workdir}/records/seed0_lerp_lambda0.5.json is incomplete (record 0 lacks "
+        "run, step, eta, kl, proxy_reward, oracle_reward); evaluating seed0_lerp_lambda0.5 "
+        "again",
+        f"warning: {front} is incomplete (records missing); evaluating seed1_iter2_front "
+        "again"], warnings
+    spent = json.loads((workdir / "wall_time.json").read_text())
+    assert spent[:-1] == first and spent[-1] > 0  # the killed invocation's time counts
     assert study.run(get_config("smoke"), workdir) == smoke[1]
-    assert len(json.loads((workdir / "wall_time.json").read_text())) == 2
+    # That rerun only wrote the outputs: it adds no time.
+    assert json.loads((workdir / "wall_time.json").read_text()) == spent
 
 
 def test_bad_study_fields_are_one_line_naming_them():
     for field, value, match in (("warp.runs", 1, "config.warp.runs = 1: the study merges"),
                                 ("study.lambdas", (0.5, 1.0), "config.study.lambdas"),
                                 ("reward.oracle", "", "config.reward.oracle = '': the study"),
-                                ("study.seeds", 0, "config.study.seeds = 0")):
+                                ("study.seeds", 0, "config.study.seeds = 0"),
+                                ("study.seeds", 1, r"config.study.seeds = 1: must be an int >= "
+                                                   r"2: a verdict needs the spread over seeds")):
         c = get_config("smoke")
         section, key = field.split(".")
         c[section][key] = value
@@ -115,6 +143,10 @@ def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
     assert study.effect([0.3, -0.01, 0.4], 0.05)[0] == "inconclusive"
     assert study.effect([-0.3, 0.1, 0.1], 0.05)[0] == "not supported"
     assert study.effect([0.2, float("nan")], 0.05)[0] == "inconclusive"
+    # No test without a spread: one seed, or seeds that agree exactly, are never p = 0.
+    for x in ([0.4], [0.4, 0.4, 0.4], [-0.2, -0.2], []):
+        verdict, p = study.effect(x, 0.05)
+        assert verdict == "inconclusive" and np.isnan(p), (x, verdict, p)
     import scipy.stats
 
     x = [0.2, 0.5, 0.1]
@@ -135,7 +167,8 @@ def test_the_pilot_takes_the_smallest_beta_whose_kl_term_binds():
 
 def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.05),
              seeds=3):
-    """Hand-made study records of `seeds` seeds with the given effects (on both rewards)."""
+    """Hand-made study records of `seeds` seeds with the given effects (on both rewards),
+    each 1% larger per seed: a verdict needs a spread over seeds."""
     records = [{"method": "sft", "kl": 0.0, "proxy_reward": 0.0, "oracle_reward": 0.0}]
 
     def point(reward, **fields):
@@ -143,11 +176,11 @@ def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.0
 
     for s in range(seeds):
         jitter = 0.01 * s
-        for anchor, gain in (("sft", 0.0), ("ema", ema_gain)):
+        for anchor, gain in (("sft", 0.0), ("ema", ema_gain * (1 + jitter))):
             records += [point(k * (0.3 + gain + jitter) - 0.2 * max(k - 2, 0), kl=k, seed=s,
                               method=f"reinforce_{anchor}", step=k) for k in (1.0, 2.0, 3.0)]
         def base(k, m, jitter=jitter):
-            return 0.4 * k * (1 + m_gain * (m - 1)) + jitter
+            return 0.4 * k * (1 + m_gain * (1 + jitter) * (m - 1)) + jitter
 
         records += [point(base(k, m), kl=k, seed=s, method="warp", iteration=1, merged_runs=m)
                     for m in range(1, 4) for k in (1.0, 2.0)]
@@ -158,7 +191,7 @@ def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.0
         records += [point(0.3 * k, kl=k, seed=s, method="warp_run", iteration=1, run=m,
                           step=k) for m in range(3) for k in (1.0, 2.0)]
         for lam in (0.25, 0.5, 0.75):
-            records += [point(0.5 + slerp_gain + jitter, kl=1.0 + slerp_gain, seed=s,
+            records += [point(0.5 + slerp_gain + jitter, kl=1.0 + slerp_gain * (1 + jitter), seed=s,
                               method="slerp", lam=lam),
                         point(0.5, kl=1.0, seed=s, method="lerp", lam=lam)]
     geometry = {str(s): [{"runs": [0, 1], "block_0": {"task_cosine": 0.05 + jitter,

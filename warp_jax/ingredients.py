@@ -140,11 +140,38 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if built_in and c.rl.batch_size > c.task.num_prompts:
         _fail("rl.batch_size", c.rl.batch_size, f"exceeds task.num_prompts "
                                                  f"({c.task.num_prompts})")
+    if c.task.name == "rotten_tomatoes":
+        _validate_split(c)
     shape = mesh_shape(c, len(jax.devices()) if num_devices is None else num_devices)
     if c.rl.decode_layout != "train" and (not c.model.hf_dir
                                           or os.path.exists(f"{c.model.hf_dir}/config.json")):
         sharding.decode_tensor_parallel(abstract_params(model_configs(c)[0]), shape,
                                         c.rl.decode_layout, "config.rl.decode_layout")
+
+
+_PARTS = ("sft", "gold", "rl", "eval")
+
+
+def _validate_split(c) -> None:
+    """Refuses a Rotten Tomatoes split that cannot make the task's data: a part without a
+    movie, RL prompts fewer than a batch, or prompts as long as the snippets they open."""
+    split, snippets = tuple(c.task.movie_split), data.rotten_tomatoes()
+    parts = data.split_by_movie(snippets, dict(zip(_PARTS, split, strict=True)),
+                                streams.seed(c.seed, "movie_split"))
+    movies = len({s.movie for s in snippets})
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        _fail("task.movie_split", split, f"gives the {' and '.join(empty)} part(s) none of the "
+              f"{movies} movies: each share needs at least {1 / movies:.2g}")
+    words = int(np.median([len(s.text.split()) for s in parts["rl"]]))
+    if c.task.prompt_words >= words:
+        _fail("task.prompt_words", c.task.prompt_words, f"half the RL snippets have at most "
+              f"{words} words: the prompts would be whole snippets with nothing to complete; "
+              f"use fewer than {words}")
+    prompts = len({data.opening(s.text, c.task.prompt_words) for s in parts["rl"]})
+    if prompts < c.rl.batch_size:
+        _fail("task.movie_split", split, f"gives the RL part {prompts} distinct prompts, "
+              f"fewer than a batch (rl.batch_size = {c.rl.batch_size})")
 
 
 def model_configs(c) -> tuple[GemmaConfig, GemmaConfig]:
@@ -234,8 +261,7 @@ def _texts(c) -> _Texts:
     # Real review snippets, split by movie: the SFT policy learns one part, the gold
     # classifier another; RL and evaluation prompts open snippets of two more.
     parts = data.split_by_movie(data.rotten_tomatoes(), dict(zip(
-        ("sft", "gold", "rl", "eval"), c.task.movie_split, strict=True)),
-        streams.seed(c.seed, "movie_split"))
+        _PARTS, c.task.movie_split, strict=True)), streams.seed(c.seed, "movie_split"))
 
     def openings(part: str, num: int, taken: set[str] = frozenset()) -> list[str]:
         texts = [t for t in dict.fromkeys(data.opening(s.text, c.task.prompt_words)
@@ -286,7 +312,14 @@ def _built_in(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
     sharding.barrier("tokenizer looked up")  # every process looks before process 0 writes
     if missing:
         if sharding.is_main_process():
-            Tokenizer.train(texts.corpus, c.task.vocab_size).save(path)
+            try:
+                Tokenizer.train(texts.corpus, c.task.vocab_size).save(path)
+            except RuntimeError as e:  # SentencePiece: too little text for the vocabulary
+                field = "task.movie_split" if c.task.name == "rotten_tomatoes" else \
+                    "task.corpus_size"
+                raise ValueError(f"config.{field}: the {len(texts.corpus)} SFT texts cannot "
+                                 f"train a tokenizer of task.vocab_size = {c.task.vocab_size} "
+                                 f"pieces ({str(e).strip().splitlines()[-1][:120]})") from None
         sharding.barrier("tokenizer saved")
     tokenizer = Tokenizer(path)
     end_ids = _end_ids(c, tokenizer)
@@ -373,6 +406,10 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
                                                           completion.shape[1])
     seq_mask = np.concatenate([mask, cmask], 1).reshape(seq.shape)
     keep = np.flatnonzero(scores[:, 0] != scores[:, 1])[:c.reward.pairs]
+    if len(keep) < 2:
+        raise ValueError(f"config.reward.pairs: the oracle ranked only {len(keep)} of "
+                         f"{len(scores)} pairs of SFT completions (the rest tie): no proxy to "
+                         "train")
     first = scores[keep, 0] > scores[keep, 1]
     chosen = np.where(first[:, None], seq[keep, 0], seq[keep, 1])
     rejected = np.where(first[:, None], seq[keep, 1], seq[keep, 0])
@@ -393,6 +430,11 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
         (workdir / "reward_model.json").write_text(json.dumps(
             {"pairs": len(train[0]), "held_out_pairs": int(held_out.sum()),
              "held_out_accuracy": metrics["accuracy"]}, indent=1))
+    if not metrics["accuracy"] > 0.5 and not c.reward.allow_chance:
+        raise ValueError(f"the proxy reward model learned nothing: held-out accuracy "
+                         f"{metrics['accuracy']:.3f} on {int(held_out.sum())} pairs is at or "
+                         "below chance; raise config.reward.pairs or config.reward.steps, or "
+                         "rerun with config.reward.allow_chance=True to go on with it")
     return state.params
 
 

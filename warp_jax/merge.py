@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -32,6 +34,7 @@ from warp_jax import merging, stacking
 from warp_jax.checkpoint import read_tree
 from warp_jax.evaluation import task_vector_stats
 from warp_jax.gemma import abstract_params, hf, shards
+from warp_jax.workdir import os_error_line, writable
 
 _COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
            "tokenizer_config.json", "special_tokens_map.json")
@@ -119,8 +122,15 @@ def _groups(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
+# config.json fields that describe the file, not what the model computes.
+_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                "architectures", "id2label", "label2id", "num_labels", "problem_type"}
+
+
 def check_compatible(init: TensorSource, policies: Sequence[TensorSource]) -> None:
-    """Raises `ValueError` naming the first difference between the init and a policy."""
+    """Raises `ValueError` naming the first difference between the init and a policy in
+    architecture or tensors; warns (one line per policy) where their configs differ in a
+    setting that changes what the model computes (the merge follows the init's)."""
     arch = init.config.get("model_type")
     for p in policies:
         other = p.config.get("model_type")
@@ -137,6 +147,15 @@ def check_compatible(init: TensorSource, policies: Sequence[TensorSource]) -> No
             if p.shapes[name] != shape:
                 raise ValueError(f"{p.directory}: tensor {name!r} has shape {p.shapes[name]}, "
                                  f"the init's is {shape}")
+    for p in policies:
+        differ = sorted(k for k in set(init.config) | set(p.config) if k not in _BOOKKEEPING
+                        and init.config.get(k) != p.config.get(k))
+        if differ:
+            print(f"warning: {p.directory}'s config.json differs from the init's in "
+                  + ", ".join(f"{k} ({init.config.get(k)!r} -> {p.config.get(k)!r})"
+                              for k in differ[:5])
+                  + ("" if len(differ) <= 5 else f" and {len(differ) - 5} more")
+                  + "; the merge is written with the init's", file=sys.stderr)
 
 
 def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] | None = None,
@@ -164,6 +183,8 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists; choose a new --out directory")
+    writable(out_dir.parent, "--out")
+    _remove_stopped_merges(out_dir)
     init = TensorSource(init_dir, hf_config, run)
     if len(init.runs()) > 1:
         raise ValueError(f"--init {init_dir} holds {len(init.runs())} stacked runs; pick one "
@@ -174,6 +195,7 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent or "."))
     try:
+        (tmp / _OWNER).write_text(str(os.getpid()))
         targets = {eta: (tmp / name if subdirs else tmp) for eta, name in zip(
             etas, eta_dirs(etas), strict=True)}
         groups = _groups(list(init.shapes))
@@ -206,11 +228,35 @@ def merge(init_dir, policy_dirs: Sequence, out_dir, *, weights: Sequence[float] 
         if report:
             (tmp / "merge_report.json").write_text(json.dumps(report, indent=1))
             _plot(report, tmp / "merge_report.png")
+        (tmp / _OWNER).unlink()
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+_OWNER = "merge.pid"  # in a merge's temporary directory: the process writing it
+
+
+def _remove_stopped_merges(out_dir: pathlib.Path) -> None:
+    """Removes the temporary directories that merges into `out_dir` left when they were
+    killed (their process is gone), with one warning line each."""
+    for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+        try:
+            pid = int((tmp / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not a merge's, or one being set up
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"warning: removed {tmp}, the unfinished output of a merge that was stopped",
+              file=sys.stderr)
 
 
 def eta_dirs(etas: Sequence[float]) -> list[str]:
@@ -249,10 +295,12 @@ def _plot(report: dict[str, dict[str, float]], path: pathlib.Path) -> None:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -276,14 +324,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     eta.add_argument("--eta-grid", type=_floats, help="several etas, one output dir each")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     args = parser.parse_args(argv)
-    etas = args.eta_grid or [1.0 if args.eta is None else args.eta]
+    etas = args.eta_grid if args.eta_grid is not None else [
+        1.0 if args.eta is None else args.eta]
     try:
         report = merge(args.init, args.policy, args.out, weights=args.weights,
                        method=args.method, granularity=args.granularity, etas=etas,
                        subdirs=args.eta_grid is not None, hf_config=args.hf_config,
                        run=args.run)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         sys.exit(2)
     if report:
         print("| block | task-vector cosine | norm ratio |\n|---|---:|---:|")

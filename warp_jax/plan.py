@@ -360,6 +360,13 @@ def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
     chips, chip = len(topo.devices), topo.chip
     check_decode_copy(sizes, chip)
     reports = {}
+    state = sizes["state_gib_per_chip"]
+    if state > chip.hbm_gib:  # known without a compile: the step's arguments alone overflow
+        progress(f"the runs' state alone takes {state:.1f} GiB per chip: not compiling")
+        reports = {"train_step/step": {"fits": False, "compile_s": 0.0,
+                                       "used_gib": round(state, 2), "hbm_gib": chip.hbm_gib,
+                                       "shortfall_gib": round(state - chip.hbm_gib, 2)}}
+        programs = {}
     for name, lowered in programs.items():
         progress(f"compiling {name} for {topo.name} ...")
         reports[name] = compile_report(lowered, chip, sizes["decode_trips"])

@@ -104,15 +104,26 @@ def _verdicts(front, records, rewards) -> list[str]:
             runs = sorted({r["run"] for r in records if r["method"] == method})
             if not runs or not origin:
                 continue
-            gaps = [evaluation.matched_gap(warp, [(0.0, origin[0][reward])] + [
+            fronts = [[(0.0, origin[0][reward])] + [
                 (r["kl"], r[reward]) for r in records if r["method"] == method
-                and r["run"] == run], LEVELS) for run in runs]
-            mean, se = evaluation.mean_se(gaps)
-            spread = (f" ± {se:.3f} (standard error over {len(runs)} runs)" if len(runs) > 1
-                      else " (one run: no standard error)")
-            lines.append(f"{reward.replace('_', ' ')}: WARP's front minus {_LABELS[method]}'s "
-                         f"is {mean:+.3f}{spread}, at {', '.join(f'{x:.0%}' for x in LEVELS)} "
-                         "of the KL both reach.")
+                and r["run"] == run] for run in runs]
+            gaps = [evaluation.matched_gap(warp, f, LEVELS) for f in fronts]
+            finite = [g for g in gaps if np.isfinite(g)]
+            name = f"{reward.replace('_', ' ')}: WARP's front minus {_LABELS[method]}'s"
+            if not finite:
+                reach = max(kl for f in fronts for kl, _ in f)
+                lines.append(f"{name}: no comparison, the fronts share no KL range (WARP's "
+                             f"reaches KL {max(kl for kl, _ in warp):.3g}, the baseline's "
+                             f"{reach:.3g}).")
+                continue
+            mean, se = evaluation.mean_se(finite)
+            spread = (f" ± {se:.3f} (standard error over {len(finite)} runs)"
+                      if len(finite) > 1 else " (one run: no standard error)")
+            left_out = (f"; {len(gaps) - len(finite)} run(s) share no KL range with it, left "
+                        "out" if len(finite) < len(gaps) else "")
+            lines.append(f"{name} is {mean:+.3f}{spread}, at "
+                         f"{', '.join(f'{x:.0%}' for x in LEVELS)} of the KL both "
+                         f"reach{left_out}.")
     return lines
 
 

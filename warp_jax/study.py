@@ -78,8 +78,8 @@ def validate(c) -> None:
         section, key = field.split(".")
         raise ValueError(f"config.{field} = {c[section][key]!r}: {valid}")
 
-    if not isinstance(s.seeds, int) or s.seeds < 1:
-        fail("study.seeds", "must be a positive int")
+    if not isinstance(s.seeds, int) or s.seeds < 2:
+        fail("study.seeds", "must be an int >= 2: a verdict needs the spread over seeds")
     if c.warp.baseline_runs != s.seeds:
         fail("warp.baseline_runs", f"the study runs each baseline once per seed: use "
              f"study.seeds ({s.seeds})")
@@ -114,10 +114,10 @@ def run(config, workdir: str | os.PathLike) -> list[dict]:
     started = time.time()
     validate(config)
     exp = Experiment.start(config, workdir)
-    study = Study(exp)
+    study = Study(exp, started)
     records = study.collect()
     claims = _strict_json(judge(records, study.geometry, config.study, config.study.seeds))
-    meta = study.finish(started)
+    meta = study.finish()
     if sharding.is_main_process():
         _write_json(exp.workdir / "claims.json", claims)
         _write_json(exp.workdir / "study.json", {"records": records, "geometry": study.geometry,
@@ -146,8 +146,11 @@ class Study:
     """The stages of the study on one `Experiment`, each evaluated point a record with its
     `seed`; `collect()` runs them in order (resuming what is done)."""
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: Experiment, started: float):
         self.exp, self.config = exp, exp.config
+        self._clock = (exp.workdir / "wall_time.json", started)
+        self._ticked = False
+        exp.on_record = self._tick
         self.seeds = list(range(self.config.study.seeds))
         self.geometry: dict[str, list[dict]] = {}  # per seed: every pair of iteration-1 runs
         self.beta: float = self.config.rl.beta  # the pilot's choice, once it has run
@@ -219,7 +222,9 @@ class Study:
                     lambda merge=merge, lam=lam: merge((1 - lam, lam)),
                     method=method, iteration=1, seed=s, lam=lam))
         stage = f"seed{s}_geometry"  # recorded once, like the evaluations: a rerun reads it
-        pairs = exp.load_records(stage)
+        expected = len(policies) * (len(policies) - 1) // 2
+        pairs = exp.load_records(stage, keys=("runs",),
+                                 complete=lambda rs: len(rs) == expected)
         if not pairs:
             pairs = [{"runs": [a, b], **evaluation.task_vector_stats(
                 exp.sft, [policies[a], policies[b]], exp.groups)}
@@ -236,7 +241,7 @@ class Study:
 
     def _point(self, stage: str, params, **fields) -> dict:
         """The evaluation of `params()` (made only if not recorded before) as one record."""
-        found = self.exp.load_records(stage)
+        found = self.exp.load_records(stage, complete=lambda rs: len(rs) == 1)
         if found:
             return found[0]
         record = {"step": None, "eta": None, "run": None, **fields,
@@ -244,16 +249,28 @@ class Study:
         self.exp.save_records(stage, [record])
         return record
 
-    def finish(self, started: float) -> dict:
-        """Closes the experiment; the study's wall time over every invocation (resumes
-        add theirs) and the beta it used."""
+    def _tick(self) -> None:
+        """Records this invocation's seconds so far in `wall_time.json` (one entry per
+        invocation that computed something), after each record it writes: a killed
+        invocation keeps the time up to its last record, a rerun that only reports adds
+        none."""
+        path, started = self._clock
+        spent = json.loads(path.read_text()) if path.exists() else []
+        if self._ticked:
+            spent = spent[:-1]
+        self._ticked = True
+        if sharding.is_main_process():
+            _write_json(path, [*spent, round(time.time() - started, 1)])
+
+    def finish(self) -> dict:
+        """Closes the experiment; the study's wall time over every invocation that computed
+        something (`_tick`) and the beta it used."""
         self.exp.ckpt.close()
         self.exp.logger.close()
-        path = self.exp.workdir / "wall_time.json"
+        path = self._clock[0]
+        if self._ticked:
+            self._tick()
         spent = json.loads(path.read_text()) if path.exists() else []
-        spent.append(round(time.time() - started, 1))
-        if sharding.is_main_process():
-            _write_json(path, spent)
         workdir, setup = self.exp.workdir, self.exp.setup
         task = json.loads((workdir / "task.json").read_text())
         parts = task["snippets_per_part"]
@@ -283,16 +300,15 @@ def pick_beta(pilot: Sequence[dict], sft_reward: float, bind: float) -> float:
 
 def effect(per_seed: Sequence[float], alpha: float) -> tuple[str, float]:
     """The verdict on an effect measured once per seed (see `RULES`), and the p-value of the
-    one-sided t-test that its mean is > 0."""
+    one-sided t-test that its mean is > 0. Fewer than two finite values, or values without
+    spread, define no test: `inconclusive` with p NaN (null in the JSON), never p = 0."""
     import scipy.stats
 
     x = np.asarray(per_seed, np.float64)
-    if len(x) == 0 or not np.isfinite(x).all():
+    if (len(x) < 2 or not np.isfinite(x).all()
+            or np.ptp(x) <= 1e-9 * max(1.0, float(np.abs(x).max()))):
         return "inconclusive", float("nan")
-    if len(x) > 1 and np.ptp(x) > 1e-9 * max(1.0, float(np.abs(x).max())):
-        p = float(scipy.stats.ttest_1samp(x, 0.0, alternative="greater").pvalue)
-    else:  # no spread: the sign decides
-        p = 0.0 if (x > 0).all() else 1.0
+    p = float(scipy.stats.ttest_1samp(x, 0.0, alternative="greater").pvalue)
     if (x > 0).all() and p < alpha:
         return "supported", p
     if x.mean() <= 0:

@@ -1,13 +1,16 @@
-"""What a workdir records about the run that made it, checked before a run resumes there.
+"""What a workdir records about the run that made it, checked before a run resumes there;
+output paths checked before any work.
 
-`config.json` holds the resolved config of the first run in a workdir. A rerun with a config
-that differs in any field that changes results stops with one line naming the fields;
-`LAYOUT_FIELDS` change how the job is laid out on the devices, not what it computes, so a
-resumed job may change them (on another slice, say).
+`config.json` holds the resolved config of the first run in a workdir (`arguments.json` the
+arguments and data fingerprints of a tool's, `record`). A rerun with values that differ in any
+field that changes results stops with one line naming the fields; `LAYOUT_FIELDS` change how
+the job is laid out on the devices, not what it computes, so a resumed job may change them (on
+another slice, say).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -17,9 +20,9 @@ from typing import Any
 import jax
 
 # Fields a resumed run may change: the device layout (the sampler's too), the update's memory
-# schedule and the check that the job fits.
+# schedule, the check that the job fits and the consent to a proxy at chance.
 LAYOUT_FIELDS = ("mesh.data", "mesh.fsdp", "mesh.model", "rl.decode_layout", "rl.remat",
-                 "rl.microbatches", "plan_first")
+                 "rl.microbatches", "plan_first", "reward.allow_chance")
 
 
 def writable(path: str | os.PathLike, flag: str = "--workdir") -> pathlib.Path:
@@ -58,8 +61,16 @@ def record_config(config, workdir: pathlib.Path) -> None:
     Raises `ValueError` naming every changed field outside `LAYOUT_FIELDS` (nothing is
     written then); otherwise records the config, layout fields as given now.
     """
-    path = workdir / "config.json"
-    current = flatten(config.to_dict())
+    record(config.to_dict(), workdir, "config.json", LAYOUT_FIELDS, "another config")
+
+
+def record(values: dict, workdir: pathlib.Path, name: str, may_change: tuple[str, ...],
+           what: str) -> None:
+    """Writes `values` (a JSON-able dict) to `workdir/name`, or compares them with those
+    recorded there: raises `ValueError` naming every changed field outside `may_change`
+    ("W was made with `what`: ..."; nothing is written then), else records them as given."""
+    path = workdir / name
+    current = flatten(values)
     if path.exists():
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -72,11 +83,46 @@ def record_config(config, workdir: pathlib.Path) -> None:
         before, now = ({k: d.get(k, "<absent>") for k in set(recorded) | set(current)}
                        for d in (recorded, current))
         changed = [f"{k} ({before[k]!r} -> {now[k]!r})" for k in sorted(before)
-                   if k not in LAYOUT_FIELDS and before[k] != now[k]]
+                   if k not in may_change and before[k] != now[k]]
         if changed:
-            raise ValueError(f"{workdir} was made with another config: {', '.join(changed)}; "
-                             "rerun with the recorded values (config.json there), or use a "
+            raise ValueError(f"{workdir} was made with {what}: {', '.join(changed)}; "
+                             f"rerun with the recorded values ({name} there), or use a "
                              "new --workdir")
     tmp = path.with_suffix(f".{jax.process_index()}.tmp")  # every process, atomically
-    tmp.write_text(json.dumps(config.to_dict(), indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(values, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (of every file below a directory, by relative path)."""
+    path = pathlib.Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error as one line naming the path and the reason, without the errno."""
+    if e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return e.strerror or str(e)
+
+
+def writable_file(path: str | os.PathLike, flag: str) -> pathlib.Path:
+    """`path` as a file this process can create or replace (its directory made if missing);
+    a `ValueError` naming `flag` if it is a directory or its directory is not writable."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: a directory, not a file")
+    try:
+        writable(path.parent, flag)
+    except ValueError as e:
+        raise ValueError(f"{e} (the directory of {str(path)!r})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r}: not writable")
+    return path

@@ -49,7 +49,16 @@ def read_config(directory: str | os.PathLike) -> GemmaConfig:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(hf_config, dict):
         raise ValueError(f"{path}: not a JSON object")
+    sizes = hf_config.get("text_config", hf_config)
+    missing = [k for k in _SIZE_FIELDS if not isinstance(sizes, dict) or k not in sizes]
+    if missing:  # transformers would fill them with its defaults: another model
+        raise ValueError(f"{path}: lacks {', '.join(missing)} (a checkpoint's config.json "
+                         "gives the model's sizes)")
     return config_from_hf(hf_config)
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> GemmaConfig:
