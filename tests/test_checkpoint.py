@@ -1,6 +1,11 @@
-"""Orbax checkpoints: round trip, retention, shardings, checksums, damaged steps."""
+"""Orbax checkpoints: round trip, retention, shardings, checksums, damaged steps, failed
+writes."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +111,31 @@ def test_no_good_step_is_one_line_and_a_diverged_tree_is_never_saved(tmp_path):
         ckpt.save("iter1", 4, {"w": jnp.full((2,), jnp.nan)})
     assert not (tmp_path / "iter1").exists() or not list((tmp_path / "iter1").iterdir())
     ckpt.close()
+
+
+_FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+import numpy as np
+from warp_jax.checkpoint import Checkpoints
+ckpt = Checkpoints(sys.argv[1])
+try:
+    ckpt.save("run", 1, {"w": np.random.default_rng(0).normal(size=(256, 256)).astype("f4")})
+    ckpt.wait()
+except (OSError, ValueError) as e:
+    print(e)
+"""
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file(tmp_path):
+    """Orbax logs each failure of its background writes with a traceback (hundreds of lines)
+    before raising it; only the raised error, naming the file, reaches the user."""
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path / "ckpt")],
+                          cwd=pathlib.Path(__file__).resolve().parents[1],
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stderr == "", proc.stderr[-3000:]
+    out = proc.stdout.strip().splitlines()
+    assert len(out) == 1 and str(tmp_path / "ckpt" / "run") in out[0] and \
+        "File too large" in out[0], out

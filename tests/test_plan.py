@@ -185,7 +185,7 @@ def test_bad_outputs_and_stub_configs_are_one_line_before_any_compile(tmp_path):
              f"error: {stub / 'config.json'}: lacks vocab_size, hidden_size, "
              "intermediate_size, num_hidden_layers, num_attention_heads (a checkpoint's "
              "config.json gives the model's sizes)")):
-        code, stdout, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", *flags)
+        code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8", *flags)
         assert code == 2 and stderr.strip().splitlines()[-1] == message, stderr[-2000:]
         assert "compiling" not in stderr
     code, _, stderr = _plan(f"--config={CONFIG}:test", "--topology=v5e-8",

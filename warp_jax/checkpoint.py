@@ -6,7 +6,9 @@ flipped bit, a truncated file or a step orbax cannot read is found before it is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import pathlib
 import shutil
@@ -104,6 +106,7 @@ class Checkpoints:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 2,
                  async_save: bool = True):
+        _quiet_orbax_errors()
         self.directory = pathlib.Path(directory).resolve()
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
@@ -125,8 +128,9 @@ class Checkpoints:
             raise ValueError(f"{name}, step {step}: non-finite values in {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''} (the run diverged; try a lower "
                              "learning rate or a gradient clip); not saved")
-        self._manager(name).save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), checksums=ocp.args.JsonSave(sums)))
+        with _naming(self.directory / name):
+            self._manager(name).save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), checksums=ocp.args.JsonSave(sums)))
 
     def latest_step(self, name: str) -> int | None:
         """The last complete step saved under `name`, or None."""
@@ -195,13 +199,41 @@ class Checkpoints:
         sharding.barrier(f"checkpoint {name} {step} set aside")
 
     def wait(self) -> None:
-        for manager in self._managers.values():
-            manager.wait_until_finished()
+        for name, manager in self._managers.items():
+            with _naming(self.directory / name):
+                manager.wait_until_finished()
 
     def close(self) -> None:
-        for manager in self._managers.values():
-            manager.close()
+        for name, manager in self._managers.items():
+            with _naming(self.directory / name):
+                manager.close()
         self._managers.clear()
+
+
+@contextlib.contextmanager
+def _naming(path: pathlib.Path):
+    """An OS error of orbax's writes (a full disk, often in a background thread, which loses
+    the file's name) re-raised naming the checkpoint directory."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+class _RaisedLater(logging.Filter):
+    """Drops orbax's error logs: each failure of its background threads is logged with a
+    traceback and then raised to the caller (`_naming`), which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR
+                    and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@functools.cache
+def _quiet_orbax_errors() -> None:
+    logging.getLogger("absl").addFilter(_RaisedLater())
 
 
 def read_tree(path: str | os.PathLike) -> Any:
