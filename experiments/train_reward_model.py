@@ -3,7 +3,12 @@ r"""Train a Gemma reward model on preference pairs with the Bradley–Terry loss
     python -m experiments.train_reward_model --data prefs.jsonl --workdir /tmp/rm \
         [--tokenizer tokenizer.model | --tokenizer-vocab 512] [--init HF_DIR | --preset tiny]
 
-`prefs.jsonl` holds one `{"prompt", "chosen", "rejected"}` object per line. A held-out split
+`--data` is a local jsonl, json, parquet or csv file, a directory of shards or a
+`datasets.save_to_disk` directory, in TRL's preference formats: `{"prompt", "chosen",
+"rejected"}` strings, a conversation as the prompt with the assistant's messages as the
+answers, or the implicit-prompt form (`chosen` and `rejected` alone, split at their common
+prefix); conversations are rendered with the chat template of `--chat-template` (or
+`--init`). A held-out split
 (`--eval-fraction`) reports loss and accuracy as training goes; checkpoints go to
 `WORKDIR/checkpoints/reward_model` and a rerun with the same workdir resumes from the last one
 (`WORKDIR/arguments.json` records the arguments and the data's fingerprint: a rerun may change
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warp_jax import backends, rewards, sharding
+from warp_jax import backends, rewards, sharding, sources
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import GemmaConfig, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -35,7 +40,14 @@ from warp_jax.workdir import fingerprint, os_error_line, record, writable
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="jsonl of {prompt, chosen, rejected}")
+    p.add_argument("--data", required=True, help="preference pairs: a jsonl, json, parquet or "
+                   "csv file, a directory of shards or a save_to_disk directory")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--chosen-column", default="chosen")
+    p.add_argument("--rejected-column", default="rejected")
+    p.add_argument("--split", default="", help="of a saved DatasetDict or Hub-named shards")
+    p.add_argument("--chat-template", help="a directory of tokenizer files whose chat "
+                   "template renders conversations (default: --init's)")
     p.add_argument("--workdir", required=True, help="checkpoints and the tokenizer go here")
     p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model")
     p.add_argument("--tokenizer-vocab", type=int, default=512,
@@ -105,7 +117,9 @@ def _recorded(args) -> dict:
 def run(args) -> dict[str, float]:
     """Trains and returns the final held-out metrics."""
     _check(args)
-    pairs = rewards.read_preferences(args.data, on_error=args.on_error)
+    pairs = sources.load_preferences(
+        args.data, (args.prompt_column, args.chosen_column, args.rejected_column), args.split,
+        template=sources.ChatTemplate(args.chat_template or args.init), on_error=args.on_error)
     same = sum(p.chosen == p.rejected for p in pairs)
     if same and len(pairs) - same >= 2:
         print(f"warning: {args.data}: {same} of {len(pairs)} pairs have chosen equal to "
@@ -133,7 +147,8 @@ def run(args) -> dict[str, float]:
     elif (workdir / "tokenizer.model").exists():  # resuming: the tokenizer trained before
         tokenizer = Tokenizer(workdir / "tokenizer.model")
     else:
-        texts = [t for p in train for t in (f"{p.prompt} {p.chosen}", f"{p.prompt} {p.rejected}")]
+        texts = [p.prompt + p.separator + answer for p in train
+                 for answer in (p.chosen, p.rejected)]
         tokenizer = Tokenizer.train(texts, args.tokenizer_vocab)
         tokenizer.save(workdir / "tokenizer.model")
     if cfg is not None:

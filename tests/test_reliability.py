@@ -116,10 +116,10 @@ def test_preferences_with_a_line_that_is_not_utf8(tmp_path):
     path = tmp_path / "prefs.jsonl"
     good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
     path.write_bytes(good + b"\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n" + good + b"\n")
-    with pytest.raises(ValueError, match=r"prefs.jsonl:2: malformed preference pair: 'utf-8' "
+    with pytest.raises(ValueError, match=r"prefs.jsonl, row 2: not a JSON line \('utf-8' "
                                          r"codec can't decode byte 0xe9"):
         rewards.read_preferences(path)
-    with pytest.warns(UserWarning, match=r"prefs.jsonl:2: .* \(skipped\)"):
+    with pytest.warns(UserWarning, match=r"prefs.jsonl, row 2: .* \(skipped\)"):
         assert len(rewards.read_preferences(path, on_error="skip")) == 2
 
 
@@ -260,3 +260,23 @@ def test_os_errors_are_one_line_with_the_path_and_the_reason():
         "/w/ckpt: No space left on device")
     assert workdir.os_error_line(OSError(30, "Read-only file system")) == (
         "Read-only file system")
+
+
+def test_a_proxy_at_chance_stops_the_job_unless_the_config_allows_it(tmp_path, monkeypatch):
+    fit = rewards.fit
+
+    def at_chance(*args, **kwargs):
+        state, metrics = fit(*args, **kwargs)
+        return state, {**metrics, "accuracy": 0.5}
+
+    monkeypatch.setattr(rewards, "fit", at_chance)
+    c = get_config("test")
+    c.sft.steps, c.reward.steps = 2, 2
+    with pytest.raises(ValueError, match=r"^the proxy reward model learned nothing: held-out "
+                                         r"accuracy 0.500 on \d+ pairs is at or below chance; "
+                                         r"raise config.reward.pairs or config.reward.steps, "
+                                         r"or rerun with config.reward.allow_chance=True"):
+        ingredients.prepare(c, tmp_path)
+    assert json.loads((tmp_path / "reward_model.json").read_text())["held_out_accuracy"] == 0.5
+    c.reward.allow_chance = True
+    assert ingredients.prepare(c, tmp_path).reward_model is not None

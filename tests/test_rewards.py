@@ -149,11 +149,13 @@ def test_malformed_jsonl_lines_are_reported_with_their_line_number(tmp_path):
                     '{"prompt": "a", "chosen": "b"}\n'
                     'not json\n'
                     '{"prompt": "x", "chosen": "y", "rejected": "z"}\n')
-    with pytest.raises(ValueError, match=r"prefs\.jsonl:3: malformed.*\['rejected'\]"):
+    with pytest.raises(ValueError, match=r"prefs\.jsonl, row 3: no field 'rejected' \(fields: "
+                                         r"prompt, chosen\)"):
         rewards.read_preferences(path)
     with pytest.warns(UserWarning) as caught:
         pairs = rewards.read_preferences(path, on_error="skip")
-    assert [str(w.message).split("prefs.jsonl:")[1][:2] for w in caught] == ["3:", "4:"]
+    assert [str(w.message).split("prefs.jsonl, ")[1][:6] for w in caught] == ["row 3:",
+                                                                             "row 4:"]
     assert pairs == [rewards.Preference("a", "b", "c"), rewards.Preference("x", "y", "z")]
 
 

@@ -67,7 +67,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
         train_reward_model.main(["--data", str(data), "--workdir", str(tmp_path / "rm")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "prefs.jsonl:2: malformed preference pair" in err[0]
+    assert err == [f"error: {data}, row 2: no field 'chosen' (fields: prompt)"]
     with pytest.raises(SystemExit):
         train_reward_model.main(["--data", str(data), "--workdir", str(tmp_path / "rm"),
                                  "--eval-fraction", "1.5"])

@@ -242,6 +242,49 @@ def _local_config(overrides):
     return config
 
 
+def test_the_local_variant_reads_datasets_and_the_checkpoints_chat_template(local_variant,
+                                                                           tmp_path):
+    """Prompts as a conversational parquet file and a plain save_to_disk dataset; the
+    policy's directory carries its tokenizer files with a chat template (Gemma 3's layout,
+    written here), which renders them; completions end at the turn's end."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, tokenizer, texts, overrides = local_variant
+    policy = tmp_path / "policy"
+    shutil.copytree(root / "policy", policy)
+    shutil.copy(root / "tokenizer.model", policy / "tokenizer.model")
+    template = ("{{ bos_token }}{%- for m in messages -%}{{ '<start_of_turn>' + ('model' if "
+                "m['role'] == 'assistant' else m['role']) + '\n' + m['content'] | trim + "
+                "'<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+                "{{ '<start_of_turn>model\n' }}{%- endif -%}")
+    (policy / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": template}))
+    turns = [{"role": "user", "content": t} for t in texts * 4]
+    pq.write_table(pa.Table.from_pylist([{"messages": [t]} for t in turns]),
+                   tmp_path / "chat.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [{"prompt": t} for t in texts * 4])}).save_to_disk(str(tmp_path / "plain"))
+    config = _local_config({**overrides, "model.hf_dir": str(policy), "task.chat": False,
+                            "task.prompts": str(tmp_path / "chat.parquet"),
+                            "task.prompt_column": "messages"})
+    prepared = ingredients.prepare(config, tmp_path)
+    assert prepared.eval_texts[0] == f"<start_of_turn>user\n{(texts * 4)[-4]}<end_of_turn>\n" \
+        "<start_of_turn>model\n"
+    assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
+    config.task.prompts, config.task.prompt_column = str(tmp_path / "plain"), "prompt"
+    config.task.split = "train"
+    prepared = ingredients.prepare(config, tmp_path)
+    assert prepared.eval_texts == (texts * 4)[-4:]
+    assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as"]))
+    config.task.long_prompts = "refuse"
+    with pytest.raises(ValueError, match=r"config.task.prompts: prompt 1 of .* takes \d+ "
+                                         r"tokens, more than task.prompt_len = 6"):
+        ingredients.prepare(config, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def local_run(local_variant):
     tmp_path, _, _, overrides = local_variant

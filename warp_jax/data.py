@@ -8,13 +8,13 @@ import csv
 import dataclasses
 import functools
 import importlib.metadata
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from warp_jax.gemma.tokenizer import Tokenizer
+from warp_jax.sources import CHAT_PIECES, gemma_turns, load_prompts  # noqa: F401 (public)
 
 # The built-in task: short movie reviews from a small grammar, readable when decoded, whose
 # sentiment an oracle (VADER) scores.
@@ -140,16 +140,11 @@ def opening(text: str, words: int) -> str:
     return " ".join(text.split()[:words])
 
 
-# Gemma's chat turns, as instruction-tuned checkpoints were trained on them.
-CHAT_PIECES = ("<start_of_turn>", "<end_of_turn>")
-
-
 def chat_prompt(text: str) -> str:
-    """`text` as a user turn followed by the start of the model's turn (Gemma's chat format;
-    the tokenizer adds the BOS), for instruction-tuned checkpoints. The model's turn ends with
+    """`text` as a user turn followed by the start of the model's turn in Gemma's turn
+    markers (`sources.gemma_turns`; the tokenizer adds the BOS). The model's turn ends with
     `<end_of_turn>`."""
-    start, end = CHAT_PIECES
-    return f"{start}user\n{text}{end}\n{start}model\n"
+    return gemma_turns([{"role": "user", "content": text}], generation_prompt=True)
 
 
 def utf8(raw: bytes, path: str | os.PathLike, number: int) -> str:
@@ -163,26 +158,9 @@ def utf8(raw: bytes, path: str | os.PathLike, number: int) -> str:
 
 
 def read_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
-    """Prompts from a text file (one per line) or jsonl (`{"prompt": ...}` per line)."""
-    prompts = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = utf8(raw, path, number)
-            if not line.strip():
-                continue
-            if str(path).endswith(".jsonl"):
-                try:
-                    value = json.loads(line)[field]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a "
-                                     f"{field!r} string") from None
-                if not isinstance(value, str):
-                    raise ValueError(f"{path}:{number}: {field!r} is not a string")
-                line = value
-            prompts.append(line)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+    """Plain-text prompts of a local file or dataset (`sources.load_prompts`): a text file
+    holds one a line, other formats `field`."""
+    return load_prompts(path, field)
 
 
 class PromptBatches:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warp_jax import data, reinforce, rewards, sampling, sft, sharding, streams
+from warp_jax import data, reinforce, rewards, sampling, sft, sharding, sources, streams
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import Gemma, GemmaConfig, abstract_params, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -135,6 +135,10 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if c.rl.batch_size % c.rl.microbatches:
         _fail("rl.microbatches", c.rl.microbatches, f"must divide rl.batch_size "
               f"({c.rl.batch_size} prompts)")
+    if c.task.long_prompts not in ("truncate", "refuse"):
+        _fail("task.long_prompts", c.task.long_prompts, "use 'truncate' or 'refuse'")
+    if not (isinstance(c.task.prompt_column, str) and c.task.prompt_column):
+        _fail("task.prompt_column", c.task.prompt_column, "needs a column name")
     if c.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", c.model.dtype, "use 'float32' or 'bfloat16'")
     if built_in and c.rl.batch_size > c.task.num_prompts:
@@ -223,21 +227,25 @@ def prepare(c, workdir: pathlib.Path) -> Ingredients:
         ckpt.close()
 
 
-def _end_ids(c, tokenizer: Tokenizer) -> tuple[int, ...]:
-    """The tokens that end a completion: eos, `rl.stop_pieces` and, for chat prompts,
-    `<end_of_turn>` (whose tokenizer must hold both of Gemma's chat pieces)."""
-    turn = ()  # <start_of_turn>, <end_of_turn>
-    if c.task.chat:
+def _end_ids(c, tokenizer: Tokenizer, template: sources.ChatTemplate | None = None
+             ) -> tuple[int, ...]:
+    """The tokens that end a completion: eos, `rl.stop_pieces` and, for prompts `template`
+    rendered, the piece that closes a turn in it (`<end_of_turn>`, Gemma 4's `<turn|>`),
+    which the tokenizer must hold (and Gemma's two turn markers, where the template is the
+    hand-written fallback)."""
+    turn = ()
+    if template is not None and template.used:
+        pieces = sources.CHAT_PIECES if template.tokenizer is None else template.stop_pieces()
         try:
-            turn = tokenizer.piece_ids(data.CHAT_PIECES)
+            turn = tokenizer.piece_ids(pieces)[-1:]
         except ValueError as e:
-            raise ValueError(f"config.task.chat = True: {e}; it needs an instruction-tuned "
-                             "Gemma's tokenizer") from None
+            raise ValueError(f"config.task.chat = {c.task.chat}: {e}; chat prompts need an "
+                             "instruction-tuned Gemma's tokenizer") from None
     try:
         extra = tokenizer.piece_ids(c.rl.stop_pieces)
     except ValueError as e:
         raise ValueError(f"config.rl.stop_pieces = {tuple(c.rl.stop_pieces)!r}: {e}") from None
-    return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn[1:])))
+    return tuple(dict.fromkeys((tokenizer.eos_id, *extra, *turn)))
 
 
 @dataclasses.dataclass
@@ -438,9 +446,28 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     return state.params
 
 
+def _tokenizer_dir(c) -> str:
+    """Where the checkpoint's tokenizer files (and chat template) are: `model.hf_dir` if it
+    holds them, else the directory of `model.tokenizer`."""
+    if (pathlib.Path(c.model.hf_dir) / "tokenizer_config.json").exists():
+        return c.model.hf_dir
+    return str(pathlib.Path(c.model.tokenizer).parent)
+
+
 def _local(c, workdir: pathlib.Path) -> Ingredients:
     tokenizer = Tokenizer(c.model.tokenizer)
-    end_ids = _end_ids(c, tokenizer)
+    # The data first: a bad row is one line before the checkpoints are read.
+    template = sources.ChatTemplate(_tokenizer_dir(c))
+    prompts = sources.load_prompts(c.task.prompts, c.task.prompt_column, c.task.split,
+                                   template=template, chat=c.task.chat)
+    if c.task.long_prompts == "refuse":
+        for i, prompt in enumerate(prompts):
+            if len(tokenizer.encode(prompt)) > c.task.prompt_len:
+                raise ValueError(f"config.task.prompts: prompt {i + 1} of {c.task.prompts} "
+                                 f"takes {len(tokenizer.encode(prompt))} tokens, more than "
+                                 f"task.prompt_len = {c.task.prompt_len} (task.long_prompts "
+                                 "= 'refuse'; 'truncate' keeps BOS and its end)")
+    end_ids = _end_ids(c, tokenizer, template)
     # The policy's weights stay float32 (see reinforce.make_train_step); the reward model is
     # frozen, so its weights take the compute dtype.
     cfg = hf.read_config(c.model.hf_dir).replace(
@@ -455,9 +482,6 @@ def _local(c, workdir: pathlib.Path) -> Ingredients:
     if "score" not in rm_params:
         raise ValueError(f"config.reward.hf_dir = {c.reward.hf_dir!r}: no 'score.weight'; "
                          "expected a *ForSequenceClassification checkpoint")
-    prompts = data.read_prompts(c.task.prompts)
-    if c.task.chat:
-        prompts = [data.chat_prompt(p) for p in prompts]
     if len(prompts) <= c.task.eval_prompts:
         raise ValueError(f"config.task.prompts: {len(prompts)} prompts, but "
                          f"task.eval_prompts = {c.task.eval_prompts} are held out")

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +25,7 @@ from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.model import decode, left_padded_positions
 from warp_jax.gemma.tokenizer import Tokenizer
 from warp_jax.losses import bradley_terry_loss
+from warp_jax.sources import Preference, read_preferences  # noqa: F401 (the public names)
 
 
 def abstract_params(cfg: GemmaConfig) -> Any:
@@ -61,44 +59,6 @@ class RewardModel(nn.Module):
         last_B = t - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
         last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), score.astype(jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True)
-class Preference:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def read_preferences(path: str | os.PathLike, on_error: str = "raise") -> list[Preference]:
-    """Preference pairs from jsonl lines `{"prompt", "chosen", "rejected"}` (strings).
-
-    A malformed line raises `ValueError` naming its line number (`on_error="raise"`), or is
-    skipped with a warning naming it (`on_error="skip"`); blank lines are ignored.
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    pairs = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError: a ValueError
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                missing = [k for k in ("prompt", "chosen", "rejected")
-                           if not isinstance(record.get(k), str)]
-                if missing:
-                    raise ValueError(f"missing or non-string field(s) {missing}")
-            except ValueError as e:
-                message = f"{path}:{number}: malformed preference pair: {e}"
-                if on_error == "raise":
-                    raise ValueError(message) from None
-                warnings.warn(message + " (skipped)", stacklevel=2)
-                continue
-            pairs.append(Preference(record["prompt"], record["chosen"], record["rejected"]))
-    return pairs
 
 
 class TextReward:
@@ -278,8 +238,9 @@ class RMState(NamedTuple):
 def encode_pairs(tokenizer: Tokenizer, pairs: list[Preference], max_len: int):
     """Left-padded `(chosen_tokens, chosen_mask, rejected_tokens, rejected_mask)`, `[B, T]`:
     each response follows its prompt, and over-long texts keep their last `max_len` tokens."""
-    chosen = tokenizer.encode_batch([f"{p.prompt} {p.chosen}" for p in pairs], max_len)
-    rejected = tokenizer.encode_batch([f"{p.prompt} {p.rejected}" for p in pairs], max_len)
+    chosen = tokenizer.encode_batch([p.prompt + p.separator + p.chosen for p in pairs], max_len)
+    rejected = tokenizer.encode_batch([p.prompt + p.separator + p.rejected for p in pairs],
+                                      max_len)
     return (*chosen, *rejected)
 
 

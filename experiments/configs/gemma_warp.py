@@ -32,7 +32,13 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict()
     c.task.name = "reviews"  # built-in: "reviews" (a grammar) or "rotten_tomatoes" (real
     # critics' snippets, data.rotten_tomatoes); or "prompts" (c.task.prompts)
-    c.task.prompts = ""  # a text or jsonl file of prompts, for task "prompts"
+    # task "prompts": a local text (one a line), jsonl, json, parquet or csv file, a directory
+    # of shards or a datasets.save_to_disk directory; strings or conversations (TRL's format)
+    c.task.prompts = ""
+    c.task.prompt_column = "prompt"  # the column that holds the prompts
+    c.task.split = ""  # the split of a saved DatasetDict or of Hub-named shards ("train")
+    c.task.long_prompts = "truncate"  # longer than prompt_len: "truncate" (keep BOS and the
+    # end) or "refuse"
     c.task.corpus_size = 4000  # built-in reviews the tokenizer and SFT policy learn from
     c.task.vocab_size = 160  # SentencePiece vocabulary of the built-in task
     c.task.num_prompts = 512  # built-in training prompts (at most)
@@ -41,7 +47,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.task.prompt_words = 4  # rotten_tomatoes: a prompt is a snippet's first words
     c.task.movie_split = (0.45, 0.35, 0.1, 0.1)  # rotten_tomatoes: shares of the movies for
     # SFT text, the gold classifier, RL prompts and evaluation prompts (no movie in two)
-    c.task.chat = False  # wrap prompts in Gemma's chat turns, end at <end_of_turn> (-it models)
+    c.task.chat = False  # render plain prompts as a user turn with the checkpoint's chat
+    # template (-it models); conversations always are; completions end where a turn ends
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 400  # built-in task: SFT pre-training steps
