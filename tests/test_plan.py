@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import gemma, hlo, ingredients, plan, sharding
+from warp_jax import gemma, hlo, plan, settings, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/experiments/configs/gemma_warp.py"
@@ -42,7 +42,7 @@ def test_topologies_and_the_meshes_of_the_tpu_variants(name, chips, shape):
     for variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b"):  # run 2 x fsdp chips/2
         config = get_config(variant)
         config.rl.batch_size = max(config.rl.batch_size, chips // 2)
-        mesh = sharding.make_mesh(**ingredients.mesh_shape(config, chips), devices=topo.devices)
+        mesh = sharding.make_mesh(**settings.mesh_shape(config, chips), devices=topo.devices)
         assert dict(mesh.shape) == {"run": 2, "data": 1, "fsdp": chips // 2, "model": 1}
         assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in topo.devices)
 
@@ -50,7 +50,7 @@ def test_topologies_and_the_meshes_of_the_tpu_variants(name, chips, shape):
 def test_multislice_meshes_give_every_run_slices_of_its_own():
     topo = plan.topology("2xv5p-128")
     assert (len(topo.devices), topo.slices) == (128, 2)
-    mesh = sharding.make_mesh(**ingredients.mesh_shape(get_config("gemma_7b_paper"), 128),
+    mesh = sharding.make_mesh(**settings.mesh_shape(get_config("gemma_7b_paper"), 128),
                               devices=topo.devices)
     assert dict(mesh.shape) == {"run": 2, "data": 1, "fsdp": 64, "model": 1}
     assert [{d.slice_index for d in mesh.devices[m].flat} for m in range(2)] == [{0}, {1}]

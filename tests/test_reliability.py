@@ -11,7 +11,7 @@ import pytest
 
 from experiments import train_reward_model
 from experiments.configs.gemma_warp import get_config
-from warp_jax import data, ingredients, rewards, workdir
+from warp_jax import data, ingredients, rewards, settings, workdir
 from warp_jax.gemma import hf
 from warp_jax.gemma.tokenizer import Tokenizer
 
@@ -223,7 +223,7 @@ def test_the_rotten_tomatoes_split_must_make_data(capsys):
             section, key = field.split("__")
             c[section][key] = value
         with pytest.raises(ValueError) as info:
-            ingredients.validate_config(c)
+            settings.validate_config(c)
         return str(info.value)
 
     assert check(task__movie_split=(0.5, 0.3, 0.1, 0.0001)) == (

@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import gemma_warp
 from experiments.configs.reproduce import get_config
-from warp_jax import data, ingredients, study, study_report
+from warp_jax import data, ingredients, settings, study, study_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "not supported", "inconclusive"}
@@ -104,7 +104,7 @@ def test_bad_study_fields_are_one_line_naming_them():
     c = gemma_warp.get_config("test")
     c.reward.oracle = "gold"
     with pytest.raises(ValueError, match="use it with task 'rotten_tomatoes'"):
-        ingredients.validate_config(c)
+        settings.validate_config(c)
 
 
 def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):

@@ -172,7 +172,7 @@ def test_bad_rows_are_one_line_naming_the_file_row_and_field(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"empty.jsonl: no prompts"):
         sources.load_prompts(empty)
-    with pytest.raises(ValueError, match=r"no such file or directory"):
+    with pytest.raises(ValueError, match=r"No such file or directory"):
         sources.load_prompts(tmp_path / "missing.parquet")
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}]),
                           "test": datasets.Dataset.from_list([{"prompt": "b"}])}

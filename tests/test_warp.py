@@ -17,7 +17,7 @@ import pytest
 import transformers
 
 from experiments.configs.gemma_warp import get_config
-from warp_jax import data, ingredients, merging, warp
+from warp_jax import data, ingredients, merging, settings, warp
 from warp_jax.checkpoint import read_tree
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_mesh_shape_splits_each_runs_devices(devices, flags, want):
     for field, value in flags.items():
         section, key = field.split(".")
         config[section][key] = value
-    assert ingredients.mesh_shape(config, devices) == want
+    assert settings.mesh_shape(config, devices) == want
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,7 @@ def local_run(local_variant):
 def test_local_checkpoint_variant_runs_on_hf_files(local_variant, local_run):
     tmp_path, tokenizer, texts, overrides = local_variant
     config = _local_config(overrides)
-    assert ingredients.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
+    assert settings.mesh_shape(config, 8) == dict(run=2, data=1, fsdp=4, model=1)  # FSDP per run
     prepared = ingredients.prepare(config, tmp_path)
     assert prepared.end_ids == (tokenizer.eos_id, *tokenizer.piece_ids(["as", "<end_of_turn>"]))
     assert prepared.eval_texts[0] == data.chat_prompt((texts * 4)[-4])  # the held-out 4

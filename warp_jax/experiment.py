@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from warp_jax import evaluation, merging, reinforce, rewards, sharding, streams
 from warp_jax.checkpoint import Checkpoints
-from warp_jax.ingredients import Ingredients, mesh_shape, prepare, rl_config, validate_config
+from warp_jax.ingredients import Ingredients, prepare
 from warp_jax.report import write_outputs
+from warp_jax.settings import mesh_shape, rl_config, validate_config
 from warp_jax.workdir import record_config, writable
 
 

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 from warp_jax import (
     evaluation,
     hlo,
-    ingredients,
     merging,
     reinforce,
     rewards,
     sampling,
+    settings,
     sharding,
 )
 from warp_jax.gemma import GemmaConfig, abstract_params
@@ -164,18 +164,18 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     baselines' step (`warp.baseline_runs` stacked runs), the evaluation's sampler and KL, the
     SLERP of the runs and LITI. Also returns the mesh shape and sizes the report needs. The
     sampler backend "auto" is planned as "xla", what it picks on a TPU."""
-    ingredients.validate_config(c, files=False, num_devices=len(devices))
+    settings.validate_config(c, files=False, num_devices=len(devices))
     c = c.copy_and_resolve_references()
     if c.rl.sampler_backend == "auto":  # what "auto" picks on the slice, not on this host
         c.rl.sampler_backend = "xla"
-    cfg, rm_cfg = ingredients.model_configs(c)
-    shape = ingredients.mesh_shape(c, len(devices))
+    cfg, rm_cfg = settings.model_configs(c)
+    shape = settings.mesh_shape(c, len(devices))
     mesh = sharding.make_mesh(**shape, devices=devices)
     runs = c.warp.runs
     params = _params(abstract_params(cfg), mesh)
     reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
     train_step, init = reinforce.make_train_step(
-        cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
+        cfg, settings.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
     shards, layout = train_step.shardings, train_step.layout
     state = _abstract(jax.eval_shape(init, params), shards.state)
     rows = (runs, c.rl.batch_size, c.task.prompt_len)
@@ -188,7 +188,7 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     if {"reinforce_sft", "reinforce_ema"} & set(c.warp.baselines):  # their seeds stacked
         n = c.warp.baseline_runs
         step_b, init_b = reinforce.make_train_step(
-            cfg, ingredients.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=n)
+            cfg, settings.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=n)
         state_b = _abstract(jax.eval_shape(init_b, params), step_b.shardings.state)
         inputs_b = [jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype, sharding=sh)
                     for x, sh in zip((*prompts, keys), (*step_b.shardings.prompts,

@@ -61,7 +61,7 @@ def iter_rows(path: str | os.PathLike, split: str = "", on_error: str = "raise")
     warning instead of refused."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or directory")
+        raise ValueError(f"{path}: No such file or directory")
     if path.is_dir():
         if any((path / name).exists() for name in _SAVED):
             yield from _saved(path, split)
