@@ -82,11 +82,14 @@ def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
     assert got.total_bytes == sum(got.bytes.values())
     loops = {loop["name"]: loop for loop in got.loops}
     assert loops == {
-        "loop": {"name": "loop", "trips": 6, "trips_from": "condition", "bytes_per_trip": step},
+        "loop": {"name": "loop", "trips": 6, "trips_from": "condition", "bytes_per_trip": step,
+                 "largest": {"all-gather": 256 * 3 / 4, "all-reduce": 128,
+                             "collective-permute": 40}},
         "layers": {"name": "layers", "trips": 3, "trips_from": "compiler",
-                   "bytes_per_trip": layer},
+                   "bytes_per_trip": layer, "largest": layer},
         "other": {"name": "other", "trips": 7, "trips_from": "assumed",
-                  "bytes_per_trip": {"collective-permute": 8}}}
+                  "bytes_per_trip": {"collective-permute": 8},
+                  "largest": {"collective-permute": 8}}}
 
 
 def test_shapes_and_groups():

@@ -134,8 +134,8 @@ def _received(kind: str, result_bytes: float, n: int) -> float:
 class Traffic:
     """A program's collectives: per kind, how many run per call and the bytes one chip
     receives per call (loops counted by their trips), and each loop that holds collectives
-    with its trips, where they come from (`_trips`) and its bytes per trip (nested loops'
-    trips included)."""
+    with its trips, where they come from (`_trips`), its bytes per trip (nested loops' trips
+    included) and, per kind, the bytes of its largest single collective."""
     counts: dict[str, int]
     bytes: dict[str, float]
     loops: list[dict[str, Any]]
@@ -206,9 +206,14 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
         if inst.opcode != "while":
             continue
         body = re.search(r"body=%?([\w.\-]+)", inst.rest)[1]
-        per_trip = totals(one_pass(body))[1]
+        found = one_pass(body)
+        per_trip = totals(found)[1]
         if any(per_trip.values()):
             trips, source = _trips(inst, computations, unknown_trips)
+            largest = {}
+            for kind, size, _ in found.values():
+                largest[kind] = max(largest.get(kind, 0.0), size)
             loops.append({"name": inst.name, "trips": trips, "trips_from": source,
-                          "bytes_per_trip": {k: v for k, v in per_trip.items() if v}})
+                          "bytes_per_trip": {k: v for k, v in per_trip.items() if v},
+                          "largest": {k: v for k, v in largest.items() if v}})
     return Traffic(counts, sizes, loops)
