@@ -180,14 +180,13 @@ def decode(params, cfg: GemmaConfig, tokens, mask, rng, max_new_tokens: int,
     given; the outputs are constrained back to the prompts' rows' sharding."""
     if layout is None:
         return sampling.sample(params, cfg, tokens, mask, rng, max_new_tokens, **kw)
-    rows_sharding = sharding.batch_sharding(layout.train, 2)
     with layout.activations():
         params = layout.put(sampling.in_compute_dtype(params, cfg), abstract_params(cfg))
         out = sampling.sample(params, cfg, layout.rows(tokens), layout.rows(mask), rng,
                               max_new_tokens, **kw)
     if tokens.shape[0] % (layout.train.shape["data"] * layout.train.shape["fsdp"]) == 0:
-        out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, sharding.NamedSharding(layout.train, rows_sharding.spec)), out)
+        rows = sharding.batch_sharding(layout.train, 2)
+        out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), out)
     return out
 
 
