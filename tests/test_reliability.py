@@ -262,7 +262,8 @@ def test_os_errors_are_one_line_with_the_path_and_the_reason():
         "Read-only file system")
 
 
-def test_a_proxy_at_chance_stops_the_job_unless_the_config_allows_it(tmp_path, monkeypatch):
+def test_a_proxy_at_chance_stops_the_job_unless_the_config_allows_it(tmp_path, monkeypatch,
+                                                                    capsys):
     fit = rewards.fit
 
     def at_chance(*args, **kwargs):
@@ -271,7 +272,13 @@ def test_a_proxy_at_chance_stops_the_job_unless_the_config_allows_it(tmp_path, m
 
     monkeypatch.setattr(rewards, "fit", at_chance)
     c = get_config("test")
-    c.sft.steps, c.reward.steps = 2, 2
+    c.reward.steps = 2
+    # On the test variant's few held-out pairs, chance is one warning line.
+    (tmp_path / "few").mkdir()
+    ingredients.prepare(c, tmp_path / "few")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "warning: the proxy reward model's held-out accuracy 0.500 is at or below chance, on ")
+    c.reward.pairs = 1000  # enough held-out pairs to tell (the oracle ties most)
     with pytest.raises(ValueError, match=r"^the proxy reward model learned nothing: held-out "
                                          r"accuracy 0.500 on \d+ pairs is at or below chance; "
                                          r"raise config.reward.pairs or config.reward.steps, "

@@ -65,7 +65,7 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.reward.steps = 300  # built-in: Bradley-Terry steps
     c.reward.batch_size = 64
     c.reward.learning_rate = 3e-3
-    # built-in: a proxy at or below chance on its held-out pairs stops the job unless True
+    # built-in: a proxy at or below chance on >= 20 held-out pairs stops the job unless True
     c.reward.allow_chance = False
     c.reward.normalize = True  # proxy standardised on SFT samples: beta means the same at
     # any reward-model scale
