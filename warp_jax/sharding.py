@@ -59,6 +59,16 @@ _TENSOR_PARALLEL = ("heads", "mlp", "vocab", "expert")
 DECODE_SETTINGS = "'auto', 'train' or a tensor-parallel degree (e.g. '8')"
 
 
+def is_decode_setting(setting: Any) -> bool:
+    """Whether `setting` is one of `DECODE_SETTINGS` (a degree as an int or its string)."""
+    if setting in ("auto", "train"):
+        return True
+    try:
+        return int(setting) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLayout:
     """Where the policy's weights and the sampler's activations live while decoding.
@@ -166,10 +176,9 @@ def decode_tensor_parallel(boxed: Any, mesh_shape: dict[str, int],
     candidates = [model * f for f in range(fsdp, 0, -1) if fsdp % f == 0]
     if setting == "auto":
         return next(t for t in candidates if fits(t) or t == model)
-    try:
-        t = int(setting)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} = {setting!r}: use {DECODE_SETTINGS}") from None
+    if not is_decode_setting(setting) or setting == "train":
+        raise ValueError(f"{name} = {setting!r}: use {DECODE_SETTINGS}")
+    t = int(setting)
     if t not in candidates:
         raise ValueError(f"{name} = {setting!r}: the tensor-parallel degree must be mesh.model "
                          f"({model}) times a divisor of mesh.fsdp ({fsdp}): one of "

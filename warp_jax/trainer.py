@@ -71,14 +71,8 @@ class RLConfig:
     def __post_init__(self):
         if self.eos_id is not None and not isinstance(self.eos_id, numbers.Integral):
             object.__setattr__(self, "eos_id", tuple(self.eos_id))  # a list, made hashable
-        if self.decode_layout not in ("auto", "train"):
-            try:
-                valid = int(self.decode_layout) >= 1
-            except (TypeError, ValueError):
-                valid = False
-            if not valid:
-                _invalid("decode_layout", self.decode_layout,
-                         f"use {sharding.DECODE_SETTINGS}")
+        if not sharding.is_decode_setting(self.decode_layout):
+            _invalid("decode_layout", self.decode_layout, f"use {sharding.DECODE_SETTINGS}")
         choices = {"sampler_backend": sampling.BACKENDS, "anchor": ANCHORS,
                    "baseline": BASELINES}
         for name, valid in choices.items():

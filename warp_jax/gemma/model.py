@@ -21,6 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from warp_jax.gemma.config import GemmaConfig
+from warp_jax.gemma.layers import (
+    _constrain,
+    _kv,
+    _norm,
+    _param,
+    _residual,
+    _softcap,
+    apply_rope,
+    rope_tables,
+)
+from warp_jax.gemma.moe import Experts, Router
 
 Cache = dict[str, Any]
 _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax, not NaN
@@ -93,69 +104,6 @@ def unstack_layers(params: Any) -> Any:
 
 def _xp(arrays):
     return np if all(isinstance(x, np.ndarray) for x in arrays) else jnp
-
-
-def _param(module, name, init, shape, axes, dtype):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: `x / rms(x) * (1 + scale)`, in float32; Gemma 4's (`plus_one=False`)
-    multiplies by `scale` itself (initialised to ones), or by nothing (`with_scale=False`)."""
-
-    eps: float
-    param_dtype: Any
-    axis_name: str = "embed"
-    plus_one: bool = True
-    with_scale: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        if not self.with_scale:
-            return normed.astype(x.dtype)
-        init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
-        scale = _param(self, "scale", init, (x.shape[-1],), (self.axis_name,), self.param_dtype)
-        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-        return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
-
-
-def _norm(cfg: GemmaConfig, name: str, axis_name: str = "embed", with_scale: bool = True,
-          parent=None) -> RMSNorm:
-    """The RMSNorm of `cfg`'s family."""
-    bind = {} if parent is None else {"parent": parent}  # None would unbind it
-    return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), axis_name,
-                   plus_one=cfg.family != "gemma4", with_scale=with_scale, name=name, **bind)
-
-
-def rope_tables(positions_BT, head_dim: int, base: float, scale_factor: float = 1.0,
-                fraction: float = 1.0):
-    """`(sin, cos)`, each `[B, T, 1, head_dim / 2]`: the rotary angles of every position,
-    built once per forward pass and shared by the layers of one attention type.
-
-    With `fraction < 1` (Gemma 4's "proportional" RoPE) only the first
-    `int(fraction * head_dim // 2)` frequencies rotate, at the frequencies of the whole head;
-    the others are 0, so those dimensions pass unrotated."""
-    half = head_dim // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
-    inv_freq = jnp.where(jnp.arange(half) < int(fraction * head_dim // 2), inv_freq, 0.0)
-    angles = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale_factor)[None, None]
-    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-
-
-def apply_rope(x_BTNH, sin_BT1h, cos_BT1h):
-    """Rotary embedding on the two halves of each head (the Hugging Face layout)."""
-    half = x_BTNH.shape[-1] // 2
-    x = x_BTNH.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h],
-                          axis=-1)
-    return out.astype(x_BTNH.dtype)
-
-
-def _softcap(x, cap):
-    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Attention(nn.Module):
@@ -256,58 +204,6 @@ class MLP(nn.Module):
         return jnp.einsum("BTF,FD->BTD", hidden, down.astype(dt))
 
 
-class Router(nn.Module):
-    """Gemma 4's router: each token's top-k experts and their weights `[B, T, E]` (zero for
-    the experts it is not routed to)."""
-
-    cfg: GemmaConfig
-
-    @nn.compact
-    def __call__(self, x_BTD):
-        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
-        d, e = cfg.embed_dim, cfg.num_experts
-        scale = _param(self, "scale", nn.initializers.ones_init(), (d,), ("embed",), pd)
-        proj = _param(self, "proj", nn.initializers.normal(d**-0.5), (d, e), ("embed", "expert"),
-                      pd)
-        per_expert = _param(self, "per_expert_scale", nn.initializers.ones_init(), (e,),
-                            ("expert",), pd)
-        h = _norm(cfg, "norm", with_scale=False)(x_BTD) * scale.astype(dt)[None, None] * (
-            jnp.asarray(d**-0.5, dt))
-        probs_BTE = jax.nn.softmax(
-            jnp.einsum("BTD,DE->BTE", h, proj.astype(dt)).astype(jnp.float32), axis=-1)
-        top_w, top_i = jax.lax.top_k(probs_BTE, cfg.experts_per_token)
-        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        top_w = top_w * per_expert.astype(jnp.float32)[top_i]
-        return jnp.einsum("BTKE,BTK->BTE", jax.nn.one_hot(top_i, e, dtype=jnp.float32),
-                          top_w).astype(dt)
-
-
-class Experts(nn.Module):
-    """Gemma 4's experts: E GeGLUs stacked on a leading `expert` axis (which the sharding
-    rules map onto the `model` mesh axis).
-
-    Dispatch is dense and dropless: every expert runs on every token and the router's
-    weights, zero off each token's top k, combine them. One einsum per projection, no
-    host-side loop, no capacity and so no dropped tokens: the outputs are transformers'
-    (whose experts also never drop). The price is E / k times the routed FLOPs; see
-    docs/models.md."""
-
-    cfg: GemmaConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, weights_BTE):
-        cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
-        d, e, i = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim
-        gate_up = _param(self, "gate_up", nn.initializers.normal(d**-0.5), (e, d, 2 * i),
-                         ("expert", "embed", "mlp"), pd)
-        down = _param(self, "down", nn.initializers.normal(i**-0.5), (e, i, d),
-                      ("expert", "mlp", "embed"), pd)
-        gated_BTEI, linear_BTEI = jnp.split(
-            jnp.einsum("BTD,EDI->BTEI", x_BTD, gate_up.astype(dt)), 2, axis=-1)
-        hidden_BTEI = jax.nn.gelu(gated_BTEI, approximate=True) * linear_BTEI
-        return jnp.einsum("BTEI,BTE,EID->BTD", hidden_BTEI, weights_BTE, down.astype(dt))
-
-
 class Block(nn.Module):
     """One transformer block of a fixed `attention_type`, or with None (a scan over layers)
     of the type its `local` argument gives.
@@ -405,23 +301,6 @@ class Gemma(nn.Module):
                                             keep=logits_to_keep)
         logits = jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD).astype(jnp.float32)
         return _softcap(logits, self.cfg.final_logit_softcap), cache
-
-
-def _constrain(x, logical_axes):
-    """`x` constrained to its logical axes where the caller set sharding rules for all of them
-    (`warp_jax.sharding.activation_sharding`); unchanged otherwise (no rules, or rules of
-    other names)."""
-    return nn.with_logical_constraint(x, logical_axes,
-                                      fallback=nn.spmd.RulesFallback.NO_CONSTRAINT)
-
-
-def _kv(x_BTKH):
-    return _constrain(x_BTKH, ("activation_batch", "activation_length", "activation_kv_heads",
-                               None))
-
-
-def _residual(x_BTD):
-    return _constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=None):
