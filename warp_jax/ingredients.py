@@ -306,10 +306,10 @@ def _local(c, workdir: pathlib.Path) -> Ingredients:
     prompts = sources.load_prompts(c.task.prompts, c.task.prompt_column, c.task.split,
                                    template=template, chat=c.task.chat)
     if c.task.long_prompts == "refuse":
-        for i, prompt in enumerate(prompts):
-            if len(tokenizer.encode(prompt)) > c.task.prompt_len:
+        for i, length in enumerate(len(tokenizer.encode(p)) for p in prompts):
+            if length > c.task.prompt_len:
                 raise ValueError(f"config.task.prompts: prompt {i + 1} of {c.task.prompts} "
-                                 f"takes {len(tokenizer.encode(prompt))} tokens, more than "
+                                 f"takes {length} tokens, more than "
                                  f"task.prompt_len = {c.task.prompt_len} (task.long_prompts "
                                  "= 'refuse'; 'truncate' keeps BOS and its end)")
     end_ids = _end_ids(c, tokenizer, template)

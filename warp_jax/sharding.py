@@ -119,15 +119,13 @@ class DecodeLayout:
         the collectives then move half the bytes of float32 weights."""
         def one(x, box):
             names, shape = box.names, box.value.shape
-            train = spec_for(names, shape, self.train)
+            train, decode = spec_for(names, shape, self.train), spec_for(names, shape, self.mesh)
             steps = [_respec(train, {"fsdp": ("dp", "tpf")}),
                      _respec(train, {"fsdp": ("tpf",)}),
-                     _respec(spec_for(names, shape, self.mesh),
-                             {"model": ("tpf", "model"), "data": ("data", "dp")})]
+                     _respec(decode, {"model": ("tpf", "model"), "data": ("data", "dp")})]
             for spec in steps:
                 x = jax.lax.with_sharding_constraint(x, NamedSharding(self.bridge, spec))
-            return jax.lax.with_sharding_constraint(
-                x, NamedSharding(self.mesh, spec_for(names, shape, self.mesh)))
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, decode))
 
         return jax.tree.map(one, params, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 

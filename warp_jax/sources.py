@@ -43,15 +43,6 @@ class Row:
         return f"{self.source}, row {self.number}" + (f", field {field!r}" if field else "")
 
 
-def read_rows(path: str | os.PathLike, split: str = "",
-              on_error: str = "raise") -> list[Row]:
-    """The rows of a local dataset (`iter_rows`); an empty one is a `ValueError`."""
-    rows = list(iter_rows(path, split, on_error))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
 def iter_rows(path: str | os.PathLike, split: str = "", on_error: str = "raise"):
     """The rows of a local dataset, in file order. A directory is a `save_to_disk` dataset
     (a `DatasetDict` needs `split` unless it has one split) or holds shards of one format
@@ -88,10 +79,10 @@ def _file(path: pathlib.Path, on_error: str) -> list[Row]:
         with open(path, "rb") as f:
             lines = [(n, utf8(raw, path, n)) for n, raw in enumerate(f, start=1)]
         return [Row(str(path), n, {"prompt": line}) for n, line in lines if line.strip()]
-    if suffix == ".jsonl" or (suffix == ".json" and not _json_document(path)):
+    document = _json_document(path) if suffix == ".json" else None
+    if document is None and suffix in (".jsonl", ".json"):  # one JSON object a line
         return _jsonl(path, on_error)
     if suffix == ".json":
-        document = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(document, dict) and len(document) == 1 and isinstance(
                 next(iter(document.values())), list):  # {"data": [...]}
             document = next(iter(document.values()))
@@ -112,13 +103,12 @@ def _file(path: pathlib.Path, on_error: str) -> list[Row]:
                 for n, values in enumerate(table.to_pylist(), start=1)]
 
 
-def _json_document(path: pathlib.Path) -> bool:
-    """Whether a .json file is one JSON document (else: one object per line)."""
+def _json_document(path: pathlib.Path) -> Any:
+    """A .json file's one JSON document, or None where it holds one object a line."""
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return True
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
-        return False
+        return None
 
 
 def _jsonl(path: pathlib.Path, on_error: str):

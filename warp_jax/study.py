@@ -148,8 +148,11 @@ class Study:
 
     def __init__(self, exp: Experiment, started: float):
         self.exp, self.config = exp, exp.config
-        self._clock = (exp.workdir / "wall_time.json", started)
-        self._ticked = False
+        self._wall_time, self._started = exp.workdir / "wall_time.json", started
+        # The seconds of earlier invocations, read once; this one's is appended by `_tick`.
+        self._before = (json.loads(self._wall_time.read_text())
+                        if self._wall_time.exists() else [])
+        self._ticked, self._spent = False, self._before
         exp.on_record = self._tick
         self.seeds = list(range(self.config.study.seeds))
         self.geometry: dict[str, list[dict]] = {}  # per seed: every pair of iteration-1 runs
@@ -254,23 +257,19 @@ class Study:
         invocation that computed something), after each record it writes: a killed
         invocation keeps the time up to its last record, a rerun that only reports adds
         none."""
-        path, started = self._clock
-        spent = json.loads(path.read_text()) if path.exists() else []
-        if self._ticked:
-            spent = spent[:-1]
         self._ticked = True
+        self._spent = [*self._before, round(time.time() - self._started, 1)]
         if sharding.is_main_process():
-            _write_json(path, [*spent, round(time.time() - started, 1)])
+            _write_json(self._wall_time, self._spent)
 
     def finish(self) -> dict:
         """Closes the experiment; the study's wall time over every invocation that computed
         something (`_tick`) and the beta it used."""
         self.exp.ckpt.close()
         self.exp.logger.close()
-        path = self._clock[0]
         if self._ticked:
             self._tick()
-        spent = json.loads(path.read_text()) if path.exists() else []
+        spent = self._spent
         workdir, setup = self.exp.workdir, self.exp.setup
         task = json.loads((workdir / "task.json").read_text())
         parts = task["snippets_per_part"]
