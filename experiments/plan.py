@@ -9,8 +9,10 @@ every jitted program of the job (the stacked train step, its init, the baselines
 evaluation, the SLERP of the runs, LITI) with the TPU compiler from abstract inputs: no
 weights, tokenizer or prompts are read (with `--config.model.hf_dir` set, only its
 config.json). Prints per program the per-chip memory against the chip's HBM, compile time,
-FLOPs and HBM bytes per call and its collectives, the train step's roofline, and the plan as
-one table row (docs/tpu.md); `--out` writes the same as JSON.
+FLOPs and HBM bytes per call, its collectives and the bytes they move per chip per call (read
+from the compiled program, loops counted by their trips), the train step's roofline (FLOPs,
+HBM and interconnect bounds), and the plan as one table row (docs/tpu.md); `--out` writes the
+same as JSON. `--config.rl.decode_layout=train` plans sampling on the training layout.
 
 Exit code 0 if every program fits; 1 with one line naming the program, the shortfall and a
 setting that fits (it tries more microbatches, remat and tensor parallelism); 2 for bad input.

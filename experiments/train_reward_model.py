@@ -42,9 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="preference pairs: a jsonl, json, parquet or "
                    "csv file, a directory of shards or a save_to_disk directory")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--chosen-column", default="chosen")
-    p.add_argument("--rejected-column", default="rejected")
+    p.add_argument("--prompt-column", default="prompt",
+                   help="the prompts' column (absent: the implicit-prompt form)")
+    p.add_argument("--chosen-column", default="chosen", help="the preferred answers' column")
+    p.add_argument("--rejected-column", default="rejected",
+                   help="the other answers' column")
     p.add_argument("--split", default="", help="of a saved DatasetDict or Hub-named shards")
     p.add_argument("--chat-template", help="a directory of tokenizer files whose chat "
                    "template renders conversations (default: --init's)")
