@@ -382,9 +382,9 @@ def test_bfloat16_compute_keeps_float32_weights_that_take_the_papers_small_steps
 
 
 def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
-    """A tiny Gemma 4 with experts (split over `model`) and per-layer inputs takes the same
-    REINFORCE steps on the 8-device mesh, one run sharded or two stacked on `run`, as on one
-    device."""
+    """A tiny Gemma 4 with routed experts (their width split over `model`) and per-layer
+    inputs takes the same REINFORCE steps on the 8-device mesh, one run sharded or two stacked
+    on `run` (sampling on the decode layout), as on one device."""
     cfg = GemmaConfig.from_preset("tiny_gemma4_moe", vocab_size=16, per_layer_input_dim=4)
     params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"])
     prompts = tuple(jnp.asarray(x) for x in (
@@ -402,7 +402,7 @@ def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
         cfg, rl, _toy_reward, mesh=sharding.make_mesh(run=2, fsdp=2, model=2), num_runs=2)
     ref, state, stacked = init(params), sharded_init(params), stacked_init(params)
     experts = state.params["layer_0"]["experts"]["gate_up"]
-    assert experts.sharding.spec == jax.sharding.PartitionSpec("model", "fsdp", None)
+    assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "model")
     keys = jax.random.split(jax.random.key(3), 2)
     for _ in range(2):
         ref, ref_metrics = step(ref, prompts, keys[0])

@@ -277,7 +277,7 @@ def test_decode_layouts_the_model_cannot_take_are_one_clear_error(setup):
     shape = {"run": 1, "data": 1, "fsdp": 8, "model": 1}
     assert sharding.decode_tensor_parallel(boxed["params"], shape) == 4  # 4 heads
     with pytest.raises(ValueError, match=r"decode_layout = '8': 8 does not divide the model's "
-                                         r"heads, MLP, vocabulary or expert dimension\(s\) "
+                                         r"heads, MLP or vocabulary dimension\(s\) "
                                          r"\[4\]; 'auto' picks 4"):
         sharding.decode_tensor_parallel(boxed["params"], shape, "8")
     with pytest.raises(ValueError, match=r"decode_layout = 3: the tensor-parallel degree must "

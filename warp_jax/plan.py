@@ -242,11 +242,12 @@ def gib_per_chip(tree) -> float:
                for x in jax.tree.leaves(tree)) / 2**30
 
 
-def matmul_params(cfg: GemmaConfig) -> int:
-    """Weights that take part in a matmul per token: every block's projections and MLP, and
+def matmul_params(cfg: GemmaConfig, per_token: bool = False) -> int:
+    """Weights that take part in a model's matmuls: every block's projections and MLP, and
     the tied embedding as the output layer (the lookup itself is no matmul). Gemma 4: each
     layer's own head shapes, no key/value projections on KV-shared layers, one on k = v
-    layers, the per-layer input projections, and every expert (the dispatch is dense)."""
+    layers, the per-layer input projections, the router and every expert, or (`per_token`,
+    for FLOPs) the k experts a token is routed to."""
     d, p = cfg.embed_dim, cfg.per_layer_input_dim
     total = cfg.vocab_size * d + d * cfg.num_layers * p
     for i, (kind, source) in enumerate(zip(cfg.attention_types, cfg.kv_sources, strict=True)):
@@ -254,7 +255,8 @@ def matmul_params(cfg: GemmaConfig) -> int:
         kv = 0 if source is not None else (1 if cfg.values_are_keys(kind) else 2)
         total += d * h * (2 * cfg.num_heads + kv * cfg.kv_heads_of(kind))
         total += 3 * d * cfg.mlp_dim_of(i) + 2 * d * p
-        total += cfg.num_experts * (3 * d * cfg.expert_mlp_dim + d)
+        experts = cfg.experts_per_token if per_token else cfg.num_experts
+        total += experts * 3 * d * cfg.expert_mlp_dim + cfg.num_experts * d
     return total
 
 
@@ -262,11 +264,13 @@ def step_flops(c, cfg: GemmaConfig, rm_cfg: GemmaConfig) -> float:
     """Matmul FLOPs of one train step of all runs, counted by hand (attention scores left
     out): per token of the M x B x K sequences of P + T tokens, 2 N to sample, 2 N for the
     anchor's log-probs, 6 N for the policy's forward and backward (8 N with remat), and
-    2 N_rm for the reward model."""
+    2 N_rm for the reward model; N counts the weights one token's matmuls use (a mixture of
+    experts: the k experts it is routed to).
+    """
     tokens = c.warp.runs * c.rl.batch_size * c.rl.num_samples * (
         c.task.prompt_len + c.rl.max_new_tokens)
-    policy = (2 + 2 + (8 if c.rl.remat else 6)) * matmul_params(cfg)
-    return float(tokens * (policy + 2 * matmul_params(rm_cfg)))
+    policy = (2 + 2 + (8 if c.rl.remat else 6)) * matmul_params(cfg, per_token=True)
+    return float(tokens * (policy + 2 * matmul_params(rm_cfg, per_token=True)))
 
 
 def step_hbm_bytes(c, cfg: GemmaConfig, rm_cfg: GemmaConfig, mesh: dict[str, int],

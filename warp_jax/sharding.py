@@ -4,6 +4,7 @@ training and the decode layouts, and multi-process (multi-host) start-up and dat
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +28,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("model",),
     "head_dim": (),
     "mlp": ("model",),
-    # Gemma 4: experts split over `model` (expert parallelism; their `mlp` axis then stays
-    # whole, a mesh axis splitting one dimension of a tensor at most), per-layer inputs as
-    # the embedding.
-    "expert": ("model",),
+    # Gemma 4: each expert's width splits over `model` as `mlp` (gemma/moe.py says why), the
+    # expert axis stays whole; per-layer inputs as the embedding.
+    "expert": (),
     "per_layer_embed": ("fsdp",),
 }
 
@@ -44,18 +44,39 @@ ACTIVATION_RULES = (("activation_batch", ("data", "fsdp")), ("activation_length"
                     ("activation_kv_heads", None))
 
 
+_MODEL_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("model_mesh",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def _using(mesh: Mesh):
+    token = _MODEL_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MODEL_MESH.reset(token)
+
+
+def model_mesh() -> Mesh | None:
+    """The mesh the model's activations are laid out on (`activation_sharding`'s, or a decode
+    layout's within `DecodeLayout.activations`), for the parts of the model that run in a
+    `shard_map`; None outside both. Inside `jit` JAX's own context holds only the abstract
+    mesh, which a `shard_map` over a mesh other than the jit's cannot place on devices."""
+    return _MODEL_MESH.get()
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
     """Within it, the model's residual stream and its embedding table at the lookup are
     constrained to `ACTIVATION_RULES` on `mesh` (trace under it the jitted functions that run
     the model on sharded params; without it the model sets no constraint)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+    with jax.set_mesh(mesh), _using(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         yield
 
 
 # Logical names that the decode layout's tensor parallelism must split evenly; `kv_heads` is
 # split where it divides and replicated where it does not (one KV head: multi-query attention).
-_TENSOR_PARALLEL = ("heads", "mlp", "vocab", "expert")
+_TENSOR_PARALLEL = ("heads", "mlp", "vocab")
 DECODE_SETTINGS = "'auto', 'train' or a tensor-parallel degree (e.g. '8')"
 
 
@@ -75,7 +96,7 @@ class DecodeLayout:
 
     Decoding reads every weight for every token, so under FSDP it would all-gather the whole
     model token after token. The decode layout splits each run's `data x fsdp x model` devices
-    into `tensor_parallel` devices that split the heads, MLP, vocabulary and experts (no
+    into `tensor_parallel` devices that split the heads, MLPs (experts too), vocabulary (no
     `fsdp` on any weight) and `data_parallel` groups that split the prompts; the KV cache is
     split the same way (its KV heads where they divide). The policy moves to it once per
     rollout (`put`: an all-gather within the data-parallel groups and an all-to-all within the
@@ -109,7 +130,7 @@ class DecodeLayout:
         values split over the tensor-parallel devices where their heads divide."""
         rules = (*ACTIVATION_RULES[:-1],
                  ("activation_kv_heads", "model" if self.kv_heads_split else None))
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), _using(self.mesh), \
                 nn.logical_axis_rules(rules):
             yield
 
@@ -161,9 +182,10 @@ def _logical_dims(boxed: Any) -> dict[str, set[int]]:
 def decode_tensor_parallel(boxed: Any, mesh_shape: dict[str, int],
                            setting: str | int = "auto", name: str = "decode_layout") -> int:
     """The decode layout's tensor-parallel degree on a mesh of `mesh_shape`: `model` times a
-    divisor of `fsdp` that divides every head, MLP, vocabulary and expert dimension of the
-    boxed params; "auto" takes the largest. An int (or its string) asks for that degree.
-    Raises `ValueError` naming `name` for a degree the model or the mesh cannot take."""
+    divisor of `fsdp` that divides every head, MLP (the experts' too) and vocabulary
+    dimension of the boxed params; "auto" takes the largest. An int (or its string) asks for
+    that degree. Raises `ValueError` naming `name` for a degree the model or the mesh cannot
+    take."""
     model, fsdp = mesh_shape["model"], mesh_shape["fsdp"]
     dims = _logical_dims(boxed)
     sizes = sorted({size for n in _TENSOR_PARALLEL for size in dims.get(n, ())})
@@ -183,8 +205,8 @@ def decode_tensor_parallel(boxed: Any, mesh_shape: dict[str, int],
                          f"{sorted(candidates)}")
     if not fits(t):
         bad = [s for s in sizes if s % t]
-        raise ValueError(f"{name} = {setting!r}: {t} does not divide the model's heads, MLP, "
-                         f"vocabulary or expert dimension(s) {bad}; 'auto' picks "
+        raise ValueError(f"{name} = {setting!r}: {t} does not divide the model's heads, MLP "
+                         f"or vocabulary dimension(s) {bad}; 'auto' picks "
                          f"{decode_tensor_parallel(boxed, mesh_shape)}")
     return t
 

@@ -4,7 +4,7 @@ Tensor layouts (ours <- Hugging Face `nn.Linear` weights, which are `[out, in]`)
 `attn.q` `[D, N, H]` <- `q_proj` `[N*H, D]`; `attn.k`/`attn.v` `[D, K, H]` <- `[K*H, D]`;
 `attn.o` `[N, H, D]` <- `o_proj` `[D, N*H]`; `mlp.gate`/`mlp.up` `[D, F]` <- `[F, D]`;
 `mlp.down` `[F, D]` <- `[D, F]`. Norm scales and the embedding are stored as they are.
-Gemma 4 adds: `experts.gate_up` `[E, D, 2I]` <- `gate_up_proj` `[E, 2I, D]`, `experts.down`
+Gemma 4 adds: `experts.gate_up` `[E, D, 2, I]` <- `gate_up_proj` `[E, 2I, D]`, `experts.down`
 `[E, I, D]` <- `down_proj` `[E, D, I]`, `router.proj` `[D, E]` <- `[E, D]`, the per-layer
 gate `[D, P]` and projection `[P, D]` transposed, and the packed per-layer tables
 `per_layer_embedding` `[V, L, P]` <- `embed_tokens_per_layer` `[V, L*P]` and
@@ -103,8 +103,8 @@ def _tensors(cfg: GemmaConfig) -> dict[str, _Tensor]:
                 "router.proj.weight": (("router", "proj"), (e, d), (d, e), "T"),
                 "router.scale": (("router", "scale"), (d,), (d,), None),
                 "router.per_expert_scale": (("router", "per_expert_scale"), (e,), (e,), None),
-                "experts.gate_up_proj": (("experts", "gate_up"), (e, 2 * x, d), (e, d, 2 * x),
-                                         "experts"),
+                "experts.gate_up_proj": (("experts", "gate_up"), (e, 2 * x, d), (e, d, 2, x),
+                                         "experts_paired"),
                 "experts.down_proj": (("experts", "down"), (e, d, x), (e, x, d), "experts"),
             }
         for name, (path, hf_shape, shape, layout) in layer.items():
@@ -119,6 +119,7 @@ _TO_OURS = {
     "out": lambda v, shape: v.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0),
     "T": lambda v, shape: v.T,
     "experts": lambda v, shape: v.transpose(0, 2, 1),
+    "experts_paired": lambda v, shape: v.transpose(0, 2, 1).reshape(shape),
     "packed": lambda v, shape: v.reshape(shape),
     "packed_T": lambda v, shape: v.T.reshape(shape),
 }
@@ -127,6 +128,7 @@ _TO_HF = {
     "out": lambda v, shape: v.transpose(2, 0, 1).reshape(shape),
     "T": lambda v, shape: v.T,
     "experts": lambda v, shape: v.transpose(0, 2, 1),
+    "experts_paired": lambda v, shape: v.reshape(shape[0], shape[2], shape[1]).transpose(0, 2, 1),
     "packed": lambda v, shape: v.reshape(shape),
     "packed_T": lambda v, shape: v.reshape(shape[1], shape[0]).T,
 }

@@ -242,7 +242,7 @@ class Block(nn.Module):
         h = MLP(cfg, cfg.mlp_dim_of(self.layer), name="mlp")(_norm(cfg, "pre_ffw_norm")(x))
         if cfg.num_experts:
             routed = Experts(cfg, name="experts")(_norm(cfg, "pre_ffw_norm_2")(x),
-                                                  Router(cfg, name="router")(x))
+                                                  *Router(cfg, name="router")(x))
             h = _norm(cfg, "post_ffw_norm_1")(h) + _norm(cfg, "post_ffw_norm_2")(routed)
         if cfg.use_post_ffw_norm:
             h = _norm(cfg, "post_ffw_norm")(h)
