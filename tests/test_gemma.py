@@ -64,8 +64,18 @@ HF_CONFIGS = {
         moe_intermediate_size=16, sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "full_attention"]),
 }
-# The families whose layers share one shape, which `scan_layers` stacks.
-SCANNABLE = sorted(name for name in HF_CONFIGS if not name.startswith("gemma4"))
+# Scanned only: a Gemma 4 whose pattern repeats every 2 layers over 5 (two periods under the
+# scan, one layer after them), with per-layer inputs, keys as values and wider global heads.
+SCAN_ONLY = {
+    "gemma4_periods": transformers.Gemma4TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+        num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, layer_types=["sliding_attention", "full_attention"] * 2
+        + ["sliding_attention"], sliding_window=3, final_logit_softcapping=3.0),
+}
+# `scan_layers` takes every model without KV-shared layers (Gemma 4 E2B/E4B have them).
+SCANNABLE = sorted([*(name for name in HF_CONFIGS if name != "gemma4"), *SCAN_ONLY])
 
 
 def _hf_model(hf_config, seed=0, embed_std=0.3):
@@ -109,7 +119,7 @@ def _max_rel_err(ours, ref, mask):
 
 @functools.cache
 def _case(name):
-    model = _hf_model(HF_CONFIGS[name])
+    model = _hf_model({**HF_CONFIGS, **SCAN_ONLY}[name])
     cfg = hf.config_from_hf(model.config)
     state = model.state_dict()
     params = hf.params_from_hf(state, cfg)
@@ -459,10 +469,13 @@ def test_scanned_layers_are_the_same_model(scannable_case):
     model."""
     name, model, cfg, state, params, apply = scannable_case
     scan_cfg = cfg.replace(scan_layers=True)
+    period = scan_cfg.scan_period
+    depth = cfg.num_layers // (period or 1)  # steps of the scan
     stacked = hf.params_from_hf(state, scan_cfg)
-    jax.tree.map(np.testing.assert_array_equal, stacked, stack_layers(params, cfg.num_layers))
+    jax.tree.map(np.testing.assert_array_equal, stacked,
+                 stack_layers(params, cfg.num_layers, period))
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
-    assert jax.tree.leaves(stacked["layers"])[0].shape[0] == cfg.num_layers
+    assert {x.shape[0] for x in jax.tree.leaves(stacked["layers"])} == {depth}
     for hf_name, value in hf.params_to_hf(stacked, scan_cfg).items():
         np.testing.assert_array_equal(value, state[hf_name].numpy(), err_msg=hf_name)
 
@@ -478,7 +491,7 @@ def test_scanned_layers_are_the_same_model(scannable_case):
 
     prefill, cache = scanned.apply({"params": stacked}, *(x[:, :6] for x in args),
                                    init_cache(scan_cfg, B, T))
-    assert cache["layers"]["k"].shape == (cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim)
+    assert {x.shape[:3] for x in jax.tree.leaves(cache["layers"])} == {(depth, B, T)}
     rest, cache = scanned.apply({"params": stacked}, *(x[:, 6:] for x in args), cache)
     decoded = np.concatenate([prefill, rest], axis=1)
     np.testing.assert_allclose(decoded[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
@@ -488,7 +501,7 @@ def test_scanned_layers_are_the_same_model(scannable_case):
         return jnp.sum(jax.nn.log_softmax(out)[..., 0])
 
     chex.assert_trees_all_close(jax.grad(loss)(stacked, scan_cfg),
-                                stack_layers(jax.grad(loss)(params, cfg), cfg.num_layers),
+                                stack_layers(jax.grad(loss)(params, cfg), cfg.num_layers, period),
                                 rtol=1e-4, atol=1e-4)
 
 
@@ -498,9 +511,12 @@ def test_scanned_slerp_merges_each_block_as_the_unscanned_one(scannable_case):
     runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
             for _ in range(2)]
     want = merging.slerp_tree(params, runs, groups=merging.block_groups(params))
-    stacked = [stack_layers(t, cfg.num_layers) for t in (params, *runs)]
+    period = cfg.replace(scan_layers=True).scan_period
+    stacked = [stack_layers(t, cfg.num_layers, period) for t in (params, *runs)]
     groups = merging.block_groups(stacked[0])
-    assert set(jax.tree.leaves(groups["layers"])) == {merging.Stacked("layer", 0)}
+    assert set(jax.tree.leaves(groups["layers"])) == (
+        {merging.Stacked("layer", 0)} if period is None
+        else {merging.Stacked("layer", 0, j, period) for j in range(period)})
     merged = merging.slerp_tree(stacked[0], stacked[1:], groups=groups)
     chex.assert_trees_all_close(unstack_layers(merged), want, rtol=1e-5, atol=1e-6)
     stats = evaluation.task_vector_stats(stacked[0], stacked[1:], groups)
@@ -510,13 +526,14 @@ def test_scanned_slerp_merges_each_block_as_the_unscanned_one(scannable_case):
         assert value == pytest.approx(want_stats[key]), key
 
 
-def test_scanned_program_does_not_grow_with_depth():
+@pytest.mark.parametrize("preset", ["tiny_gemma3", "tiny_gemma4_moe"])
+def test_scanned_program_does_not_grow_with_depth(preset):
     """Unrolled, the compiled forward and backward grow with every block; scanned, a model of
-    12 blocks compiles to the program of 6."""
+    12 blocks compiles to the program of 6 (Gemma 4: 6 periods of 2 layers to 3)."""
     sizes = {}
     for scan in (False, True):
         for layers in (6, 12):
-            cfg = GemmaConfig.from_preset("tiny_gemma3", num_layers=layers, scan_layers=scan)
+            cfg = GemmaConfig.from_preset(preset, num_layers=layers, scan_layers=scan)
             params = abstract_params(cfg)
             tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
 
@@ -586,7 +603,8 @@ def test_unknown_architecture_and_bad_fields():
         use_bidirectional_attention="vision")).family == "gemma4"  # causal on text
     with pytest.raises(ValueError, match="num_experts is a Gemma 4 feature"):
         GemmaConfig.from_preset("tiny_gemma3", num_experts=4)
-    with pytest.raises(ValueError, match="scan_layers is not supported for family 'gemma4'"):
+    with pytest.raises(ValueError, match=r"scan_layers is not supported with KV-shared layers "
+                                         r"\(num_kv_shared_layers=3: Gemma 4 E2B/E4B\)"):
         GemmaConfig.from_preset("tiny_gemma4", scan_layers=True)
     with pytest.raises(ValueError, match="experts_per_token"):
         GemmaConfig.from_preset("tiny_gemma4_moe", experts_per_token=5)

@@ -121,7 +121,7 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
     Accumulated in float64 over chunks of each tensor, so it holds no copy of a tree (in
     every process: they all call it together).
     Leaves whose group label is None are reported under their own path; slice i of a leaf
-    labelled `merging.Stacked(name, axis)` under `f"{name}_{i}"`.
+    labelled `merging.Stacked(name, axis)` under `f"{name}_{block}"` (`Stacked.index`).
     """
     if len(policies) < 2:
         raise ValueError("task-vector statistics need at least two runs")
@@ -132,7 +132,8 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
                                          jax.tree.leaves(policies[1]), strict=True):
         leaves = [sharding.to_host(x) for x in (base, a, b)]
         if isinstance(label, merging.Stacked):  # one group per slice along the stacked axis
-            parts = [(f"{label.name}_{i}", [np.take(x, i, axis=label.axis) for x in leaves])
+            parts = [(f"{label.name}_{label.index(i)}",
+                      [np.take(x, i, axis=label.axis) for x in leaves])
                      for i in range(leaves[0].shape[label.axis])]
         else:
             parts = [(label if label is not None else jax.tree_util.keystr(path), leaves)]

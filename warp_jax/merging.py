@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -33,12 +34,19 @@ _WEIGHT_TOL = 1e-5
 class Stacked:
     """Group label for a leaf whose `axis` stacks several blocks (scanned layers).
 
-    Slice `i` of the leaf along `axis` joins the group `(name, i)`: every leaf labelled
-    `Stacked(name, ...)` must have the same length along its axis.
+    Slice `i` of the leaf along `axis` joins the group `(name, start + i * step)`: every leaf
+    labelled `Stacked(name, axis, start, step)` must have the same length along its axis.
+    (`start` and `step` place a Gemma 4 scan's layer j of each period: blocks j, j + P, ...)
     """
 
     name: Hashable
     axis: int = 0
+    start: int = 0
+    step: int = 1
+
+    def index(self, i: int) -> int:
+        """The block that slice `i` holds."""
+        return self.start + i * self.step
 
 
 def block_groups(params: PyTree) -> PyTree:
@@ -48,20 +56,28 @@ def block_groups(params: PyTree) -> PyTree:
     Every tensor of a transformer block `"layer_i"` gets the label `"layer_i"` (one angle per
     block); the embedding and the final norm get None (one angle each). The stacked blocks of
     a scanned model (`params["layers"]`, `GemmaConfig.scan_layers`) get `Stacked("layer")`:
-    slice i along their leading axis is block i, the same groups as the unscanned layout's.
+    slice i along their leading axis is block i, the same groups as the unscanned layout's
+    (Gemma 4: slice r of `layers/layer_j` is block r * P + j).
     A block's experts and per-layer gate and projection are its tensors. Gemma 4's per-layer
     input tables (`per_layer_embedding` `[V, L, P]`, `per_layer_projection` `[D, L, P]`) live
     outside the blocks: their slices for layer i share one angle (`Stacked("per_layer", 1)`).
     """
     def label(name):
-        if name == "layers":
-            return Stacked("layer", 0)
         if name in ("per_layer_embedding", "per_layer_projection"):
             return Stacked("per_layer", 1)
         return name if name.startswith("layer_") else None
 
-    return {name: jax.tree.map(lambda _, name=name: label(name), sub)
-            for name, sub in params.items()}
+    out = {name: jax.tree.map(lambda _, name=name: label(name), sub)
+           for name, sub in params.items() if name != "layers"}
+    if "layers" in params:
+        layers = params["layers"]
+        if all(re.fullmatch(r"layer_\d+", key) for key in layers):  # Gemma 4's periods
+            out["layers"] = {key: jax.tree.map(
+                lambda _, j=int(key[6:]): Stacked("layer", 0, j, len(layers)), sub)
+                for key, sub in layers.items()}
+        else:
+            out["layers"] = jax.tree.map(lambda _: Stacked("layer", 0), layers)
+    return out
 
 
 def ema_update(ema: PyTree, params: PyTree, mu: float) -> PyTree:
@@ -273,13 +289,14 @@ def _group_labels(groups, treedef, paths, leaves):
                 )
             axis = label.axis % leaf.ndim
             length = leaf.shape[axis]
-            first = stacked_lengths.setdefault(label.name, (length, path))
+            placed = (label.name, label.start, label.step)
+            first = stacked_lengths.setdefault(placed, (length, path))
             if first[0] != length:
                 raise ValueError(
                     f"groups{path}: Stacked group {label.name!r} has {length} slices, but "
                     f"{first[1]} has {first[0]}"
                 )
-            out.append((("stacked", label.name), axis))
+            out.append((("stacked", *placed), axis))
         else:
             try:
                 hash(label)

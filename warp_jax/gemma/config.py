@@ -72,7 +72,8 @@ class GemmaConfig:
       scan_layers: run the blocks under one `lax.scan` over params stacked along a leading
         layer axis (`params["layers"]`, see `gemma.stack_layers`), as MaxText and Tunix do on
         TPU: compile time and program size stop growing with depth. Same logits; another
-        params layout (Hugging Face import and export follow it).
+        params layout (Hugging Face import and export follow it). Gemma 4 scans one period of
+        its attention pattern at a time (`scan_period`); not with KV-shared layers.
     """
 
     vocab_size: int
@@ -207,9 +208,10 @@ class GemmaConfig:
             raise ValueError(f"GemmaConfig.num_kv_shared_layers ({self.num_kv_shared_layers}) "
                              f"exceeds num_layers ({self.num_layers})")
         _ = self.kv_sources  # raises for a shared layer with no producer
-        if self.scan_layers:
-            raise ValueError("GemmaConfig.scan_layers is not supported for family 'gemma4' "
-                             "(its global and local layers differ in shape); set it False")
+        if self.scan_layers and self.num_kv_shared_layers:
+            raise ValueError("GemmaConfig.scan_layers is not supported with KV-shared layers "
+                             f"(num_kv_shared_layers={self.num_kv_shared_layers}: Gemma 4 "
+                             "E2B/E4B); set it False")
 
     def head_dim_of(self, attention_type: str) -> int:
         """H of a layer of this attention type ("global" or "local")."""
@@ -255,6 +257,18 @@ class GemmaConfig:
             return self.attention_pattern
         cycle = PATTERNS[self.attention_pattern]
         return tuple(cycle[i % len(cycle)] for i in range(self.num_layers))
+
+    @property
+    def scan_period(self) -> int | None:
+        """Layers per step of the scan over layers: None for Gemma 1-3 (one layer a step, a
+        traced flag picking its attention type: the types share their shapes), or for Gemma 4,
+        whose global and local layers differ in shape, one period of its attention pattern
+        (5 local + 1 global: 6), the layers after the last whole period unrolled."""
+        if self.family != "gemma4":
+            return None
+        types = self.attention_types
+        return next(p for p in range(1, len(types) + 1)
+                    if all(t == types[i % p] for i, t in enumerate(types)) or p == len(types))
 
     @property
     def query_scale(self) -> float:

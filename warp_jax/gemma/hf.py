@@ -23,6 +23,7 @@ from warp_jax.gemma.hf_tensors import (
     _tensors,
     _to_ours,
     _unused_shared_kv,
+    stacked_length,
 )
 
 _PREFIX = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?")
@@ -306,7 +307,7 @@ def params_from_hf(state_dict_or_dir: Mapping[str, Any] | str | os.PathLike,
                              f"{tensor.hf_shape} for this config")
         array = _to_ours(tensor, value)
         path, layer = _stacked(tensor.path, cfg)
-        _set(params, path, array.astype(dtype), layer, cfg.num_layers)
+        _set(params, path, array.astype(dtype), layer, stacked_length(cfg))
         found.add(short)
     missing = sorted(set(expected) - found, key=_natural)
     if missing:

@@ -154,20 +154,30 @@ def _from_ours(short: str, tensor: _Tensor, params: Mapping[str, Any],
 
 def _stacked(path: tuple[str, ...], cfg: GemmaConfig) -> tuple[tuple[str, ...], int | None]:
     """Our path of a tensor in `cfg`'s layout, and its layer's index along the stacked axis
-    (None unless `cfg.scan_layers` and the tensor belongs to a block)."""
+    (None unless `cfg.scan_layers` and the tensor belongs to a scanned block)."""
     if cfg.scan_layers and path[0].startswith("layer_"):
-        return ("layers", *path[1:]), int(path[0].removeprefix("layer_"))
+        i = int(path[0].removeprefix("layer_"))
+        period = cfg.scan_period
+        if period is None:
+            return ("layers", *path[1:]), i
+        if i < cfg.num_layers // period * period:
+            return ("layers", f"layer_{i % period}", *path[1:]), i // period
     return path, None
 
 
-def _set(tree: dict, path: tuple[str, ...], value, layer: int | None, num_layers: int) -> None:
+def stacked_length(cfg: GemmaConfig) -> int:
+    """The length of the stacked axis of a scanned model's blocks."""
+    return cfg.num_layers // (cfg.scan_period or 1)
+
+
+def _set(tree: dict, path: tuple[str, ...], value, layer: int | None, length: int) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     if layer is None:
         tree[path[-1]] = value
         return
     if path[-1] not in tree:  # the stacked array, filled one layer at a time
-        tree[path[-1]] = np.empty((num_layers, *value.shape), value.dtype)
+        tree[path[-1]] = np.empty((length, *value.shape), value.dtype)
     tree[path[-1]][layer] = value
 
 

@@ -13,6 +13,7 @@ are separate, so left-padded rows use positions counted from their first real to
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -39,7 +40,9 @@ _MASKED = -2.3819763e38  # finite: rows with no valid key give a uniform softmax
 
 def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
     """An empty KV cache of `max_len` slots: `{"index", "mask", "layer_i": {"k", "v"}}`
-    (with `cfg.scan_layers`, one `"layers": {"k", "v"}` stacking the layers' caches).
+    (with `cfg.scan_layers`, the scanned layers' caches stacked as the params are:
+    `"layers": {"k", "v"}`, or for Gemma 4 `"layers": {"layer_j": {"k", "v"}}` per layer of
+    the period, and the layers after the last whole period as `"layer_i"`).
 
     Keys and values are `[B, S, K, H]`, the layout of the projections that write them (one
     slot is one contiguous `[K, H]` row), as in MaxText and the `gemma` package. Gemma 4's
@@ -47,20 +50,36 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
     cache of the layer they share).
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),  # the next slot to write
         "mask": jnp.zeros((batch_size, max_len), bool),  # [B, S]: slot holds a real token
     }
-    if cfg.scan_layers:
-        stacked = (cfg.num_layers, *shape)
-        cache["layers"] = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+
+    def empty(kind, *lead):
+        shape = (*lead, batch_size, max_len, cfg.kv_heads_of(kind), cfg.head_dim_of(kind))
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    first = 0
+    if cfg.scan_layers and cfg.scan_period is None:
+        cache["layers"] = empty("global", cfg.num_layers)
         return cache
-    for i, (kind, source) in enumerate(zip(cfg.attention_types, cfg.kv_sources, strict=True)):
-        if source is None:
-            shape = (batch_size, max_len, cfg.kv_heads_of(kind), cfg.head_dim_of(kind))
-            cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if cfg.scan_layers:
+        period, first = cfg.scan_period, scanned_depth(cfg)
+        cache["layers"] = {f"layer_{j}": empty(cfg.attention_types[j], first // period)
+                           for j in range(period)}
+    for i in range(first, cfg.num_layers):
+        if cfg.kv_sources[i] is None:
+            cache[f"layer_{i}"] = empty(cfg.attention_types[i])
     return cache
+
+
+def scanned_depth(cfg: GemmaConfig) -> int:
+    """How many of the layers run under the scan: all (Gemma 1-3), or Gemma 4's whole periods
+    (`cfg.scan_period`); 0 without `cfg.scan_layers`."""
+    if not cfg.scan_layers:
+        return 0
+    period = cfg.scan_period or 1
+    return cfg.num_layers // period * period
 
 
 def abstract_params(cfg: GemmaConfig) -> Any:
@@ -76,18 +95,31 @@ def left_padded_positions(mask_BT):
     return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def stack_layers(params: Any, num_layers: int) -> Any:
+def stack_layers(params: Any, num_layers: int, period: int | None = None) -> Any:
     """The scanned layout (`GemmaConfig.scan_layers`) of unscanned params: the blocks
     `"layer_0" .. "layer_{L-1}"` become one `"layers"` subtree whose leaves stack them along a
-    new leading axis; everything else (a reward model's `"score"` too) is kept."""
+    new leading axis; everything else (a reward model's `"score"` too) is kept.
+
+    With a `period` (Gemma 4: `GemmaConfig.scan_period`), `"layers"` holds one subtree per
+    layer of the period, `"layer_j"`, stacking blocks j, j + period, ...; the blocks after the
+    last whole period stay as they are."""
     missing = [f"layer_{i}" for i in range(num_layers) if f"layer_{i}" not in params]
     if missing or "layers" in params:
         raise ValueError(f"stack_layers: expected unscanned params with blocks layer_0.."
                          f"layer_{num_layers - 1}; missing {missing[:3]}"
                          + (" (already scanned: has 'layers')" if "layers" in params else ""))
-    blocks = [params[f"layer_{i}"] for i in range(num_layers)]
+
+    def stack(indices):
+        blocks = [params[f"layer_{i}"] for i in indices]
+        return jax.tree.map(lambda *xs: _xp(xs).stack(xs), *blocks)
+
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    out["layers"] = jax.tree.map(lambda *xs: _xp(xs).stack(xs), *blocks)
+    if period is None:
+        out["layers"] = stack(range(num_layers))
+        return out
+    depth = num_layers // period * period
+    out["layers"] = {f"layer_{j}": stack(range(j, depth, period)) for j in range(period)}
+    out |= {f"layer_{i}": params[f"layer_{i}"] for i in range(depth, num_layers)}
     return out
 
 
@@ -96,9 +128,13 @@ def unstack_layers(params: Any) -> Any:
     if "layers" not in params:
         raise ValueError("unstack_layers: expected scanned params (a 'layers' subtree)")
     out = {k: v for k, v in params.items() if k != "layers"}
-    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    for i in range(num_layers):
-        out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    layers = params["layers"]
+    periodic = all(re.fullmatch(r"layer_\d+", key) for key in layers)
+    stacks = ([layers[f"layer_{j}"] for j in range(len(layers))] if periodic else [layers])
+    repeats = jax.tree.leaves(layers)[0].shape[0]
+    for r in range(repeats):
+        for j, stack in enumerate(stacks):
+            out[f"layer_{r * len(stacks) + j}"] = jax.tree.map(lambda x, r=r: x[r], stack)
     return out
 
 
@@ -337,7 +373,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
                      "local": (cfg.rope_local_base or cfg.rope_base, 1.0, 1.0)}
     ropes = {kind: rope_tables(positions, cfg.head_dim_of(kind), *rope_settings[kind])
              for kind in dict.fromkeys(cfg.attention_types)}
-    if cfg.scan_layers:
+    if cfg.scan_layers and cfg.scan_period is None:
         x, layers_cache = _scanned_blocks(module)(
             x, ropes, slots, key_mask, None if cache is None else cache["layers"], None,
             jnp.array([kind == "local" for kind in cfg.attention_types]))
@@ -346,16 +382,28 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
         if keep is not None:
             x = x[:, t - keep:]
     else:
-        last = len(cfg.attention_types) - 1
+        num = len(cfg.attention_types)
         per_layer = _per_layer_inputs(module, tokens, x) if cfg.per_layer_input_dim else None
+        first = scanned_depth(cfg)
+        if first:  # Gemma 4's whole periods under the scan, one period a step
+            period = cfg.scan_period
+            per_period = None if per_layer is None else jnp.moveaxis(
+                per_layer[:, :, :first].reshape(b, t, first // period, period, -1), 2, 0)
+            x, layers_cache = _scanned_periods(module, first // period)(
+                x, ropes, slots, key_mask, None if cache is None else cache["layers"],
+                per_period)
+            if cache is not None:
+                new_cache["layers"] = layers_cache
+            if keep is not None and first == num:
+                x = x[:, t - keep:]
         block = nn.remat(Block, static_argnums=_KEEP) if module.remat else Block
         sources = cfg.kv_sources
         shared = {}  # the keys and values of each layer that later layers reuse
-        for i, attention_type in enumerate(cfg.attention_types):
+        for i in range(first, num):
             layer_cache = None if cache is None or sources[i] is not None else cache[f"layer_{i}"]
-            x, layer_cache, *kv = block(cfg, attention_type, i, name=f"layer_{i}",
+            x, layer_cache, *kv = block(cfg, cfg.attention_types[i], i, name=f"layer_{i}",
                                         parent=module)(
-                x, ropes, slots, key_mask, layer_cache, keep if i == last else None, None,
+                x, ropes, slots, key_mask, layer_cache, keep if i == num - 1 else None, None,
                 None if per_layer is None else per_layer[:, :, i], shared.get(sources[i]))
             if kv:
                 shared[i] = kv[0]
@@ -403,3 +451,37 @@ def _scanned_blocks(module: nn.Module) -> nn.Module:
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, name="layers", parent=module)
+
+
+class Period(nn.Module):
+    """One period of Gemma 4's attention pattern (`cfg.scan_period` blocks, each of its own
+    type and shapes, in order): the step of the scan over a Gemma 4's layers. `remat`
+    rematerialises each block in the backward pass."""
+
+    cfg: GemmaConfig
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, ropes, slots, key_mask, cache, per_layer):
+        cfg = self.cfg
+        block = (nn.remat(Block, static_argnums=_KEEP, prevent_cse=False) if self.remat
+                 else Block)
+        new_cache = None if cache is None else {}
+        for j in range(cfg.scan_period):
+            name = f"layer_{j}"
+            x, layer_cache = block(cfg, cfg.attention_types[j], j, name=name)(
+                x, ropes, slots, key_mask, None if cache is None else cache[name], None, None,
+                None if per_layer is None else per_layer[:, :, j])
+            if cache is not None:
+                new_cache[name] = layer_cache
+        return x, new_cache
+
+
+def _scanned_periods(module: nn.Module, length: int) -> nn.Module:
+    """`length` periods as one `nn.scan` named "layers" on `module`: the residual stream is
+    the carry; each period's params, caches and per-layer inputs are scanned along their
+    leading axis (logical name "layers", never sharded), the rest is broadcast."""
+    scanned = nn.scan(Period, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(module.cfg, module.remat, name="layers", parent=module)
