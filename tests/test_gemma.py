@@ -64,17 +64,21 @@ HF_CONFIGS = {
         moe_intermediate_size=16, sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "full_attention"]),
 }
-# Scanned only: a Gemma 4 whose pattern repeats every 2 layers over 5 (two periods under the
-# scan, one layer after them), with per-layer inputs, keys as values and wider global heads.
+# Scanned only: a Gemma 4 whose pattern repeats every 2 layers, whose last three layers
+# share the keys and values of layers 5 and 6: two periods under the scan, six layers after
+# them; per-layer inputs, double-wide MLPs on the shared layers, keys as values, wider global
+# heads.
 SCAN_ONLY = {
     "gemma4_periods": transformers.Gemma4TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
         num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=128, layer_types=["sliding_attention", "full_attention"] * 2
-        + ["sliding_attention"], sliding_window=3, final_logit_softcapping=3.0),
+        vocab_size_per_layer_input=128, num_kv_shared_layers=3, use_double_wide_mlp=True,
+        layer_types=["sliding_attention", "full_attention"] * 5, sliding_window=3,
+        final_logit_softcapping=3.0),
 }
-# `scan_layers` takes every model without KV-shared layers (Gemma 4 E2B/E4B have them).
+# `scan_layers` takes every model with a whole period before its first KV-sharing donor
+# ("gemma4" has none: layer 1 is one).
 SCANNABLE = sorted([*(name for name in HF_CONFIGS if name != "gemma4"), *SCAN_ONLY])
 
 
@@ -469,11 +473,9 @@ def test_scanned_layers_are_the_same_model(scannable_case):
     model."""
     name, model, cfg, state, params, apply = scannable_case
     scan_cfg = cfg.replace(scan_layers=True)
-    period = scan_cfg.scan_period
-    depth = cfg.num_layers // (period or 1)  # steps of the scan
+    depth = scan_cfg.scan_depth // (scan_cfg.scan_period or 1)  # steps of the scan
     stacked = hf.params_from_hf(state, scan_cfg)
-    jax.tree.map(np.testing.assert_array_equal, stacked,
-                 stack_layers(params, cfg.num_layers, period))
+    jax.tree.map(np.testing.assert_array_equal, stacked, stack_layers(params, scan_cfg))
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
     assert {x.shape[0] for x in jax.tree.leaves(stacked["layers"])} == {depth}
     for hf_name, value in hf.params_to_hf(stacked, scan_cfg).items():
@@ -501,7 +503,7 @@ def test_scanned_layers_are_the_same_model(scannable_case):
         return jnp.sum(jax.nn.log_softmax(out)[..., 0])
 
     chex.assert_trees_all_close(jax.grad(loss)(stacked, scan_cfg),
-                                stack_layers(jax.grad(loss)(params, cfg), cfg.num_layers, period),
+                                stack_layers(jax.grad(loss)(params, cfg), scan_cfg),
                                 rtol=1e-4, atol=1e-4)
 
 
@@ -511,8 +513,8 @@ def test_scanned_slerp_merges_each_block_as_the_unscanned_one(scannable_case):
     runs = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype) * 0.1, params)
             for _ in range(2)]
     want = merging.slerp_tree(params, runs, groups=merging.block_groups(params))
-    period = cfg.replace(scan_layers=True).scan_period
-    stacked = [stack_layers(t, cfg.num_layers, period) for t in (params, *runs)]
+    period = cfg.scan_period
+    stacked = [stack_layers(t, cfg) for t in (params, *runs)]
     groups = merging.block_groups(stacked[0])
     assert set(jax.tree.leaves(groups["layers"])) == (
         {merging.Stacked("layer", 0)} if period is None
@@ -603,8 +605,9 @@ def test_unknown_architecture_and_bad_fields():
         use_bidirectional_attention="vision")).family == "gemma4"  # causal on text
     with pytest.raises(ValueError, match="num_experts is a Gemma 4 feature"):
         GemmaConfig.from_preset("tiny_gemma3", num_experts=4)
-    with pytest.raises(ValueError, match=r"scan_layers is not supported with KV-shared layers "
-                                         r"\(num_kv_shared_layers=3: Gemma 4 E2B/E4B\)"):
+    with pytest.raises(ValueError, match=r"scan_layers: no whole period of 2 layers comes "
+                                         r"before layer 1, whose keys and values later layers "
+                                         r"share, so nothing would be scanned"):
         GemmaConfig.from_preset("tiny_gemma4", scan_layers=True)
     with pytest.raises(ValueError, match="experts_per_token"):
         GemmaConfig.from_preset("tiny_gemma4_moe", experts_per_token=5)

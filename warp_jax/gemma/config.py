@@ -73,7 +73,7 @@ class GemmaConfig:
         layer axis (`params["layers"]`, see `gemma.stack_layers`), as MaxText and Tunix do on
         TPU: compile time and program size stop growing with depth. Same logits; another
         params layout (Hugging Face import and export follow it). Gemma 4 scans one period of
-        its attention pattern at a time (`scan_period`); not with KV-shared layers.
+        its attention pattern a step (`scan_period`, `scan_depth`).
     """
 
     vocab_size: int
@@ -208,10 +208,11 @@ class GemmaConfig:
             raise ValueError(f"GemmaConfig.num_kv_shared_layers ({self.num_kv_shared_layers}) "
                              f"exceeds num_layers ({self.num_layers})")
         _ = self.kv_sources  # raises for a shared layer with no producer
-        if self.scan_layers and self.num_kv_shared_layers:
-            raise ValueError("GemmaConfig.scan_layers is not supported with KV-shared layers "
-                             f"(num_kv_shared_layers={self.num_kv_shared_layers}: Gemma 4 "
-                             "E2B/E4B); set it False")
+        if self.scan_layers and not self.scan_depth:
+            raise ValueError(
+                f"GemmaConfig.scan_layers: no whole period of {self.scan_period} layers comes "
+                f"before layer {min(s for s in self.kv_sources if s is not None)}, whose keys "
+                "and values later layers share, so nothing would be scanned; set it False")
 
     def head_dim_of(self, attention_type: str) -> int:
         """H of a layer of this attention type ("global" or "local")."""
@@ -269,6 +270,17 @@ class GemmaConfig:
         types = self.attention_types
         return next(p for p in range(1, len(types) + 1)
                     if all(t == types[i % p] for i, t in enumerate(types)) or p == len(types))
+
+    @property
+    def scan_depth(self) -> int:
+        """How many of the first layers run under the scan (`scan_layers`): all of them for
+        Gemma 1-3; for Gemma 4 the whole periods before the first layer whose keys and values
+        later layers share (E2B: 10 of 35, E4B: 18 of 42; those layers and the KV-shared ones
+        after them run unrolled)."""
+        if self.scan_period is None:
+            return self.num_layers
+        donors = [s for s in self.kv_sources if s is not None]
+        return min(donors, default=self.num_layers) // self.scan_period * self.scan_period
 
     @property
     def query_scale(self) -> float:

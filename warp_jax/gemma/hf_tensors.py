@@ -160,14 +160,14 @@ def _stacked(path: tuple[str, ...], cfg: GemmaConfig) -> tuple[tuple[str, ...], 
         period = cfg.scan_period
         if period is None:
             return ("layers", *path[1:]), i
-        if i < cfg.num_layers // period * period:
+        if i < cfg.scan_depth:
             return ("layers", f"layer_{i % period}", *path[1:]), i // period
     return path, None
 
 
 def stacked_length(cfg: GemmaConfig) -> int:
     """The length of the stacked axis of a scanned model's blocks."""
-    return cfg.num_layers // (cfg.scan_period or 1)
+    return cfg.scan_depth // (cfg.scan_period or 1)
 
 
 def _set(tree: dict, path: tuple[str, ...], value, layer: int | None, length: int) -> None:

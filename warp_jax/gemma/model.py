@@ -64,22 +64,13 @@ def init_cache(cfg: GemmaConfig, batch_size: int, max_len: int, dtype: Any = Non
         cache["layers"] = empty("global", cfg.num_layers)
         return cache
     if cfg.scan_layers:
-        period, first = cfg.scan_period, scanned_depth(cfg)
+        period, first = cfg.scan_period, cfg.scan_depth
         cache["layers"] = {f"layer_{j}": empty(cfg.attention_types[j], first // period)
                            for j in range(period)}
     for i in range(first, cfg.num_layers):
         if cfg.kv_sources[i] is None:
             cache[f"layer_{i}"] = empty(cfg.attention_types[i])
     return cache
-
-
-def scanned_depth(cfg: GemmaConfig) -> int:
-    """How many of the layers run under the scan: all (Gemma 1-3), or Gemma 4's whole periods
-    (`cfg.scan_period`); 0 without `cfg.scan_layers`."""
-    if not cfg.scan_layers:
-        return 0
-    period = cfg.scan_period or 1
-    return cfg.num_layers // period * period
 
 
 def abstract_params(cfg: GemmaConfig) -> Any:
@@ -95,14 +86,16 @@ def left_padded_positions(mask_BT):
     return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def stack_layers(params: Any, num_layers: int, period: int | None = None) -> Any:
+def stack_layers(params: Any, layers: int | GemmaConfig) -> Any:
     """The scanned layout (`GemmaConfig.scan_layers`) of unscanned params: the blocks
     `"layer_0" .. "layer_{L-1}"` become one `"layers"` subtree whose leaves stack them along a
     new leading axis; everything else (a reward model's `"score"` too) is kept.
 
-    With a `period` (Gemma 4: `GemmaConfig.scan_period`), `"layers"` holds one subtree per
-    layer of the period, `"layer_j"`, stacking blocks j, j + period, ...; the blocks after the
-    last whole period stay as they are."""
+    `layers` is L, or the model's config: for Gemma 4 (`cfg.scan_period` P), `"layers"`
+    holds one subtree per layer of the period, `"layer_j"`, stacking blocks j, j + P, ... of
+    the first `cfg.scan_depth`; the blocks after those stay as they are."""
+    cfg = layers if isinstance(layers, GemmaConfig) else None
+    num_layers = cfg.num_layers if cfg else layers
     missing = [f"layer_{i}" for i in range(num_layers) if f"layer_{i}" not in params]
     if missing or "layers" in params:
         raise ValueError(f"stack_layers: expected unscanned params with blocks layer_0.."
@@ -114,10 +107,10 @@ def stack_layers(params: Any, num_layers: int, period: int | None = None) -> Any
         return jax.tree.map(lambda *xs: _xp(xs).stack(xs), *blocks)
 
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    if period is None:
+    if cfg is None or cfg.scan_period is None:
         out["layers"] = stack(range(num_layers))
         return out
-    depth = num_layers // period * period
+    period, depth = cfg.scan_period, cfg.scan_depth
     out["layers"] = {f"layer_{j}": stack(range(j, depth, period)) for j in range(period)}
     out |= {f"layer_{i}": params[f"layer_{i}"] for i in range(depth, num_layers)}
     return out
@@ -384,7 +377,7 @@ def decode(module: nn.Module, tokens, positions, attention_mask, cache, keep=Non
     else:
         num = len(cfg.attention_types)
         per_layer = _per_layer_inputs(module, tokens, x) if cfg.per_layer_input_dim else None
-        first = scanned_depth(cfg)
+        first = cfg.scan_depth if cfg.scan_layers else 0
         if first:  # Gemma 4's whole periods under the scan, one period a step
             period = cfg.scan_period
             per_period = None if per_layer is None else jnp.moveaxis(
