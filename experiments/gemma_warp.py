@@ -4,7 +4,7 @@
         [--workdir=workdir/cpu_demo] [--config.warp.steps=200 ...]
 
 Variants: cpu_demo, test, and the paper's hyper-parameters on local checkpoints gemma_2b,
-gemma_7b_paper and gemma4_e4b (experiments/configs/gemma_warp.py).
+gemma_7b_paper, gemma4_e4b and gemma4_26b_a4b (experiments/configs/gemma_warp.py).
 
 Writes pareto_front.json/.png, summary.md, metrics.jsonl, TensorBoard events and the final
 policy (Hugging Face safetensors) to the workdir; rerunning with the same workdir resumes.

@@ -39,7 +39,7 @@ def test_topologies_and_the_meshes_of_the_tpu_variants(name, chips, shape):
     topo = plan.topology(name)
     assert (len(topo.devices), topo.shape) == (chips, shape)
     assert all(d.platform == "tpu" for d in topo.devices)
-    for variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b"):  # run 2 x fsdp chips/2
+    for variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b", "gemma4_26b_a4b"):
         config = get_config(variant)
         config.rl.batch_size = max(config.rl.batch_size, chips // 2)
         mesh = sharding.make_mesh(**settings.mesh_shape(config, chips), devices=topo.devices)

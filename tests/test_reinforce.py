@@ -381,11 +381,14 @@ def test_bfloat16_compute_keeps_float32_weights_that_take_the_papers_small_steps
     assert moved["float32"] > 0.99 and moved["bfloat16"] < 0.5, moved
 
 
-def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
+@pytest.mark.parametrize("scan", [False, True])
+def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd, scan):
     """A tiny Gemma 4 with routed experts (their width split over `model`) and per-layer
-    inputs takes the same REINFORCE steps on the 8-device mesh, one run sharded or two stacked
-    on `run` (sampling on the decode layout), as on one device."""
-    cfg = GemmaConfig.from_preset("tiny_gemma4_moe", vocab_size=16, per_layer_input_dim=4)
+    inputs, its layers unrolled or scanned, takes the same REINFORCE steps on the 8-device
+    mesh, one run sharded or two stacked on `run` (sampling on the decode layout), as on one
+    device."""
+    cfg = GemmaConfig.from_preset("tiny_gemma4_moe", vocab_size=16, per_layer_input_dim=4,
+                                  num_layers=4 if scan else 2, scan_layers=scan)
     params = nn.unbox(Gemma(cfg).init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"])
     prompts = tuple(jnp.asarray(x) for x in (
         np.random.default_rng(1).integers(3, 16, size=(4, 3)).astype(np.int32),
@@ -401,8 +404,9 @@ def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
     stacked_step, stacked_init = reinforce.make_train_step(
         cfg, rl, _toy_reward, mesh=sharding.make_mesh(run=2, fsdp=2, model=2), num_runs=2)
     ref, state, stacked = init(params), sharded_init(params), stacked_init(params)
-    experts = state.params["layer_0"]["experts"]["gate_up"]
-    assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "model")
+    first = state.params["layers"]["layer_0"] if scan else state.params["layer_0"]
+    assert first["experts"]["gate_up"].sharding.spec == jax.sharding.PartitionSpec(
+        *(None,) * scan, None, "fsdp", None, "model")
     keys = jax.random.split(jax.random.key(3), 2)
     for _ in range(2):
         ref, ref_metrics = step(ref, prompts, keys[0])
@@ -411,6 +415,7 @@ def test_gemma4_moe_step_sharded_and_stacked_equals_single_device(capfd):
     _close(state, ref)
     _close(metrics, ref_metrics)
     _close(jax.tree.map(lambda x: x[0], stacked), ref)
-    moved = ref.params["layer_1"]["experts"]["down"] - params["layer_1"]["experts"]["down"]
+    last = (lambda p: p["layers"]["layer_1"]) if scan else (lambda p: p["layer_1"])
+    moved = last(ref.params)["experts"]["down"] - last(params)["experts"]["down"]
     assert float(jnp.max(jnp.abs(moved))) > 0 and float(ref_metrics["grad_norm"]) > 0
     assert REMAT not in capfd.readouterr().err

@@ -4,10 +4,10 @@
 
 
 Variants: `cpu_demo` (default; self-contained, about 2 minutes on 2 CPU cores), `test` (the
-seconds-long version the tests run), `gemma_2b`, `gemma_7b_paper` and `gemma4_e4b` (the
-paper's hyper-parameters; they need `--config.model.hf_dir`, `--config.model.tokenizer`,
-`--config.task.prompts` and `--config.reward.hf_dir`; `--config.task.chat=True` for an
-instruction-tuned checkpoint).
+seconds-long version the tests run), `gemma_2b`, `gemma_7b_paper`, `gemma4_e4b` and
+`gemma4_26b_a4b` (the paper's hyper-parameters; they need `--config.model.hf_dir`,
+`--config.model.tokenizer`, `--config.task.prompts` and `--config.reward.hf_dir`;
+`--config.task.chat=True` for an instruction-tuned checkpoint).
 """
 
 import ml_collections
@@ -122,13 +122,12 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.rl.batch_size, c.rl.max_new_tokens = 8, 6
         c.warp.steps, c.eval.every, c.eval.samples = 6, 3, 2
         c.warp.eta_grid = (0.0, 0.5, 1.0)
-    elif variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b"):
+    elif variant in ("gemma_2b", "gemma_7b_paper", "gemma4_e4b", "gemma4_26b_a4b"):
         c.task.name = "prompts"
         c.model.preset = {"gemma_7b_paper": "gemma_7b"}.get(variant, variant)
         c.model.overrides = ml_collections.ConfigDict()
         c.model.dtype = "bfloat16"
-        # Gemma 4's global and local layers differ in shape: its blocks stay unrolled.
-        c.model.scan_layers = not variant.startswith("gemma4")
+        c.model.scan_layers = True  # Gemma 4: one period of its pattern a step
         c.task.prompt_len = 256
         c.reward.oracle = ""
         c.reward.normalize = False  # the paper does not say
@@ -143,5 +142,5 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
         c.plan_first = True
     else:
         raise ValueError(f"unknown variant {variant!r}: use cpu_demo, test, gemma_2b, "
-                         "gemma_7b_paper or gemma4_e4b")
+                         "gemma_7b_paper, gemma4_e4b or gemma4_26b_a4b")
     return c
