@@ -6,13 +6,21 @@ from warp_jax import hlo
 
 # A decode loop (its bound, 6, in its condition) around a scan over 3 layers (trips known to
 # the compiler), a loop whose trips nothing tells; XLA's three spellings of device groups; an
-# asynchronous all-gather; a reduce-scatter over all devices.
+# asynchronous all-gather; a reduce-scatter over all devices, and one as the TPU compiler
+# writes it (an all-reduce in an `all-reduce-scatter` fusion, over groups of 4); channel 1 on
+# several collectives, which count apart, as the TPU compiler writes them.
 PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[4]{0}}, num_partitions=8
 
 %add (x: f32[], y: f32[]) -> f32[] {
   %x = f32[] parameter(0)
   %y = f32[] parameter(1)
   ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%all-reduce-scatter.3 (input.3: f32[64]) -> f32[16] {
+  %input.3 = f32[64]{0} parameter(0)
+  %all-reduce.9 = f32[64]{0} all-reduce(%input.3), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  ROOT %slice.1 = f32[16]{0} dynamic-slice(%all-reduce.9, %offset), dynamic_slice_sizes={16}
 }
 
 %layer_body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
@@ -57,7 +65,8 @@ PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[4]{0}}, num_p
 }
 
 ENTRY %main.1 () -> f32[4] {
-  %rs = f32[4]{0} reduce-scatter(%big), channel_id=5, replica_groups={}, dimensions={0}, to_apply=%add
+  %rs = f32[4]{0} reduce-scatter(%big), channel_id=1, replica_groups={}, dimensions={0}, to_apply=%add
+  %grads = f32[16]{0} fusion(%g), kind=kOutput, calls=%all-reduce-scatter.3
   %loop = (s32[], bf16[4,8]{1,0}) while(%init), condition=%decode_cond, body=%decode_body
   %other = (s32[], bf16[4,8]{1,0}) while(%init), condition=%other_cond, body=%other_body
   ROOT %out = f32[4]{0} copy(%rs)
@@ -74,10 +83,11 @@ def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
             "all-reduce": 3 * layer["all-reduce"], "collective-permute": 40}
     assert got.bytes == {"all-gather": 6 * step["all-gather"],
                          "all-reduce": 6 * step["all-reduce"],
-                         "reduce-scatter": 16 * 7,  # its input is 8 x 16 B, all devices
+                         # its input is 8 x 16 B, all devices; the fused one 256 B over 4
+                         "reduce-scatter": 16 * 7 + 256 * 3 / 4,
                          "all-to-all": 0.0,
                          "collective-permute": 6 * step["collective-permute"] + 7 * 8}
-    assert got.counts == {"all-gather": 24, "all-reduce": 18, "reduce-scatter": 1,
+    assert got.counts == {"all-gather": 24, "all-reduce": 18, "reduce-scatter": 2,
                           "all-to-all": 0, "collective-permute": 6 + 7}
     assert got.total_bytes == sum(got.bytes.values())
     loops = {loop["name"]: loop for loop in got.loops}

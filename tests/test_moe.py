@@ -1,6 +1,6 @@
 """Gemma 4's routed experts against the dense formulation (every expert on every token,
 weighted by the router), the grouped matmul against each group through its own matrix, and
-the TPU compiler's count of what the routed experts compute. Transformers' logits, cached
+the TPU compiler's count of what the routed experts compute and move. Transformers' logits, cached
 decode and greedy generation for a Gemma 4 with experts are in test_gemma.py; the sharded and
 stacked train step in test_reinforce.py."""
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from warp_jax import plan
+from warp_jax import hlo, plan, sharding
 from warp_jax.gemma import GemmaConfig
 from warp_jax.gemma.grouped import grouped_matmul
 from warp_jax.gemma.moe import Experts, Router
@@ -130,3 +130,35 @@ def test_tpu_compiler_counts_the_routed_flops_not_every_experts(backward):
     two, many = layer(2), layer(64)
     assert many <= 1.5 * two, (two, many)
     assert layer(64, dense=True) > 16 * two
+
+
+def test_tpu_compiler_reduce_scatters_the_experts_gradient_over_fsdp():
+    """Compiled by libtpu for 8 v5e chips that split the rows and the weights' `embed` axis
+    (FSDP), the experts' weight gradient leaves each chip as a reduce-scatter of its bytes
+    (each chip keeps 1/8), not an all-reduce that gives every chip the whole gradient; the
+    inputs' gradient, summed over the k experts, is the only other traffic."""
+    cfg = GemmaConfig.from_preset("tiny_gemma4_moe", embed_dim=256, num_experts=8,
+                                  experts_per_token=2, expert_mlp_dim=512, dtype="bfloat16",
+                                  param_dtype="bfloat16")
+    mesh = sharding.make_mesh(fsdp=8, devices=plan.topology("v5e-8").devices)
+    rows, k = (8, 128), cfg.experts_per_token
+    x = jnp.zeros((*rows, cfg.embed_dim), jnp.bfloat16)
+    boxed = jax.eval_shape(lambda: Experts(cfg).init(
+        jax.random.key(0), x, jnp.ones((*rows, k)), jnp.zeros((*rows, k), jnp.int32)))["params"]
+    shardings = sharding.param_shardings(boxed, mesh)
+    params = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=sh),
+                          nn.unbox(boxed), shardings)
+    by_row = sharding.batch_sharding(mesh, 3)
+    inputs = [jax.ShapeDtypeStruct((*rows, n), dtype, sharding=by_row) for n, dtype in
+              ((cfg.embed_dim, jnp.bfloat16), (k, jnp.float32), (k, jnp.int32))]
+
+    def loss(p, x, w, i):
+        return jnp.sum(Experts(cfg).apply({"params": p}, x, w, i).astype(jnp.float32))
+
+    with sharding.activation_sharding(mesh):
+        text = jax.jit(jax.grad(loss), out_shardings=shardings).lower(
+            params, *inputs).compile().as_text()
+    sent = hlo.traffic(text).bytes
+    weights = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
+    assert sent["reduce-scatter"] == pytest.approx(weights * 7 / 8, rel=0.05), sent
+    assert sent["all-reduce"] < weights / 8, sent

@@ -9,12 +9,15 @@ XLA's `known_trip_count` where the compiler records it, else the bound its condi
 the counter with (the one integer constant of the condition: a scan's length; the decode
 loop's `max_new_tokens`, which it may stop before), else the caller's count.
 
-The TPU compiler splits one collective over several fusions (a start, continuations, a done)
-that keep its channel id: a channel is counted once per run of the computation that holds it.
+Each collective instruction counts on its own (an asynchronous pair once, on its `-done`):
+their channel ids do not tell them apart, as the TPU compiler gives many collectives channel 1.
 Bytes are those one chip receives per call (a ring algorithm sends as many):
 all-gather `R (n-1)/n` of its result R, reduce-scatter `R (n-1)` (its input is n R),
 all-reduce `2 R (n-1)/n` (a reduce-scatter then an all-gather), all-to-all `R (n-1)/n`,
-collective-permute `R`; n the size of the collective's device group.
+collective-permute `R`; n the size of the collective's device group. The TPU compiler writes a
+reduce-scatter as an all-reduce fused with the slice of each device's shard, in a fusion
+computation named `all-reduce-scatter*`: such an all-reduce counts as the reduce-scatter it
+is, `R (n-1)/n` of its result R.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
 _CALLS = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_FUSED_REDUCE_SCATTER = re.compile(r"all-reduce-scatter\b")
 
 
 @dataclasses.dataclass
@@ -158,8 +162,7 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
 
     def one_pass(name: str, stack: tuple[str, ...] = ()) -> dict[str, tuple[str, float, int]]:
         """The collectives of one execution of computation `name`, callees included, by
-        channel (the pieces of one collective that the TPU compiler splits over several
-        fusions share their channel: one collective), as `(kind, bytes, times run)`."""
+        instruction, as `(kind, bytes, times run)`."""
         if name in memo:
             return memo[name]
         found: dict[str, tuple[str, float, int]] = {}
@@ -171,11 +174,10 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
                 if inst.opcode.endswith("-done"):  # the group is on its -start
                     start = re.match(r"\s*%?([\w.\-]+)", inst.rest)
                     attributes = by_name[start[1]].rest if start and start[1] in by_name else ""
-                channel = re.search(r"channel_id=(\d+)", attributes)
-                key = f"channel {channel[1]}" if channel else f"{name}/{inst.name}"
-                size = _received(kind, shape_bytes(inst.shape), group_size(attributes,
-                                                                             num_devices))
-                found[key] = (kind, max(size, found.get(key, (kind, 0.0, 1))[1]), 1)
+                n, result = group_size(attributes, num_devices), shape_bytes(inst.shape)
+                if kind == "all-reduce" and _FUSED_REDUCE_SCATTER.match(name):
+                    kind, result = "reduce-scatter", result / n  # each device keeps 1/n
+                found[f"{name}/{inst.name}"] = (kind, _received(kind, result, n), 1)
             callees = _CALLS.findall(inst.rest)
             for branches in _BRANCHES.findall(inst.rest):
                 callees += [b.strip().lstrip("%") for b in branches.split(",") if b.strip()]
@@ -189,7 +191,7 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
                 body = inst.opcode == "while" and f"body={callee}" in inst.rest.replace("%", "")
                 times = trips if body else 1
                 for key, (kind, size, n) in one_pass(callee, (*stack, name)).items():
-                    found[key] = (kind, size, max(n * times, found.get(key, (kind, 0, 0))[2]))
+                    found[key] = (kind, size, n * times + found.get(key, (kind, 0, 0))[2])
         memo[name] = found
         return found
 

@@ -11,7 +11,8 @@ every `model` device in both the training and the decode layout, so each device 
 routed pair through its slice of the width and one `psum` sums the slices; splitting the
 experts themselves over `model` instead (expert parallelism) would leave each device either
 the whole routed work or an all-to-all of the tokens. The expert axis is stored whole; the
-`embed` axis is split over `fsdp` like every weight's and gathered where the experts run.
+`embed` axis is split over `fsdp` like every weight's, gathered inside the `shard_map` so that
+its gradient is reduce-scattered back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.grouped import grouped_matmul
@@ -51,6 +51,9 @@ class Router(nn.Module):
         return top_w * per_expert.astype(jnp.float32)[top_i], top_i
 
 
+_GATE_UP, _DOWN = ("expert", "embed", None, "mlp"), ("expert", "mlp", "embed")
+
+
 class Experts(nn.Module):
     """Gemma 4's experts: E GeGLUs, `gate_up [E, D, 2, I]` (gate, then up) and
     `down [E, I, D]`, applied to each token's routed experts and summed with the router's
@@ -63,9 +66,8 @@ class Experts(nn.Module):
         cfg, pd, dt = self.cfg, jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
         d, e, i = cfg.embed_dim, cfg.num_experts, cfg.expert_mlp_dim
         gate_up = _param(self, "gate_up", nn.initializers.normal(d**-0.5), (e, d, 2, i),
-                         ("expert", "embed", None, "mlp"), pd)
-        down = _param(self, "down", nn.initializers.normal(i**-0.5), (e, i, d),
-                      ("expert", "mlp", "embed"), pd)
+                         _GATE_UP, pd)
+        down = _param(self, "down", nn.initializers.normal(i**-0.5), (e, i, d), _DOWN, pd)
         return _dispatch(x_BTD, top_w_BTK.astype(dt), top_i_BTK, gate_up.astype(dt),
                          down.astype(dt))
 
@@ -85,10 +87,16 @@ def _routed(x_ND, w_NK, i_NK, gate_up, down):
 
 def _dispatch(x_BTD, w_BTK, i_BTK, gate_up, down):
     """`_routed` on each device's rows (a `shard_map` under the caller's mesh), its experts'
-    width split over `model` where it divides, their outputs summed over it."""
+    width split over `model` where it divides, their outputs summed over it. The weights enter
+    as they are stored and their `embed` axis is gathered inside, so that the gradient leaves
+    reduce-scattered over those devices, as every FSDP weight's does, and not all-reduced whole
+    (which moved each layer's whole expert gradient to every chip, once per micro-batch)."""
     d, k = x_BTD.shape[-1], i_BTK.shape[-1]
 
-    def local(x, w, i, gate_up, down, model=None):
+    def local(x, w, i, gate_up, down, gathered=((), ()), model=None):
+        gate_up, down = (jax.lax.all_gather(a, axes, axis=dim, tiled=True) if axes else a
+                         for a, axes, dim in zip((gate_up, down), gathered, (1, 2),
+                                                 strict=True))
         y = _routed(x.reshape(-1, d), w.reshape(-1, k), i.reshape(-1, k), gate_up, down)
         y = y.reshape(x.shape)
         return jax.lax.psum(y, model) if model else y
@@ -97,11 +105,17 @@ def _dispatch(x_BTD, w_BTK, i_BTK, gate_up, down):
     if mesh is None:
         return local(x_BTD, w_BTK, i_BTK, gate_up, down)
     rows = spec_for(("batch", None, None), x_BTD.shape, mesh)
-    model = "model" if mesh.shape.get("model", 1) > 1 and not \
-        gate_up.shape[-1] % mesh.shape["model"] else None
+    weights = [spec_for(names, a.shape, mesh) for names, a in ((_GATE_UP, gate_up),
+                                                                (_DOWN, down))]
+    gathered = tuple(_axes(spec[dim]) for spec, dim in zip(weights, (1, 2), strict=True))
+    model = weights[0][3]
     # check_vma off: the TPU branch's Pallas kernel states no per-axis variance of its output.
     return jax.shard_map(
-        lambda *a: local(*a, model=model), mesh=mesh, check_vma=False,
-        in_specs=(rows, rows, rows, PartitionSpec(None, None, None, model),
-                  PartitionSpec(None, model, None)),
-        out_specs=rows)(x_BTD, w_BTK, i_BTK, gate_up, down)
+        lambda *a: local(*a, gathered=gathered, model=model), mesh=mesh, check_vma=False,
+        in_specs=(rows, rows, rows, *weights), out_specs=rows)(x_BTD, w_BTK, i_BTK, gate_up,
+                                                               down)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """A `PartitionSpec` entry's mesh axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
