@@ -1,5 +1,7 @@
 """Reading collectives and loop trip counts from compiled HLO text, against hand counts."""
 
+import collections
+
 import pytest
 
 from warp_jax import hlo
@@ -100,6 +102,12 @@ def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
         "other": {"name": "other", "trips": 7, "trips_from": "assumed",
                   "bytes_per_trip": {"collective-permute": 8},
                   "largest": {"collective-permute": 8}}}
+
+
+def test_each_collective_instruction_is_listed_once():
+    # An asynchronous pair once, the fused all-reduce as the reduce-scatter it is.
+    assert collections.Counter(hlo.instructions(PROGRAM)) == {
+        "all-gather": 2, "all-reduce": 1, "reduce-scatter": 2, "collective-permute": 2}
 
 
 def test_shapes_and_groups():

@@ -149,6 +149,24 @@ class Traffic:
         return sum(self.bytes.values())
 
 
+def _kind(inst: _Instruction, computation: str) -> str | None:
+    """The collective kind of an instruction (None if it is none; counted on the `-done` of
+    an asynchronous pair); an all-reduce in a fused all-reduce-scatter is a reduce-scatter."""
+    kind = inst.opcode.removesuffix("-done")
+    if kind not in KINDS or inst.opcode.endswith("-start"):
+        return None
+    if kind == "all-reduce" and _FUSED_REDUCE_SCATTER.match(computation):
+        return "reduce-scatter"
+    return kind
+
+
+def instructions(hlo: str) -> list[str]:
+    """The kind of every collective instruction of HLO text, each once (not by trips)."""
+    computations, _ = parse(hlo)
+    return [kind for name, insts in computations.items() for inst in insts
+            if (kind := _kind(inst, name))]
+
+
 def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) -> Traffic:
     """The collectives of compiled HLO text (`compiled.as_text()`), each `while` body
     multiplied by its trips (`unknown_trips` where neither the compiler nor the loop's
@@ -168,15 +186,15 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
         found: dict[str, tuple[str, float, int]] = {}
         by_name = {i.name: i for i in computations.get(name, ())}
         for inst in computations.get(name, ()):
-            kind = inst.opcode.removesuffix("-done")
-            if kind in KINDS and not inst.opcode.endswith("-start"):
+            kind = _kind(inst, name)
+            if kind:
                 attributes = inst.rest
                 if inst.opcode.endswith("-done"):  # the group is on its -start
                     start = re.match(r"\s*%?([\w.\-]+)", inst.rest)
                     attributes = by_name[start[1]].rest if start and start[1] in by_name else ""
                 n, result = group_size(attributes, num_devices), shape_bytes(inst.shape)
-                if kind == "all-reduce" and _FUSED_REDUCE_SCATTER.match(name):
-                    kind, result = "reduce-scatter", result / n  # each device keeps 1/n
+                if kind != inst.opcode.removesuffix("-done"):  # a fused reduce-scatter
+                    result /= n  # each device keeps 1/n
                 found[f"{name}/{inst.name}"] = (kind, _received(kind, result, n), 1)
             callees = _CALLS.findall(inst.rest)
             for branches in _BRANCHES.findall(inst.rest):

@@ -349,9 +349,12 @@ def compile_report(lowered, chip: Chip, decode_trips: int = 1) -> dict[str, Any]
 
 
 def collectives(hlo_text: str) -> dict[str, int]:
-    """How many collective instructions of each kind the compiled HLO holds (their `-start`
-    halves, where asynchronous, counted once)."""
-    return {kind: len(re.findall(rf" {kind}(?:-start)?\(", hlo_text)) for kind in hlo.KINDS}
+    """How many collective instructions of each kind the compiled HLO holds (an asynchronous
+    pair once; a fused all-reduce-scatter as a reduce-scatter, as `hlo.traffic` counts it)."""
+    counts = dict.fromkeys(hlo.KINDS, 0)
+    for kind in hlo.instructions(hlo_text):
+        counts[kind] += 1
+    return counts
 
 
 def plan(c, topo: Topology, progress=print) -> dict[str, Any]:
