@@ -4,7 +4,6 @@ training and the decode layouts, and multi-process (multi-host) start-up and dat
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from warp_jax.gemma import layers as gemma_layers
 
 MESH_AXES = ("run", "data", "fsdp", "model")
 
@@ -44,25 +45,9 @@ ACTIVATION_RULES = (("activation_batch", ("data", "fsdp")), ("activation_length"
                     ("activation_kv_heads", None))
 
 
-_MODEL_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("model_mesh",
-                                                                        default=None)
-
-
-@contextlib.contextmanager
 def _using(mesh: Mesh):
-    token = _MODEL_MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MODEL_MESH.reset(token)
-
-
-def model_mesh() -> Mesh | None:
-    """The mesh the model's activations are laid out on (`activation_sharding`'s, or a decode
-    layout's within `DecodeLayout.activations`), for the parts of the model that run in a
-    `shard_map`; None outside both. Inside `jit` JAX's own context holds only the abstract
-    mesh, which a `shard_map` over a mesh other than the jit's cannot place on devices."""
-    return _MODEL_MESH.get()
+    """The model's `shard_map` parts on `mesh`, laid out by `spec_for`."""
+    return gemma_layers.shard_map_mesh(mesh, lambda names, shape: spec_for(names, shape, mesh))
 
 
 @contextlib.contextmanager

@@ -1,9 +1,13 @@
 """The Gemma decoder's building blocks: params with logical axis names, Gemma's RMSNorm,
-rotary embeddings, soft-capping, and the activation constraints the caller's sharding rules
-turn on (`warp_jax.sharding.activation_sharding`; without rules they do nothing)."""
+rotary embeddings, soft-capping, and the sharding the caller turns on
+(`warp_jax.sharding.activation_sharding`): activation constraints and the mesh of the parts
+that run in a `shard_map`; without it they do nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -11,6 +15,28 @@ import jax
 import jax.numpy as jnp
 
 from warp_jax.gemma.config import GemmaConfig
+
+# The mesh and `(logical names, shape) -> PartitionSpec` on it; None: no sharding.
+SpecFor = Callable[[Sequence[str | None], Sequence[int]], jax.sharding.PartitionSpec]
+_MESH: contextvars.ContextVar[tuple[jax.sharding.Mesh, SpecFor] | None] = \
+    contextvars.ContextVar("gemma_mesh", default=None)
+
+
+@contextlib.contextmanager
+def shard_map_mesh(mesh: jax.sharding.Mesh, spec_for: SpecFor):
+    """Within it, the parts of the model that run in a `shard_map` (the experts) run on `mesh`,
+    their arrays laid out by `spec_for`. Inside `jit` JAX's own context holds only the abstract
+    mesh, which a `shard_map` over a mesh other than the jit's cannot place on devices."""
+    token = _MESH.set((mesh, spec_for))
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def current_mesh() -> tuple[jax.sharding.Mesh, SpecFor] | None:
+    """`shard_map_mesh`'s mesh and layout, or None outside it."""
+    return _MESH.get()
 
 
 def _param(module, name, init, shape, axes, dtype):

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.grouped import grouped_matmul
-from warp_jax.gemma.layers import _norm, _param
-from warp_jax.sharding import model_mesh, spec_for
+from warp_jax.gemma.layers import _norm, _param, current_mesh
 
 
 class Router(nn.Module):
@@ -101,12 +100,11 @@ def _dispatch(x_BTD, w_BTK, i_BTK, gate_up, down):
         y = y.reshape(x.shape)
         return jax.lax.psum(y, model) if model else y
 
-    mesh = model_mesh()
-    if mesh is None:
+    if current_mesh() is None:
         return local(x_BTD, w_BTK, i_BTK, gate_up, down)
-    rows = spec_for(("batch", None, None), x_BTD.shape, mesh)
-    weights = [spec_for(names, a.shape, mesh) for names, a in ((_GATE_UP, gate_up),
-                                                                (_DOWN, down))]
+    mesh, spec_for = current_mesh()
+    rows = spec_for(("batch", None, None), x_BTD.shape)
+    weights = [spec_for(names, a.shape) for names, a in ((_GATE_UP, gate_up), (_DOWN, down))]
     gathered = tuple(_axes(spec[dim]) for spec, dim in zip(weights, (1, 2), strict=True))
     model = weights[0][3]
     # check_vma off: the TPU branch's Pallas kernel states no per-axis variance of its output.
