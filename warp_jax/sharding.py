@@ -148,8 +148,7 @@ def _respec(spec: PartitionSpec, rename: dict[str, tuple[str, ...]]) -> Partitio
     """`spec` with each mesh axis replaced by the axes of `rename` (kept where absent)."""
     out = []
     for entry in spec:
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        axes = tuple(a for axis in axes for a in rename.get(axis, (axis,)))
+        axes = tuple(a for axis in gemma_layers.spec_axes(entry) for a in rename.get(axis, (axis,)))
         out.append(axes if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*out)
 

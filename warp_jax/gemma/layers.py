@@ -39,6 +39,11 @@ def current_mesh() -> tuple[jax.sharding.Mesh, SpecFor] | None:
     return _MESH.get()
 
 
+def spec_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes of one `PartitionSpec` entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _param(module, name, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from warp_jax.gemma.config import GemmaConfig
 from warp_jax.gemma.grouped import grouped_matmul
-from warp_jax.gemma.layers import _norm, _param, current_mesh
+from warp_jax.gemma.layers import _norm, _param, current_mesh, spec_axes
 
 
 class Router(nn.Module):
@@ -100,20 +100,17 @@ def _dispatch(x_BTD, w_BTK, i_BTK, gate_up, down):
         y = y.reshape(x.shape)
         return jax.lax.psum(y, model) if model else y
 
-    if current_mesh() is None:
+    placed = current_mesh()
+    if placed is None:
         return local(x_BTD, w_BTK, i_BTK, gate_up, down)
-    mesh, spec_for = current_mesh()
+    mesh, spec_for = placed
     rows = spec_for(("batch", None, None), x_BTD.shape)
     weights = [spec_for(names, a.shape) for names, a in ((_GATE_UP, gate_up), (_DOWN, down))]
-    gathered = tuple(_axes(spec[dim]) for spec, dim in zip(weights, (1, 2), strict=True))
-    model = weights[0][3]
+    gathered = tuple(spec_axes(spec[dim]) for spec, dim in zip(weights, (1, 2), strict=True))
+    model = weights[0][-1]  # the experts' width: "model" where it divides, else None
     # check_vma off: the TPU branch's Pallas kernel states no per-axis variance of its output.
     return jax.shard_map(
         lambda *a: local(*a, gathered=gathered, model=model), mesh=mesh, check_vma=False,
         in_specs=(rows, rows, rows, *weights), out_specs=rows)(x_BTD, w_BTK, i_BTK, gate_up,
                                                                down)
 
-
-def _axes(entry) -> tuple[str, ...]:
-    """A `PartitionSpec` entry's mesh axes."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
