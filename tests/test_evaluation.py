@@ -108,12 +108,29 @@ def test_the_upper_front_is_what_no_point_dominates(points):
     assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(front))
 
 
-def test_fronts_are_read_between_their_points_and_compared_at_matched_kl():
-    a = [(0.0, 0.0), (1.0, 1.0), (2.0, 1.5), (1.5, 0.2)]  # (1.5, 0.2) is dominated
-    np.testing.assert_allclose(evaluation.front_at(a, [0.5, 1.5, 2.0]), [0.5, 1.25, 1.5])
-    assert np.isnan(evaluation.front_at(a, [2.5])).all()
-    b = [(k, r - 0.3) for k, r in a] + [(4.0, 9.0)]  # b reaches further; compared up to 2
+def test_fronts_are_read_in_log_kl_and_compared_at_fixed_kl_levels():
+    a = [(0.0, 0.0), (1.0, 1.0), (4.0, 2.0), (1.5, 0.2)]  # (1.5, 0.2) is dominated
+    # linear in KL from the origin, in log KL between positive KLs (2 is log-midway 1 to 4)
+    np.testing.assert_allclose(evaluation.front_at(a, [0.5, 2.0, 4.0]), [0.5, 1.5, 2.0])
+    assert np.isnan(evaluation.front_at(a, [5.0])).all()
+    np.testing.assert_allclose(evaluation.front_at(a, [5.0, 8.0], extend=True), [2.0, 2.0])
+    b = [(k, r - 0.3) for k, r in a] + [(16.0, 9.0)]  # b reaches further, and that counts
+    assert evaluation.gap_at(a, b, [2.0, 8.0]) == pytest.approx(
+        np.mean([0.3, 2.0 - (1.7 + 9.0) / 2]))
+    assert evaluation.gap_at(a, b, [2.0, 8.0], within_both=True) == pytest.approx(0.3)
+    assert np.isnan(evaluation.gap_at(a, b, [8.0], within_both=True))
     assert evaluation.matched_gap(a, b, (0.25, 0.5, 0.75)) == pytest.approx(0.3)
-    assert evaluation.above(a, [(0.5, 0.1), (1.5, 1.0), (3.0, 0.0)]) == pytest.approx(
-        np.mean([0.4, 0.25]))
+    assert evaluation.above(a, [(0.5, 0.1), (2.0, 1.0), (5.0, 0.0)]) == pytest.approx(
+        np.mean([0.4, 0.5]))
     assert np.isnan(evaluation.above(a, [(5.0, 0.0)]))
+
+
+def test_standard_errors_count_a_prompts_samples_as_one_draw():
+    rng = np.random.default_rng(0)
+    per_prompt = rng.normal(size=16)
+    assert evaluation.mean_se(per_prompt) == pytest.approx(
+        (per_prompt.mean(), per_prompt.std(ddof=1) / 4))
+    # eight identical samples of each prompt carry one prompt's information, not eight
+    assert evaluation.mean_se(np.repeat(per_prompt, 8), 8) == pytest.approx(
+        evaluation.mean_se(per_prompt))
+    assert evaluation.mean_se(np.repeat(per_prompt, 8))[1] < evaluation.mean_se(per_prompt)[1]

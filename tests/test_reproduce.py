@@ -13,10 +13,10 @@ import pytest
 
 from experiments.configs import gemma_warp
 from experiments.configs.reproduce import get_config
-from warp_jax import data, ingredients, settings, study, study_report
+from warp_jax import claims, data, ingredients, settings, study, study_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VERDICTS = {"supported", "not supported", "inconclusive"}
+VERDICTS = {"supported", "refuted", "inconclusive", "untestable"}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,23 @@ def test_the_smoke_study_judges_all_six_claims_on_both_rewards(smoke, tmp_path):
     for c in claims:
         assert c["verdict"] in VERDICTS and c["rule"] == study.RULES[c["claim"]]
         assert c["seeds"] == 2 and len(c["per_seed"]) == 2
-    records = json.loads((workdir / "study.json").read_text())["records"]
+        assert c["verdict"] != "inconclusive" or "seeds_needed" in c
+        for e in c["effects"]:
+            assert e["verdict"] in VERDICTS - {"untestable"} and len(e["per_seed"]) == 2
+    run = json.loads((workdir / "study.json").read_text())
+    records = run["records"]
+    assert run["setup"]["sft_betas"] == [0.0, 0.1]
+    assert run["setup"]["reward_model"]["held_out_accuracy"] == run["setup"]["gate"][
+        "held_out_accuracy"]
     assert {r["seed"] for r in records if r["method"] == "warp_run"} == {0, 1}
-    assert {r["merged_runs"] for r in records if r["method"] == "warp"} == {1, 2, 3}
+    assert {tuple(r["runs"]) for r in records if r["method"] == "warp"} == {
+        (0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)}
+    assert {r["iteration"] for r in records if r["method"] == "warp"} == {1, 2, 3}
+    assert {(r["seed"], r["beta"]) for r in records if r["method"] == "sft_anchor"} == {
+        (s, b) for s in (0, 1) for b in (0.0, 0.1)}
+    steps = {r["method"]: r["step"] for r in records if r["method"].startswith("reinforce")}
+    assert steps == {"reinforce_sft": 16, "reinforce_ema": 16}  # M x T
+    assert {r["method"] for r in records} >= {"warp_run_ema", "control", "slerp", "lerp"}
     assert all(r["rank_correlation"] is not None or r["kl"] == 0 for r in records)
     report = study_report.write(workdir, tmp_path, command="python -m experiments.reproduce")
     text = report.read_text()
@@ -86,7 +100,11 @@ def test_a_study_resumes_from_what_its_workdir_holds(smoke, tmp_path, capfd):
 
 def test_bad_study_fields_are_one_line_naming_them():
     for field, value, match in (("warp.runs", 1, "config.warp.runs = 1: the study merges"),
+                                ("warp.iterations", 1, "config.warp.iterations = 1"),
                                 ("study.lambdas", (0.5, 1.0), "config.study.lambdas"),
+                                ("study.sft_betas", (), "config.study.sft_betas"),
+                                ("study.kl_levels", (0.0, 1.0), "config.study.kl_levels"),
+                                ("study.gate_accuracy", 1.5, "config.study.gate_accuracy"),
                                 ("reward.oracle", "", "config.reward.oracle = '': the study"),
                                 ("study.seeds", 0, "config.study.seeds = 0"),
                                 ("study.seeds", 1, r"config.study.seeds = 1: must be an int >= "
@@ -97,13 +115,17 @@ def test_bad_study_fields_are_one_line_naming_them():
         with pytest.raises(ValueError, match=match):
             study.validate(c)
     c = get_config("smoke")
-    c.warp = {**c.warp.to_dict(), "baseline_runs": 5}  # a config without the shared field
-    with pytest.raises(ValueError, match=r"once per seed: use study\.seeds"):
+    c.study.sesoi.log_kl = 0.0
+    with pytest.raises(ValueError, match=r"config\.study\.sesoi = .*smallest effect of interest"):
         study.validate(c)
     study.validate(get_config("full"))
     c = gemma_warp.get_config("test")
     c.reward.oracle = "gold"
     with pytest.raises(ValueError, match="use it with task 'rotten_tomatoes'"):
+        settings.validate_config(c)
+    c = get_config("smoke")
+    c.reward.oracle = "vader"
+    with pytest.raises(ValueError, match=r"config\.reward\.labels = 'soft': soft labels"):
         settings.validate_config(c)
 
 
@@ -136,86 +158,87 @@ def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_traini
     assert len(texts.train_prompts) > 1000
 
 
-def test_an_effect_is_supported_only_if_every_seed_and_the_test_agree():
-    assert study.effect([0.3, 0.31, 0.29], 0.05)[0] == "supported"
-    verdict, p = study.effect([0.3, 0.01, 0.6], 0.05)  # all > 0, but too noisy for 3 seeds
-    assert verdict == "inconclusive" and p > 0.05
-    assert study.effect([0.3, -0.01, 0.4], 0.05)[0] == "inconclusive"
-    assert study.effect([-0.3, 0.1, 0.1], 0.05)[0] == "not supported"
-    assert study.effect([0.2, float("nan")], 0.05)[0] == "inconclusive"
-    # No test without a spread: one seed, or seeds that agree exactly, are never p = 0.
-    for x in ([0.4], [0.4, 0.4, 0.4], [-0.2, -0.2], []):
-        verdict, p = study.effect(x, 0.05)
-        assert verdict == "inconclusive" and np.isnan(p), (x, verdict, p)
-    import scipy.stats
+def _records(gain=0.2, seeds=6, iteration_gains=(0.2, 0.2, 0.0)):
+    """Hand-made study records of `seeds` seeds in which every effect of every claim is
+    `gain` (or, with a negative `gain`, of the other sign) on both rewards, each seed's a
+    little larger than the last (a verdict needs a spread over seeds), and the iterations
+    gain `iteration_gains` one after the other."""
+    c = get_config("full")
+    runs, etas = c.warp.runs, c.warp.eta_grid
+    records = [{"method": "sft", "seed": None, "kl": 0.0, "proxy_reward": 0.0,
+                "oracle_reward": 0.0}]
 
-    x = [0.2, 0.5, 0.1]
-    assert study.effect(x, 0.05)[1] == pytest.approx(
-        scipy.stats.t.sf(np.mean(x) / (np.std(x, ddof=1) / np.sqrt(3)), df=2))
+    def point(reward, kl, **fields):
+        return {**fields, "kl": kl, "proxy_reward": reward, "oracle_reward": reward}
 
-
-def test_the_pilot_takes_the_smallest_beta_whose_kl_term_binds():
-    def run(beta, kl, reward):
-        return [{"beta": beta, "step": 50, "kl": kl / 2, "proxy_reward": reward / 2},
-                {"beta": beta, "step": 100, "kl": kl, "proxy_reward": reward}]
-
-    pilot = run(0.03, 10.0, 1.0) + run(0.1, 4.5, 0.7) + run(0.3, 2.4, 0.4)
-    assert study.pick_beta(pilot, 0.0, 0.5) == 0.1  # 0.45 >= 0.35; 0.03 x 10 < 0.5
-    assert study.pick_beta(pilot, 0.0, 0.2) == 0.03
-    assert study.pick_beta(pilot, -1.0, 0.5) == 0.3  # none binds: the largest
-
-
-def _records(ema_gain=0.2, slerp_gain=0.1, m_gain=0.1, iteration_gains=(0.2, 0.05),
-             seeds=3):
-    """Hand-made study records of `seeds` seeds with the given effects (on both rewards),
-    each 1% larger per seed: a verdict needs a spread over seeds."""
-    records = [{"method": "sft", "kl": 0.0, "proxy_reward": 0.0, "oracle_reward": 0.0}]
-
-    def point(reward, **fields):
-        return {**fields, "proxy_reward": reward, "oracle_reward": reward}
+    def base(kl):  # a concave trajectory in KL
+        return 0.3 * np.log1p(kl)
 
     for s in range(seeds):
-        jitter = 0.01 * s
-        for anchor, gain in (("sft", 0.0), ("ema", ema_gain * (1 + jitter))):
-            records += [point(k * (0.3 + gain + jitter) - 0.2 * max(k - 2, 0), kl=k, seed=s,
-                              method=f"reinforce_{anchor}", step=k) for k in (1.0, 2.0, 3.0)]
-        def base(k, m, jitter=jitter):
-            return 0.4 * k * (1 + m_gain * (1 + jitter) * (m - 1)) + jitter
+        g = gain * (1 + 0.05 * s)
+        for beta in c.study.sft_betas:  # reaches KL 4
+            records += [point(base(k), k, seed=s, method="sft_anchor", beta=beta, step=k)
+                        for k in (0.5, 1.0, 2.0, 4.0)]
+        for m in range(runs):
+            for k in (0.5, 1.0, 2.0, 4.0, 8.0):
+                records.append(point(base(k) + g, k, seed=s, method="warp_run", iteration=1,
+                                     run=m, step=int(8 * k)))
+                records.append(point(base(k) + 2 * g, k / 2, seed=s, method="warp_run_ema",
+                                     iteration=1, run=m, step=int(8 * k)))
+        end = base(8.0) + g  # the runs' last evaluation, at KL 8
+        for lam in c.study.lambdas:
+            records += [point(end + g, 8.0 * np.exp(g), seed=s, method="slerp", lam=lam),
+                        point(end - g, 8.0 * np.exp(-g), seed=s, method="lerp", lam=lam)]
 
-        records += [point(base(k, m), kl=k, seed=s, method="warp", iteration=1, merged_runs=m)
-                    for m in range(1, 4) for k in (1.0, 2.0)]
-        for i in range(2, len(iteration_gains) + 2):
-            scale = 1 + sum(iteration_gains[:i - 1])
-            records += [point(base(k, 3) * scale, kl=k, seed=s, method="warp", iteration=i,
-                              merged_runs=3) for k in (1.0, 2.0)]
-        records += [point(0.3 * k, kl=k, seed=s, method="warp_run", iteration=1, run=m,
-                          step=k) for m in range(3) for k in (1.0, 2.0)]
-        for lam in (0.25, 0.5, 0.75):
-            records += [point(0.5 + slerp_gain + jitter, kl=1.0 + slerp_gain * (1 + jitter), seed=s,
-                              method="slerp", lam=lam),
-                        point(0.5, kl=1.0, seed=s, method="lerp", lam=lam)]
-    geometry = {str(s): [{"runs": [0, 1], "block_0": {"task_cosine": 0.05 + jitter,
-                                                      "weight_cosine": 0.999}}]
-                for s in range(seeds)}
+        def front(lift, method="warp", s=s, **fields):  # concave in eta, KL ~ eta
+            return [point(base(16.0 * eta) + lift * eta**0.1, 16.0 * eta, seed=s,
+                          method=method, eta=eta, **fields) for eta in etas if eta > 0]
+
+        for subset in claims.subsets(runs):  # lifted by g per run merged beyond the first
+            records += front(g * (len(subset) - 1), iteration=1, runs=list(subset))
+        lift = g * (runs - 1)
+        for i, step_gain in enumerate(iteration_gains, start=2):
+            lift += step_gain * (1 + 0.05 * s)
+            records += front(lift, iteration=i, runs=list(range(runs)))
+        records += front(g * (runs - 2), "control")
+        for anchor in ("sft", "ema"):
+            records += [point(base(k), k, seed=s, method=f"reinforce_{anchor}", step=k)
+                        for k in (1.0, 4.0, 16.0)]
+    cosine = 0.2 - gain / 2
+    geometry = {str(s): [{"runs": [0, 1], "block_0": {
+        "task_cosine": cosine * (1 + 0.05 * s), "weight_cosine": 0.99 + gain / 20}}]
+        for s in range(seeds)}
     return records, geometry
 
 
-def _verdicts(records, geometry, seeds=3):
+def _verdicts(records, geometry, seeds=6):
     c = get_config("full")
-    return {(x["claim"], x["reward"]): x["verdict"]
-            for x in study.judge(records, geometry, c.study, seeds)}
+    judged = claims.judge(records, geometry, c.study, seeds)
+    for x in judged:
+        assert x["verdict"] in VERDICTS
+        assert x["verdict"] == "inconclusive" or x["seeds_needed"] is None, x
+    return {(x["claim"], x["reward"]): x["verdict"] for x in judged}
 
 
 def test_the_claims_follow_the_effects_in_hand_made_records():
-    verdicts = _verdicts(*_records())
-    assert set(verdicts.values()) == {"supported"}
-    flipped = _verdicts(*_records(ema_gain=-0.2, slerp_gain=-0.1, m_gain=-0.1,
-                                  iteration_gains=(-0.1, 0.0)))
-    for claim in (1, 2, 5, 6):
-        assert flipped[claim, "gold"] == flipped[claim, "proxy"] == "not supported", claim
-    records, geometry = _records(iteration_gains=(0.1, 0.2))  # no saturation
-    assert _verdicts(records, geometry)[6, "proxy"] == "inconclusive"
-    geometry["1"][0]["block_0"]["task_cosine"] = 0.3  # one seed's runs are not orthogonal
-    assert _verdicts(records, geometry)[3, "gold"] == "inconclusive"
-    geometry["1"][0]["block_0"]["task_cosine"] = -0.9  # nor on average
-    assert _verdicts(records, geometry)[3, "gold"] == "not supported"
+    assert set(_verdicts(*_records()).values()) == {"supported"}
+    flipped = _verdicts(*_records(gain=-0.2, iteration_gains=(-0.2, -0.2, 0.5)))
+    for claim in range(1, 7):
+        assert flipped[claim, "gold"] == flipped[claim, "proxy"] == "refuted", claim
+    # An iteration that still gains a lot has not saturated: claim 6 is refuted too.
+    assert _verdicts(*_records(iteration_gains=(0.2, 0.2, 0.5)))[6, "proxy"] == "refuted"
+    # Two seeds of a noisy effect decide nothing, and say how many would.
+    records, geometry = _records(seeds=2)
+    c = get_config("full")
+    noisy = [x for x in claims.judge(records, geometry, c.study, 2)
+             if x["verdict"] == "inconclusive"]
+    assert noisy and all(x["seeds_needed"] is None or x["seeds_needed"] > 2 for x in noisy)
+
+
+def test_below_the_gate_every_gold_verdict_is_untestable():
+    records, geometry = _records()
+    c = get_config("full")
+    gate = {"passed": False, "reason": "held-out pair accuracy 0.600 < 0.75"}
+    judged = claims.judge(records, geometry, c.study, 6, gate)
+    assert {x["verdict"] for x in judged if x["reward"] == "gold"} == {"untestable"}
+    assert {x["verdict"] for x in judged if x["reward"] == "proxy"} == {"supported"}

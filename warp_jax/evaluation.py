@@ -19,10 +19,18 @@ from warp_jax.gemma import GemmaConfig, abstract_params
 _CHUNK = 1 << 16  # elements per float64 chunk of the task-vector statistics
 
 
-def mean_se(values) -> tuple[float, float]:
-    """The mean of `values` and its standard error (NaN for a single value)."""
+def mean_se(values, cluster_size: int = 1) -> tuple[float, float]:
+    """The mean of `values` and its standard error, clustered: each run of `cluster_size`
+    consecutive values (the samples of one prompt) is one draw where there are several,
+    since samples of the same prompt are correlated (about half of a reward's variance is
+    between prompts) and an SE over them as independent draws is too small; the samples of
+    a single prompt are independent draws. NaN for a single value."""
     values = np.asarray(values, np.float64)
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    clusters = values.reshape(-1, cluster_size).mean(1)
+    if len(clusters) < 2:
+        clusters = values
+    se = (clusters.std(ddof=1) / np.sqrt(len(clusters)) if len(clusters) > 1
+          else float("nan"))
     return float(values.mean()), float(se)
 
 
@@ -65,7 +73,8 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
                     backend: str = "auto", mesh: Mesh | None = None,
                     decode_layout: str | int = "auto") -> dict[str, Any]:
     """Mean reward under every reward function and the Monte-Carlo KL(pi || pi_sft), each
-    with its standard error, over `num_samples` completions of each held-out prompt.
+    with its standard error clustered by prompt (`mean_se`), over `num_samples` completions
+    of each held-out prompt.
 
     The KL is sequence level: the mean over samples `y ~ pi` of `sum_t log pi(y_t) -
     log pi_sft(y_t)`, both under the sampling temperature. Jittable rewards run on device;
@@ -93,10 +102,10 @@ def evaluate_policy(params: Any, sft_params: Any, cfg: GemmaConfig,
             backend=sampling.get_backend(backend), layout=layout)
     host_out = sharding.to_host(out)  # all of it, in every process
     result: dict[str, Any] = {}
-    result["kl"], result["kl_se"] = mean_se(host_out[4])
+    result["kl"], result["kl_se"] = mean_se(host_out[4], num_samples)
     scores = {name: rewards.score(fn, out[:4], host_out[:4]) for name, fn in reward_fns.items()}
     for name, values in scores.items():
-        result[name], result[f"{name}_se"] = mean_se(values)
+        result[name], result[f"{name}_se"] = mean_se(values, num_samples)
     if len(scores) >= 2:
         first, second = list(scores.values())[:2]
         result["rank_correlation"] = rank_correlation(first, second)
@@ -159,13 +168,22 @@ def task_vector_stats(init: Any, policies: Sequence[Any], groups: Any) -> dict[s
 
 
 def reward_at_kl(front: Sequence[tuple[float, float]], kl: float) -> float | None:
-    """The front's reward at `kl`, interpolating linearly between its points sorted by KL;
-    None outside the front's KL range."""
+    """The front's reward at `kl`, between its points sorted by KL interpolated linearly in
+    log KL (where both neighbours are at positive KL; linearly in KL from a point at KL <= 0,
+    the SFT policy's); None outside the front's KL range.
+
+    Log KL because fronts are concave in KL: a straight line between two points far apart in
+    KL under-reads the front between them, and by more for the curve with sparser points.
+    """
     points = sorted(front)
     if not points or not points[0][0] <= kl <= points[-1][0]:
         return None
-    xs, ys = zip(*points, strict=True)
-    return float(np.interp(kl, xs, ys))
+    i = int(np.searchsorted([k for k, _ in points], kl, side="left"))
+    if points[i][0] == kl:
+        return float(points[i][1])
+    (k0, r0), (k1, r1) = points[i - 1], points[i]
+    x, x0, x1 = ((np.log(kl), np.log(k0), np.log(k1)) if k0 > 0 else (kl, k0, k1))
+    return float(r0 + (r1 - r0) * (x - x0) / (x1 - x0))
 
 
 def upper_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -178,18 +196,41 @@ def upper_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
     return out
 
 
-def front_at(points: Sequence[tuple[float, float]], kls) -> np.ndarray:
-    """The upper front of `points` read at each of `kls` (linear between its points; NaN
-    outside its KL range)."""
+def front_at(points: Sequence[tuple[float, float]], kls, extend: bool = False) -> np.ndarray:
+    """The upper front of `points` read at each of `kls` (`reward_at_kl`); NaN outside its
+    KL range or, with `extend`, its last reward beyond its last point: the best reward
+    measured within that KL budget, so that a curve that reaches further is not cut to the
+    other's range."""
     front = upper_front(points)
     values = [reward_at_kl(front, k) for k in np.atleast_1d(kls)]
+    if extend and front:
+        values = [front[-1][1] if v is None and k > front[-1][0] else v
+                  for v, k in zip(values, np.atleast_1d(kls), strict=True)]
     return np.array([np.nan if v is None else v for v in values])
+
+
+def reach(points: Sequence[tuple[float, float]]) -> float:
+    """The largest KL among `points` (that of its upper front's last point)."""
+    return upper_front(points)[-1][0]
+
+
+def gap_at(a: Sequence, b: Sequence, kls: Sequence[float], within_both: bool = False
+           ) -> float:
+    """Front `a` minus front `b` averaged over the absolute KL levels `kls`, each front
+    extended flat beyond its last point (`front_at(extend=True)`); with `within_both` only at
+    the levels both reach. NaN where no level is left."""
+    kls = np.asarray(kls, np.float64)
+    if within_both:
+        kls = kls[kls <= min(reach(a), reach(b))]
+    if not kls.size:
+        return float("nan")
+    return float(np.mean(front_at(a, kls, extend=True) - front_at(b, kls, extend=True)))
 
 
 def matched_gap(a: Sequence, b: Sequence, levels: Sequence[float]) -> float:
     """Front `a` minus front `b`, averaged over `levels` x the KL up to which both fronts
     reach (a point beyond a front's last one is dominated by it)."""
-    top = min(upper_front(a)[-1][0], upper_front(b)[-1][0])
+    top = min(reach(a), reach(b))
     kls = np.asarray(levels) * top
     return float(np.mean(front_at(a, kls) - front_at(b, kls)))
 

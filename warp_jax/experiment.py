@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -210,11 +211,13 @@ class Experiment:
             self.on_record()
 
     def train(self, stage: str, init, anchor: str, runs: list[tuple],
-              steps: int, method: str, iteration: int, beta: float | None = None) -> list[Any]:
+              steps: int, method: str, iteration: int, beta: float | None = None,
+              anchor_method: str | None = None) -> list[Any]:
         """Trains len(runs) stacked runs from `init` (one policy, or one per run stacked on a
         leading axis), each with the random streams (prompt order and keys) named by its
         `(purpose, *indices)`, with `beta` in place of `rl.beta` if given; returns their
-        final policies."""
+        final policies. With `anchor_method`, each evaluation also evaluates the runs' KL
+        anchors (their EMA weights, with the EMA anchor), recorded under that method."""
         num_runs = len(runs)
         seed = self.config.seed
         orders = [streams.seed(seed, *run) for run in runs]
@@ -245,10 +248,13 @@ class Experiment:
             if (t + 1) % every == 0 or t + 1 == steps:
                 flush()
                 pending = None
-                for m in range(num_runs):
-                    point = self.evaluate(self.unstack(state.params, m),
-                                          f"{stage}, run {m}, step {t + 1}")
-                    records.append({"method": method, "iteration": iteration, "run": m,
+                evaluated = [(method, state.params)]
+                if anchor_method is not None:
+                    evaluated.append((anchor_method, state.anchor_params))
+                for (name, params), m in itertools.product(evaluated, range(num_runs)):
+                    point = self.evaluate(self.unstack(params, m),
+                                          f"{stage}, {name} {m}, step {t + 1}")
+                    records.append({"method": name, "iteration": iteration, "run": m,
                                     "step": t + 1, "eta": None, **point})
                 self.save_records(stage, records)
                 self.ckpt.save(stage, t + 1, state)

@@ -9,6 +9,7 @@ local checkpoints named by the config.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
 import sys
@@ -16,11 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warp_jax import data, rewards, sampling, sft, sharding, sources, streams
+from warp_jax import data, evaluation, rewards, sampling, sft, sharding, sources, streams
 from warp_jax.checkpoint import Checkpoints
 from warp_jax.gemma import Gemma, GemmaConfig, abstract_params, hf
 from warp_jax.gemma.tokenizer import Tokenizer
@@ -199,7 +201,7 @@ def _built_in(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
             workdir))
         ckpt.save("reward_model", 0, rm_params)
     norm = (_reward_norm(c, cfg, tokenizer, end_ids, sft_params, (cfg, rm_params),
-                         texts.train_prompts, workdir) if c.reward.normalize else None)
+                         texts.train_prompts, workdir, oracle) if c.reward.normalize else None)
     return Ingredients(cfg, tokenizer, sft_params, boxed, (cfg, rm_params), oracle,
                        data.PromptBatches(texts.train_prompts, tokenizer, c.rl.batch_size,
                                           c.task.prompt_len),
@@ -208,10 +210,11 @@ def _built_in(c, workdir: pathlib.Path, ckpt: Checkpoints) -> Ingredients:
 
 
 def _reward_norm(c, cfg, tokenizer, end_ids, sft_params, reward_model, prompts,
-                 workdir: pathlib.Path) -> tuple[float, float]:
+                 workdir: pathlib.Path, oracle=None) -> tuple[float, float]:
     """The proxy's mean and standard deviation on `reward.norm_samples` SFT completions of
     the training prompts at the RL temperature (recorded in `workdir/reward_model.json`, and
-    read back from it on resume)."""
+    read back from it on resume), with the proxy's Spearman correlation to the `oracle` on
+    those fresh samples, if there is one (`sft_spearman`)."""
     path = workdir / "reward_model.json"
     record = json.loads(path.read_text()) if path.exists() else {}
     if "mean" not in record:
@@ -226,6 +229,9 @@ def _reward_norm(c, cfg, tokenizer, end_ids, sft_params, reward_model, prompts,
         normalized = rewards.standardize(proxy, scores)
         record.update(mean=float(normalized.mean), std=float(normalized.std),
                       norm_samples=len(scores))
+        if oracle is not None:
+            gold = rewards.score(oracle, (tokens, mask, out.tokens, out.mask))
+            record["sft_spearman"] = evaluation.rank_correlation(scores, gold)
         if sharding.is_main_process():
             path.write_text(json.dumps(record, indent=1))
     return record["mean"], record["std"]
@@ -233,46 +239,69 @@ def _reward_norm(c, cfg, tokenizer, end_ids, sft_params, reward_model, prompts,
 
 def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, prompts, oracle,
                         workdir: pathlib.Path):
-    """Bradley–Terry on pairs of SFT completions of the training prompts, ranked by the
-    oracle (ties dropped): the proxy reward the RL runs optimise. Its pairs and held-out
-    accuracy go to `workdir/reward_model.json`."""
+    """Bradley–Terry on pairs of SFT completions of the same training prompt, sampled at
+    `reward.pair_temperature` and labelled by the oracle: hard (its ranking, ties dropped)
+    or soft (`reward.labels`: P(chosen preferred) = sigmoid of the gold logits'
+    difference, so a near-tie teaches a small margin). Adam at `reward.learning_rate`, with
+    `reward.warmup_steps` of warm-up then cosine decay, held-out evaluations every
+    `reward.eval_every` steps and early stopping after `reward.patience` of them without a
+    better held-out loss: the proxy reward the RL runs optimise. Its pairs, held-out curve
+    and accuracy, overall and by oracle margin, go to `workdir/reward_model.json`."""
     tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
     reps = -(-c.reward.pairs // len(prompts))
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
     out = sampling.sample(sft_params, cfg, tokens, mask, streams.key(c.seed, "reward_pairs"),
-                          c.rl.max_new_tokens, temperature=1.0, eos_id=end_ids,
-                          backend=c.rl.sampler_backend)
+                          c.rl.max_new_tokens, temperature=c.reward.pair_temperature,
+                          eos_id=end_ids, backend=c.rl.sampler_backend)
     completion, cmask = sharding.to_host((out.tokens, out.mask))
-    scores = np.asarray(oracle(tokens, mask, completion, cmask)).reshape(-1, 2)
+    scores = np.asarray(oracle(tokens, mask, completion, cmask), np.float64).reshape(-1, 2)
+    soft = c.reward.labels == "soft"
+    label_scores = _logit(scores) if soft else scores
+    margin = label_scores[:, 0] - label_scores[:, 1]
     seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
                                                           completion.shape[1])
     seq_mask = np.concatenate([mask, cmask], 1).reshape(seq.shape)
-    keep = np.flatnonzero(scores[:, 0] != scores[:, 1])[:c.reward.pairs]
+    # pairs in random order: the held-out tenth must not be the first prompts' pairs
+    order = np.random.default_rng(streams.seed(c.seed, "reward_pair_order")).permutation(
+        len(margin))
+    keep = order[margin[order] != 0][:c.reward.pairs]
     if len(keep) < 2:
         raise ValueError(f"config.reward.pairs: the oracle ranked only {len(keep)} of "
                          f"{len(scores)} pairs of SFT completions (the rest tie): no proxy to "
                          "train")
-    first = scores[keep, 0] > scores[keep, 1]
-    chosen = np.where(first[:, None], seq[keep, 0], seq[keep, 1])
-    rejected = np.where(first[:, None], seq[keep, 1], seq[keep, 0])
-    chosen_mask = np.where(first[:, None], seq_mask[keep, 0], seq_mask[keep, 1])
-    rejected_mask = np.where(first[:, None], seq_mask[keep, 1], seq_mask[keep, 0])
-    step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(c.reward.learning_rate))
+    first = margin[keep] > 0
+    pairs = (np.where(first[:, None], seq[keep, 0], seq[keep, 1]),
+             np.where(first[:, None], seq_mask[keep, 0], seq_mask[keep, 1]),
+             np.where(first[:, None], seq[keep, 1], seq[keep, 0]),
+             np.where(first[:, None], seq_mask[keep, 1], seq_mask[keep, 0]))
+    gap = np.abs(margin[keep])
+    if soft:
+        pairs += ((1 / (1 + np.exp(-gap))).astype(np.float32),)
+    lr = c.reward.learning_rate
+    if c.reward.warmup_steps:
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, c.reward.warmup_steps, c.reward.steps)
+    step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(lr), soft_labels=soft)
     n = len(keep)
     held_out = np.arange(n) < max(1, n // 10)
-    pairs = (chosen, chosen_mask, rejected, rejected_mask)
     train = tuple(x[~held_out] for x in pairs)
+    curve: list[dict] = []
     state, metrics = rewards.fit(
         step, evaluate, init(rm_params), train, tuple(x[held_out] for x in pairs),
         steps=c.reward.steps, batch_size=c.reward.batch_size,
-        seed=streams.seed(c.seed, "reward_model"), progress=sharding.is_main_process())
-    if sharding.is_main_process():
-        print(f"reward model: {len(train[0])} oracle-labelled pairs, held-out accuracy "
-              f"{metrics['accuracy']:.3f} on {int(held_out.sum())}")
-        (workdir / "reward_model.json").write_text(json.dumps(
-            {"pairs": len(train[0]), "held_out_pairs": int(held_out.sum()),
-             "held_out_accuracy": metrics["accuracy"]}, indent=1))
+        seed=streams.seed(c.seed, "reward_model"), eval_every=c.reward.eval_every or None,
+        on_eval=lambda s, m: curve.append({"step": int(s.step), **m}),
+        patience=c.reward.patience or None, progress=sharding.is_main_process())
     pairs_held_out = int(held_out.sum())
+    record = {"pairs": len(train[0]), "held_out_pairs": pairs_held_out,
+              "held_out_accuracy": metrics["accuracy"], "labels": c.reward.labels,
+              "pair_temperature": c.reward.pair_temperature, "steps": int(state.step),
+              "curve": curve, "accuracy_by_margin": _accuracy_by_margin(
+                  cfg, state.params, tuple(x[held_out] for x in pairs[:4]), gap[held_out]),
+              "margin_units": "gold logits" if soft else "oracle scores"}
+    if sharding.is_main_process():
+        print(f"reward model: {record['pairs']} oracle-labelled pairs, held-out accuracy "
+              f"{metrics['accuracy']:.3f} on {pairs_held_out}")
+        (workdir / "reward_model.json").write_text(json.dumps(record, indent=1))
     if not metrics["accuracy"] > 0.5:
         advice = "raise config.reward.pairs or config.reward.steps"
         if pairs_held_out < _TELLING_PAIRS:  # a few pairs at chance tell nothing either way
@@ -285,6 +314,30 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
                              f"below chance; {advice}, or rerun with "
                              "config.reward.allow_chance=True to go on with it")
     return state.params
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+# Bin edges of the oracle's margin between a pair's completions, for the proxy's accuracy by
+# margin: a proxy at chance on near-ties and right on clear pairs is another proxy than one
+# right on neither.
+MARGIN_BINS = (0.0, 0.25, 0.5, 1.0, 2.0, float("inf"))
+
+
+def _accuracy_by_margin(cfg, params, pairs, margin) -> list[dict]:
+    """The proxy's accuracy on `pairs` (chosen, mask, rejected, mask) by the oracle margin's
+    bin (`MARGIN_BINS`)."""
+    score = jax.jit(lambda p, t, m: rewards.RewardModel(cfg).apply({"params": p}, t, m))
+    right = np.asarray(score(params, pairs[0], pairs[1]) > score(params, pairs[2], pairs[3]))
+    out = []
+    for lo, hi in itertools.pairwise(MARGIN_BINS):
+        inside = (margin >= lo) & (margin < hi)
+        out.append({"margin": [lo, hi if np.isfinite(hi) else None], "pairs": int(inside.sum()),
+                    "accuracy": float(right[inside].mean()) if inside.any() else None})
+    return out
 
 
 # Held-out pairs from which an accuracy at chance stops the job: on fewer, it is one warning.

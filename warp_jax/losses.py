@@ -120,7 +120,17 @@ def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Ar
     return -jnp.sum(logp) / jnp.maximum(jnp.sum(weight), 1).astype(jnp.float32)
 
 
-def bradley_terry_loss(score_chosen_B: jax.Array, score_rejected_B: jax.Array) -> jax.Array:
-    """`mean(-log sigmoid(r_chosen - r_rejected))`: the preference likelihood's negative log."""
+def bradley_terry_loss(score_chosen_B: jax.Array, score_rejected_B: jax.Array,
+                       target_B: jax.Array | None = None) -> jax.Array:
+    """`mean(-log sigmoid(r_chosen - r_rejected))`: the preference likelihood's negative log.
+
+    With `target_B`, the probability that the chosen response is preferred (a soft label,
+    e.g. `sigmoid(gold_chosen - gold_rejected)` for gold logits), the cross-entropy
+    `-mean(p log sigmoid(d) + (1 - p) log sigmoid(-d))`: a near-tie then teaches a small
+    margin instead of a hard ranking.
+    """
     margin = score_chosen_B.astype(jnp.float32) - score_rejected_B.astype(jnp.float32)
-    return -jnp.mean(jax.nn.log_sigmoid(margin))
+    if target_B is None:
+        return -jnp.mean(jax.nn.log_sigmoid(margin))
+    p = target_B.astype(jnp.float32)
+    return -jnp.mean(p * jax.nn.log_sigmoid(margin) + (1 - p) * jax.nn.log_sigmoid(-margin))

@@ -245,22 +245,26 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[Preference], max_len: int):
 
 
 def _bt_loss_and_accuracy(params, batch, cfg, remat=False):
-    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask = batch
+    chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, *target = batch
     model = RewardModel(cfg, remat)
     both = model.apply({"params": params}, jnp.concatenate([chosen_tokens, rejected_tokens]),
                        jnp.concatenate([chosen_mask, rejected_mask]))
     chosen, rejected = jnp.split(both, 2)
-    return bradley_terry_loss(chosen, rejected), jnp.mean((chosen > rejected).astype(jnp.float32))
+    return (bradley_terry_loss(chosen, rejected, *target),
+            jnp.mean((chosen > rejected).astype(jnp.float32)))
 
 
 def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransformation,
-                           mesh: Mesh | None = None, remat: bool = False):
+                           mesh: Mesh | None = None, remat: bool = False,
+                           soft_labels: bool = False):
     """Bradley–Terry training of a `RewardModel`, jitted (sharded like the policy on `mesh`).
 
     Returns `(train_step, evaluate, init)`: `train_step(state, batch) -> (state, metrics)`,
     `evaluate(params, batch) -> metrics` (loss, accuracy) and `init(params) -> state`, where
-    `batch` is `encode_pairs`' four arrays. On a mesh, a training batch is split by rows over
-    `data` x `fsdp`, so its size must be a multiple of theirs; `evaluate` takes the whole
+    `batch` is `encode_pairs`' four arrays and, with `soft_labels`, a fifth: `[B]` the
+    probability that each chosen response is preferred (`losses.bradley_terry_loss`). On a
+    mesh, a training batch is split by rows over `data` x `fsdp`, so its size must be a
+    multiple of theirs; `evaluate` takes the whole
     batch on every device, so any size works. `remat` rematerialises each block in the
     backward pass (see `Gemma`).
     """
@@ -284,31 +288,37 @@ def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransforma
     boxed = abstract_params(cfg)
     state_sh = sharding.param_shardings(jax.eval_shape(init, boxed), mesh)
     params_sh = sharding.param_shardings(boxed, mesh)
-    rows = sharding.batch_sharding(mesh, 2)
-    batch_sh = (rows,) * 4
+    batch_sh = (sharding.batch_sharding(mesh, 2),) * 4 + (
+        (sharding.batch_sharding(mesh, 1),) if soft_labels else ())
     out = sharding.replicated(mesh)
     return (jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, out),
                     donate_argnums=0),
-            jax.jit(evaluate, in_shardings=(params_sh, (out,) * 4), out_shardings=out),
+            jax.jit(evaluate, in_shardings=(params_sh, (out,) * len(batch_sh)),
+                    out_shardings=out),
             jax.jit(init, out_shardings=state_sh))
 
 
 def fit(train_step: Callable, evaluate: Callable, state: RMState, train, held_out, *,
         steps: int, batch_size: int, seed: int, eval_every: int | None = None,
         on_eval: Callable[[RMState, dict[str, float]], None] | None = None,
+        patience: int | None = None,
         progress: bool = True) -> tuple[RMState, dict[str, float]]:
     """Bradley–Terry training from `state.step` to `steps` (the functions of
-    `make_reward_train_step`) on `train`, four `encode_pairs`-style arrays; returns the state
-    and its `held_out` metrics (loss, accuracy).
+    `make_reward_train_step`) on `train`, four (or five: soft labels) `encode_pairs`-style
+    arrays; returns the state and its `held_out` metrics (loss, accuracy).
 
     Step t trains on `batch_size` rows drawn without replacement by
     `np.random.default_rng([seed, t])`, so a run resumed from a checkpointed state draws what
     an uninterrupted one would. Every `eval_every` steps and at the end, `on_eval(state,
-    held-out metrics)` is called (e.g. to checkpoint).
+    held-out metrics)` is called (e.g. to checkpoint). With `patience`, training stops early
+    once the held-out loss has not improved for that many evaluations, and the state of the
+    best one is returned (the best of this call: a resumed fit starts its search afresh).
     """
     rows = len(train[0])
     size = min(batch_size, rows)
     metrics: dict[str, float] = {}
+    best: tuple[float, RMState, dict[str, float]] | None = None
+    waited = 0
     bar = tqdm(range(int(state.step), steps), desc="reward model", unit="step",
                disable=not progress)
     for t in bar:
@@ -320,6 +330,16 @@ def fit(train_step: Callable, evaluate: Callable, state: RMState, train, held_ou
                             held_out_acc=f"{metrics['accuracy']:.3f}")
             if on_eval is not None:
                 on_eval(state, metrics)
+            if patience is not None:
+                if best is None or metrics["loss"] < best[0]:
+                    # a copy: the train step donates the state it is given
+                    best, waited = (metrics["loss"], jax.tree.map(jnp.copy, state), metrics), 0
+                else:
+                    waited += 1
+                    if waited >= patience:
+                        break
+    if best is not None:
+        return best[1], best[2]
     if not metrics:
         metrics = {k: float(v) for k, v in evaluate(state.params, held_out).items()}
     return state, metrics

@@ -91,6 +91,24 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if c.reward.oracle == "gold" and c.task.name != "rotten_tomatoes":
         _fail("reward.oracle", c.reward.oracle, "the gold classifier is fitted on real labelled "
               "reviews: use it with task 'rotten_tomatoes'")
+    if c.reward.labels not in ("hard", "soft"):
+        _fail("reward.labels", c.reward.labels, "use 'hard' or 'soft'")
+    if c.reward.labels == "soft" and c.reward.oracle != "gold":
+        _fail("reward.labels", c.reward.labels, "soft labels come from the gold classifier's "
+              "probabilities: use them with reward.oracle = 'gold'")
+    if not 0 < c.reward.pair_temperature < float("inf"):
+        _fail("reward.pair_temperature", c.reward.pair_temperature, "must be > 0")
+    for field in ("reward.warmup_steps", "reward.eval_every", "reward.patience"):
+        section, key = field.split(".")
+        value = c[section][key]
+        if not isinstance(value, int) or value < 0:
+            _fail(field, value, "must be an int >= 0")
+    if c.reward.warmup_steps >= c.reward.steps > 0:
+        _fail("reward.warmup_steps", c.reward.warmup_steps, f"must be below reward.steps "
+              f"({c.reward.steps})")
+    if c.reward.patience and not c.reward.eval_every:
+        _fail("reward.patience", c.reward.patience, "early stopping needs held-out "
+              "evaluations: set reward.eval_every")
     split = tuple(c.task.movie_split)
     if len(split) != 4 or any(not 0 < f <= 1 for f in split) or sum(split) > 1 + 1e-9:
         _fail("task.movie_split", split, "needs 4 shares in (0, 1] (SFT, gold, RL, evaluation "

@@ -62,9 +62,16 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     # scores every evaluation: "vader", "gold" (a classifier of the real fresh/rotten labels,
     # task rotten_tomatoes) or "" (none)
     c.reward.pairs = 2048  # built-in: SFT completion pairs the oracle labels
+    c.reward.pair_temperature = 1.0  # built-in: their sampling temperature
+    c.reward.labels = "hard"  # built-in: "hard" (the oracle's ranking, ties dropped) or
+    # "soft" (P(chosen preferred) = sigmoid of the gold logits' difference; oracle "gold")
     c.reward.steps = 300  # built-in: Bradley-Terry steps
     c.reward.batch_size = 64
     c.reward.learning_rate = 3e-3
+    c.reward.warmup_steps = 0  # built-in: linear warm-up, then cosine decay to 0 when > 0
+    c.reward.eval_every = 0  # built-in: held-out evaluations (a curve in reward_model.json)
+    c.reward.patience = 0  # built-in: stop after this many evaluations without a better
+    # held-out loss, keeping the best (0: never)
     # built-in: a proxy at or below chance on >= 20 held-out pairs stops the job unless True
     c.reward.allow_chance = False
     c.reward.normalize = True  # proxy standardised on SFT samples: beta means the same at

@@ -2,7 +2,7 @@
 
     python -m experiments.reproduce --config=experiments/configs/reproduce.py:VARIANT
 
-Variants: `full` (the study of docs/reproduction.md: 3 seeds, about 45 minutes on 2 CPU
+Variants: `full` (the study of docs/reproduction.md: 6 seeds, about 2.5 hours on 2 CPU
 cores) and `smoke` (2 seeds, a few minutes: what the tests run). Any field is overridable,
 as in the main job (`--config.study.seeds=5`); the fields of experiments/configs/gemma_warp.py
 mean the same here.
@@ -30,34 +30,45 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         {"num_layers": 4, "embed_dim": 128, "mlp_dim": 512, "num_heads": 4, "num_kv_heads": 2,
          "head_dim": 32})  # 1.1M parameters
     c.sft.steps, c.sft.max_len = 600, 48
+
+    # The proxy: a Gemma Bradley-Terry model (from the SFT policy) on many gold-labelled
+    # pairs of completions of the same prompt at the RL temperature, soft labels from the
+    # gold margin, warm-up and decay, early stopping on a held-out tenth; gated below.
     c.reward.oracle = "gold"
-    c.reward.pairs, c.reward.steps, c.reward.learning_rate = 4096, 150, 1e-3
+    c.reward.pairs, c.reward.pair_temperature, c.reward.labels = 24_000, 0.9, "soft"
+    c.reward.steps, c.reward.batch_size, c.reward.learning_rate = 3000, 64, 3e-4
+    c.reward.warmup_steps, c.reward.eval_every, c.reward.patience = 150, 150, 4
 
     # Every field the study depends on is set here, so the main job's defaults can change
     # without changing the study.
     c.reward.normalize, c.reward.norm_samples = True, 512
-    c.rl.beta = 0.1  # without a pilot; the pilot's choice otherwise
+    c.rl.beta = 0.1  # the paper's, for every EMA-anchored run and both baselines
     c.rl.batch_size, c.rl.num_samples = 16, 2  # prompts per step, completions per prompt
     c.rl.max_new_tokens, c.rl.temperature = 16, 0.9
     c.rl.learning_rate, c.rl.warmup_steps = 2e-4, 10
-    c.rl.mu = 0.05  # EMA rate, for runs of 150 steps (the paper: 0.01 over 9k)
-    c.warp.iterations, c.warp.runs, c.warp.steps = 3, 4, 150
-    c.warp.eta, c.warp.eta_grid = 0.3, (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)
+    c.rl.mu = 0.05  # EMA rate, for runs of 100 steps (the paper: 0.01 over 9k)
+    c.warp.iterations, c.warp.runs, c.warp.steps = 5, 4, 100
+    c.warp.eta = 0.3
+    c.warp.eta_grid = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
     c.warp.granularity = "layer"
-    c.warp.baselines = ("reinforce_sft", "reinforce_ema")
-    c.eval.every, c.eval.samples = 50, 8
+    c.eval.every, c.eval.samples = 25, 8
 
     c.study = ml_collections.ConfigDict()
-    c.study.seeds = ml_collections.FieldReference(3)  # RL seeds: prompt order and sampling
-    # keys (SFT and rewards fixed); each baseline runs once per seed
-    c.warp.baseline_runs = c.study.get_ref("seeds")
-    c.study.pilot_betas = (0.03, 0.1, 0.3, 1.0)  # SFT-anchored pilot runs; () skips the pilot
-    c.study.pilot_steps = 150
-    c.study.bind = 0.5  # the study's beta: the smallest pilot beta whose KL term (beta x KL)
-    # costs at least this fraction of the proxy reward its run gained
-    c.study.lambdas = (0.25, 0.5, 0.75)  # SLERP against LERP of two runs
-    c.study.levels = (0.25, 0.5, 0.75)  # matched-KL levels, as fractions of the shared range
-    c.study.alpha = 0.05  # the one-sided paired test over seeds
+    c.study.seeds = 6  # RL seeds, stacked on the run axis: prompt order and sampling keys
+    # (SFT and rewards fixed)
+    c.study.gate_accuracy = 0.75  # the proxy's held-out pair accuracy must reach this,
+    c.study.gate_spearman = 0.7  # and its Spearman correlation with gold on SFT samples
+    # this, before any gold verdict counts
+    c.study.sft_betas = (0.0, 0.01, 0.03, 0.1)  # claim 1: SFT-anchored runs of T steps
+    c.study.lambdas = (0.25, 0.5, 0.75)  # claim 2: SLERP and LERP of two runs
+    c.study.kl_levels = (1.0, 2.0, 4.0, 8.0, 16.0)  # absolute KL (nats) at which fronts are
+    # compared, fixed before the run
+    c.study.alpha = 0.05  # one-sided, Holm-corrected across each reward's claims
+    # Smallest effects of interest: a standardised proxy unit is one SD of the SFT policy's
+    # proxy scores; gold is P(fresh); log KL is a ratio; the rest are their own units.
+    c.study.sesoi = ml_collections.ConfigDict({
+        "proxy_reward": 0.05, "oracle_reward": 0.01, "log_kl": 0.05, "cosine": 0.001,
+        "fraction": 0.05})
     c.study.max_task_cosine = 0.2  # "close to orthogonal": mean |cosine| below this
     c.study.min_weight_cosine = 0.99  # "collinear": mean full-weight cosine above this
 
@@ -69,11 +80,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
                                                        "mlp_dim": 64})
         c.sft.steps, c.sft.batch_size, c.sft.max_len = 30, 16, 24
         c.reward.pairs, c.reward.steps, c.reward.norm_samples = 64, 10, 32
-        c.rl.batch_size, c.rl.max_new_tokens = 8, 6
-        c.warp.iterations, c.warp.runs, c.warp.steps = 2, 3, 4
+        c.reward.warmup_steps, c.reward.eval_every, c.reward.patience = 2, 5, 2
+        c.rl.batch_size, c.rl.max_new_tokens, c.rl.learning_rate = 8, 6, 5e-3
+        c.warp.iterations, c.warp.runs, c.warp.steps = 3, 4, 4
+        c.study.kl_levels = (0.005, 0.01, 0.02, 0.04)
         c.warp.eta_grid = (0.0, 0.5, 1.0)
         c.eval.every, c.eval.samples = 2, 2
-        c.study.seeds, c.study.pilot_betas, c.study.pilot_steps = 2, (0.1, 1.0), 4
+        c.study.seeds, c.study.sft_betas = 2, (0.0, 0.1)
     else:
         raise ValueError(f"unknown variant {variant!r}: use full or smoke")
     return c
