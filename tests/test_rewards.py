@@ -143,6 +143,40 @@ def test_bradley_terry_loss_and_gradient_match_the_formula():
     np.testing.assert_allclose(grads[1], (1 - sig) / 3, rtol=1e-5)
 
 
+def test_soft_labels_are_the_cross_entropy_with_the_preference_probability():
+    rc, rr, p = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 2.5]), np.array([0.9, 0.6, 0.5])
+    d = rc - rr
+    want = np.mean(-(p * np.log(1 / (1 + np.exp(-d))) + (1 - p) * np.log(1 / (1 + np.exp(d)))))
+    got = rewards.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(p))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(
+        rewards.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr), jnp.ones(3)),
+        rewards.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr)), rtol=1e-6)
+    # a tie (p = 0.5) is best learned as no margin at all
+    grad = jax.grad(rewards.bradley_terry_loss)(jnp.zeros(1), jnp.zeros(1), jnp.full(1, 0.5))
+    np.testing.assert_allclose(grad, 0.0, atol=1e-7)
+
+
+def test_fit_stops_after_patience_evaluations_without_a_better_loss_and_keeps_the_best():
+    losses = iter([1.0, 0.5, 0.7, 0.6, 0.4])  # the held-out loss at each evaluation
+
+    def train_step(state, batch):
+        return rewards.RMState(state.step + 1, state.params + 1, state.opt_state), {
+            "loss": jnp.zeros(())}
+
+    def evaluate(params, batch):
+        return {"loss": next(losses), "accuracy": float(params)}
+
+    state = rewards.RMState(jnp.zeros((), jnp.int32), jnp.zeros(()), ())
+    seen = []
+    best, metrics = rewards.fit(
+        train_step, evaluate, state, (np.zeros((8, 2)),), (np.zeros((2, 2)),), steps=50,
+        batch_size=4, seed=0, eval_every=10, patience=2,
+        on_eval=lambda s, m: seen.append(int(s.step)), progress=False)
+    assert seen == [10, 20, 30, 40]  # 0.7 and 0.6 do not beat 0.5: stopped at the second
+    assert (int(best.step), metrics) == (20, {"loss": 0.5, "accuracy": 20.0})
+
+
 def test_malformed_jsonl_lines_are_reported_with_their_line_number(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n'
@@ -182,6 +216,23 @@ def rm_setup():
     return cfg, params
 
 
+def test_mean_pooling_averages_the_last_token_scores_of_every_prefix(rm_setup):
+    """In a causal model, token t's hidden state is the last token's of the prefix ending at
+    t: the mean read-out is the mean of the last-token scores of every real prefix."""
+    cfg, params = rm_setup
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 24, (2, 7)), jnp.int32)
+    mask = jnp.asarray([[False, False, True, True, True, True, True], [True] * 7])
+    mean = rewards.RewardModel(cfg, pooling="mean").apply({"params": params}, tokens, mask)
+    last = rewards.RewardModel(cfg)
+    for row in range(2):
+        prefixes = [last.apply({"params": params}, tokens[row:row + 1, :t + 1],
+                               mask[row:row + 1, :t + 1])[0]
+                    for t in range(7) if mask[row, t]]
+        np.testing.assert_allclose(mean[row], np.mean(prefixes), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        rewards.RewardModel(cfg, pooling="max").apply({"params": params}, tokens, mask)
+
+
 def test_bradley_terry_training_learns_a_linear_scorer(rm_setup):
     cfg, params = rm_setup
     rng = np.random.default_rng(0)
@@ -214,6 +265,24 @@ def test_sharded_reward_training_equals_unsharded(rm_setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  results[0][0], results[1][0])
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+
+
+def test_sharded_soft_label_training_equals_unsharded(rm_setup):
+    cfg, params = rm_setup
+    batch = (*_linear_preferences(np.random.default_rng(2), 8),
+             jnp.linspace(0.5, 1.0, 8, dtype=jnp.float32))
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+    results = []
+    for m in (None, mesh):
+        step, evaluate, init = rewards.make_reward_train_step(cfg, optax.sgd(1e-2), mesh=m,
+                                                              soft_labels=True)
+        state, metrics = step(init(params), batch)
+        results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"]),
+                        float(evaluate(state.params, batch)["loss"])))
+    # one SGD step: the weights move by lr x a float32 gradient summed in another order
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][1:], results[1][1:], rtol=1e-5)
 
 
 def test_a_gemma4_reward_model_scores_with_the_transformers_backbone(tmp_path):

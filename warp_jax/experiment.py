@@ -111,7 +111,7 @@ class Experiment:
         rm_cfg, rm_params = setup.reward_model
         rm_params = jax.device_put(rm_params, sharding.param_shardings(
             rewards.abstract_params(rm_cfg), self.mesh))
-        proxy = rewards.model_reward(rm_cfg, rm_params)
+        proxy = rewards.model_reward(rm_cfg, rm_params, config.reward.pooling)
         if setup.reward_norm is not None:
             proxy = rewards.Standardized(proxy, *(np.asarray(x, np.float32)
                                                   for x in setup.reward_norm))

@@ -224,7 +224,7 @@ def _reward_norm(c, cfg, tokenizer, end_ids, sft_params, reward_model, prompts,
         out = sampling.sample(sft_params, cfg, tokens, mask, streams.key(c.seed, "reward_norm"),
                               c.rl.max_new_tokens, temperature=c.rl.temperature,
                               eos_id=end_ids, backend=c.rl.sampler_backend)
-        proxy = rewards.model_reward(*reward_model)
+        proxy = rewards.model_reward(*reward_model, c.reward.pooling)
         scores = rewards.score(proxy, (tokens, mask, out.tokens, out.mask))
         normalized = rewards.standardize(proxy, scores)
         record.update(mean=float(normalized.mean), std=float(normalized.std),
@@ -280,7 +280,8 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     lr = c.reward.learning_rate
     if c.reward.warmup_steps:
         lr = optax.warmup_cosine_decay_schedule(0.0, lr, c.reward.warmup_steps, c.reward.steps)
-    step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(lr), soft_labels=soft)
+    step, evaluate, init = rewards.make_reward_train_step(cfg, optax.adam(lr), soft_labels=soft,
+                                                          pooling=c.reward.pooling)
     n = len(keep)
     held_out = np.arange(n) < max(1, n // 10)
     train = tuple(x[~held_out] for x in pairs)
@@ -296,7 +297,8 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
               "held_out_accuracy": metrics["accuracy"], "labels": c.reward.labels,
               "pair_temperature": c.reward.pair_temperature, "steps": int(state.step),
               "curve": curve, "accuracy_by_margin": _accuracy_by_margin(
-                  cfg, state.params, tuple(x[held_out] for x in pairs[:4]), gap[held_out]),
+                  rewards.RewardModel(cfg, pooling=c.reward.pooling), state.params,
+                  tuple(x[held_out] for x in pairs[:4]), gap[held_out]),
               "margin_units": "gold logits" if soft else "oracle scores"}
     if sharding.is_main_process():
         print(f"reward model: {record['pairs']} oracle-labelled pairs, held-out accuracy "
@@ -327,10 +329,10 @@ def _logit(p: np.ndarray) -> np.ndarray:
 MARGIN_BINS = (0.0, 0.25, 0.5, 1.0, 2.0, float("inf"))
 
 
-def _accuracy_by_margin(cfg, params, pairs, margin) -> list[dict]:
-    """The proxy's accuracy on `pairs` (chosen, mask, rejected, mask) by the oracle margin's
-    bin (`MARGIN_BINS`)."""
-    score = jax.jit(lambda p, t, m: rewards.RewardModel(cfg).apply({"params": p}, t, m))
+def _accuracy_by_margin(model, params, pairs, margin) -> list[dict]:
+    """The reward `model`'s accuracy on `pairs` (chosen, mask, rejected, mask) by the oracle
+    margin's bin (`MARGIN_BINS`)."""
+    score = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))
     right = np.asarray(score(params, pairs[0], pairs[1]) > score(params, pairs[2], pairs[3]))
     out = []
     for lo, hi in itertools.pairwise(MARGIN_BINS):

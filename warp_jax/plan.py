@@ -173,7 +173,8 @@ def lowered_programs(c, devices: list) -> tuple[dict[str, Any], dict[str, Any]]:
     mesh = sharding.make_mesh(**shape, devices=devices)
     runs = c.warp.runs
     params = _params(abstract_params(cfg), mesh)
-    reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh))
+    reward = rewards.model_reward(rm_cfg, _params(rewards.abstract_params(rm_cfg), mesh),
+                                  c.reward.pooling)
     train_step, init = reinforce.make_train_step(
         cfg, settings.rl_config(c, "ema", eos_id=1), reward, mesh=mesh, num_runs=runs)
     shards, layout = train_step.shardings, train_step.layout

@@ -35,6 +35,9 @@ def abstract_params(cfg: GemmaConfig) -> Any:
                           jnp.ones((1, 1), bool))["params"]
 
 
+POOLINGS = ("last", "mean")
+
+
 class RewardModel(nn.Module):
     """`apply({"params": p}, tokens, mask) -> [B]` scores.
 
@@ -43,18 +46,29 @@ class RewardModel(nn.Module):
     `GemmaForSequenceClassification`-style checkpoints with `num_labels=1`). Positions count
     from each row's first real token, so left padding does not change a score.
     `remat=True` rematerialises each block in the backward pass (see `Gemma`).
+    `pooling="mean"` scores each real token's hidden state with the head and averages them
+    instead (same params): a bag-of-tokens read-out, which a small model learns a
+    bag-of-words preference with far better than through its last token.
     """
 
     cfg: GemmaConfig
     remat: bool = False
+    pooling: str = "last"
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"reward model pooling {self.pooling!r}: use one of {POOLINGS}")
         mask_BT = mask_BT.astype(bool)
         hidden_BTD, _, _ = decode(self, tokens_BT, left_padded_positions(mask_BT), mask_BT, None)
         score = self.param("score", nn.with_logical_partitioning(
             nn.initializers.normal(self.cfg.embed_dim**-0.5), ("embed",)),
             (self.cfg.embed_dim,), jnp.dtype(self.cfg.param_dtype))
+        if self.pooling == "mean":
+            per_token_BT = jnp.einsum("BTD,D->BT", hidden_BTD.astype(jnp.float32),
+                                      score.astype(jnp.float32))
+            return (jnp.sum(jnp.where(mask_BT, per_token_BT, 0.0), axis=1)
+                    / jnp.maximum(jnp.sum(mask_BT, axis=1), 1))
         t = mask_BT.shape[1]
         last_B = t - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
         last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
@@ -119,10 +133,11 @@ class TextClassifier:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
-                   meta_fields=["cfg"])
+                   meta_fields=["cfg", "pooling"])
 @dataclasses.dataclass(frozen=True)
 class ModelReward:
-    """A jittable reward: the `RewardModel` score of prompt + completion.
+    """A jittable reward: the `RewardModel` score of prompt + completion (with its
+    `pooling`).
 
     A pytree whose leaves are the reward model's params, so that jitted code (the train
     step, the evaluation) takes them as arguments, in their sharding, rather than baking
@@ -131,11 +146,13 @@ class ModelReward:
 
     cfg: GemmaConfig
     params: Any
+    pooling: str = "last"
 
     def __call__(self, prompt_tokens, prompt_mask, completion_tokens, completion_mask):
         tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-        return RewardModel(self.cfg).apply({"params": self.params}, tokens, mask)
+        return RewardModel(self.cfg, pooling=self.pooling).apply({"params": self.params},
+                                                                 tokens, mask)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -181,12 +198,12 @@ def standardize(reward_fn: Callable, scores) -> Standardized:
                         np.asarray(std, np.float32))
 
 
-def model_reward(cfg: GemmaConfig, params: Any) -> ModelReward:
+def model_reward(cfg: GemmaConfig, params: Any, pooling: str = "last") -> ModelReward:
     """A jittable reward: the `RewardModel` score of prompt + completion (see `ModelReward`).
 
     The reward model must share the policy's tokenizer; otherwise wrap it in a `TextReward`.
     """
-    return ModelReward(cfg, params)
+    return ModelReward(cfg, params, pooling)
 
 
 def is_host_reward(reward_fn: Callable) -> bool:
@@ -244,9 +261,9 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[Preference], max_len: int):
     return (*chosen, *rejected)
 
 
-def _bt_loss_and_accuracy(params, batch, cfg, remat=False):
+def _bt_loss_and_accuracy(params, batch, cfg, remat=False, pooling="last"):
     chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, *target = batch
-    model = RewardModel(cfg, remat)
+    model = RewardModel(cfg, remat, pooling)
     both = model.apply({"params": params}, jnp.concatenate([chosen_tokens, rejected_tokens]),
                        jnp.concatenate([chosen_mask, rejected_mask]))
     chosen, rejected = jnp.split(both, 2)
@@ -256,7 +273,7 @@ def _bt_loss_and_accuracy(params, batch, cfg, remat=False):
 
 def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransformation,
                            mesh: Mesh | None = None, remat: bool = False,
-                           soft_labels: bool = False):
+                           soft_labels: bool = False, pooling: str = "last"):
     """Bradley–Terry training of a `RewardModel`, jitted (sharded like the policy on `mesh`).
 
     Returns `(train_step, evaluate, init)`: `train_step(state, batch) -> (state, metrics)`,
@@ -266,18 +283,18 @@ def make_reward_train_step(cfg: GemmaConfig, optimizer: optax.GradientTransforma
     mesh, a training batch is split by rows over `data` x `fsdp`, so its size must be a
     multiple of theirs; `evaluate` takes the whole
     batch on every device, so any size works. `remat` rematerialises each block in the
-    backward pass (see `Gemma`).
+    backward pass (see `Gemma`); `pooling` is the `RewardModel`'s.
     """
 
     def step(state: RMState, batch):
         (loss, accuracy), grads = jax.value_and_grad(_bt_loss_and_accuracy, has_aux=True)(
-            state.params, batch, cfg, remat)
+            state.params, batch, cfg, remat, pooling)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = RMState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         return new, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(params, batch):
-        loss, accuracy = _bt_loss_and_accuracy(params, batch, cfg)
+        loss, accuracy = _bt_loss_and_accuracy(params, batch, cfg, pooling=pooling)
         return {"loss": loss, "accuracy": accuracy}
 
     def init(params):

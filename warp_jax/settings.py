@@ -91,6 +91,11 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if c.reward.oracle == "gold" and c.task.name != "rotten_tomatoes":
         _fail("reward.oracle", c.reward.oracle, "the gold classifier is fitted on real labelled "
               "reviews: use it with task 'rotten_tomatoes'")
+    if c.reward.pooling not in ("last", "mean"):
+        _fail("reward.pooling", c.reward.pooling, "use 'last' or 'mean'")
+    if c.reward.pooling != "last" and c.reward.hf_dir:
+        _fail("reward.pooling", c.reward.pooling, "a reward model read from reward.hf_dir "
+              "scores its last token: use 'last'")
     if c.reward.labels not in ("hard", "soft"):
         _fail("reward.labels", c.reward.labels, "use 'hard' or 'soft'")
     if c.reward.labels == "soft" and c.reward.oracle != "gold":

@@ -65,6 +65,8 @@ def get_config(variant: str = "cpu_demo") -> ml_collections.ConfigDict:
     c.reward.pair_temperature = 1.0  # built-in: their sampling temperature
     c.reward.labels = "hard"  # built-in: "hard" (the oracle's ranking, ties dropped) or
     # "soft" (P(chosen preferred) = sigmoid of the gold logits' difference; oracle "gold")
+    c.reward.pooling = "last"  # built-in: the reward model's read-out, "last" (the HF
+    # sequence classifier's last token) or "mean" (every real token's score averaged)
     c.reward.steps = 300  # built-in: Bradley-Terry steps
     c.reward.batch_size = 64
     c.reward.learning_rate = 3e-3

@@ -31,13 +31,16 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
          "head_dim": 32})  # 1.1M parameters
     c.sft.steps, c.sft.max_len = 600, 48
 
-    # The proxy: a Gemma Bradley-Terry model (from the SFT policy) on many gold-labelled
-    # pairs of completions of the same prompt at the RL temperature, soft labels from the
-    # gold margin, warm-up and decay, early stopping on a held-out tenth; gated below.
+    # The proxy: a Gemma Bradley-Terry model (from the SFT policy, its per-token scores
+    # averaged) on many gold-labelled pairs of completions of the same prompt at the RL
+    # temperature, soft labels from the gold margin, warm-up and decay, early stopping on a
+    # held-out tenth; gated below. On 14k pairs, the last-token read-out plateaued at pair
+    # accuracy 0.70 (Spearman 0.58), the mean read-out reached 0.77 (0.72).
     c.reward.oracle = "gold"
-    c.reward.pairs, c.reward.pair_temperature, c.reward.labels = 24_000, 0.9, "soft"
-    c.reward.steps, c.reward.batch_size, c.reward.learning_rate = 3000, 64, 3e-4
-    c.reward.warmup_steps, c.reward.eval_every, c.reward.patience = 150, 150, 4
+    c.reward.pairs, c.reward.pair_temperature, c.reward.labels = 32_000, 0.9, "soft"
+    c.reward.pooling = "mean"
+    c.reward.steps, c.reward.batch_size, c.reward.learning_rate = 2000, 64, 1e-3
+    c.reward.warmup_steps, c.reward.eval_every, c.reward.patience = 100, 100, 4
 
     # Every field the study depends on is set here, so the main job's defaults can change
     # without changing the study.
