@@ -158,11 +158,11 @@ def test_evaluation_prompts_share_no_snippet_no_movie_and_no_opening_with_traini
     assert len(texts.train_prompts) > 1000
 
 
-def _records(gain=0.2, seeds=6, iteration_gains=(0.2, 0.2, 0.0)):
+def _records(gain=0.2, seeds=6, iteration_gains=(0.2, 0.2, 0.0), spread=0.05):
     """Hand-made study records of `seeds` seeds in which every effect of every claim is
-    `gain` (or, with a negative `gain`, of the other sign) on both rewards, each seed's a
-    little larger than the last (a verdict needs a spread over seeds), and the iterations
-    gain `iteration_gains` one after the other."""
+    `gain` (or, with a negative `gain`, of the other sign) on both rewards, each seed's
+    `spread` x `gain` larger than the last (a verdict needs a spread over seeds), and the
+    iterations gain `iteration_gains` one after the other."""
     c = get_config("full")
     runs, etas = c.warp.runs, c.warp.eta_grid
     records = [{"method": "sft", "seed": None, "kl": 0.0, "proxy_reward": 0.0,
@@ -175,7 +175,7 @@ def _records(gain=0.2, seeds=6, iteration_gains=(0.2, 0.2, 0.0)):
         return 0.3 * np.log1p(kl)
 
     for s in range(seeds):
-        g = gain * (1 + 0.05 * s)
+        g = gain * (1 + spread * s)
         for beta in c.study.sft_betas:  # reaches KL 4
             records += [point(base(k), k, seed=s, method="sft_anchor", beta=beta, step=k)
                         for k in (0.5, 1.0, 2.0, 4.0)]
@@ -228,7 +228,7 @@ def test_the_claims_follow_the_effects_in_hand_made_records():
     # An iteration that still gains a lot has not saturated: claim 6 is refuted too.
     assert _verdicts(*_records(iteration_gains=(0.2, 0.2, 0.5)))[6, "proxy"] == "refuted"
     # Two seeds of a noisy effect decide nothing, and say how many would.
-    records, geometry = _records(seeds=2)
+    records, geometry = _records(seeds=2, spread=1.5)
     c = get_config("full")
     noisy = [x for x in claims.judge(records, geometry, c.study, 2)
              if x["verdict"] == "inconclusive"]

@@ -68,10 +68,14 @@ def test_a_clear_effect_is_supported_an_absent_one_refuted_a_noisy_one_needs_see
     assert out["noisy"]["seeds_needed"] > 6
     assert out["clear"]["lower"] > 0 and out["absent"]["upper"] < 0.2
     assert all(v["p_support_holm"] >= v["p_support"] for v in out.values())
-    assert verdicts.combine([out["clear"], out["saturated"]]) == ("supported", None)
-    assert verdicts.combine([out["clear"], out["reversed"]]) == ("refuted", None)
-    assert verdicts.combine([out["clear"], out["noisy"]]) == (
-        "inconclusive", out["noisy"]["seeds_needed"])
+    both, one_off, undecided = verdicts.judge_claims(
+        [[effects[0], effects[4]], [effects[0], effects[2]], [effects[0], effects[3]]], 0.05)
+    assert (both["verdict"], one_off["verdict"], undecided["verdict"]) == (
+        "supported", "refuted", "inconclusive")
+    # intersection-union: a claim is as strong as its weakest effect, then Holm over claims
+    assert both["p_support"] == max(out["clear"]["p_support"], out["saturated"]["p_support"])
+    assert both["p_support_holm"] == pytest.approx(min(1.0, 3 * both["p_support"]))
+    assert undecided["seeds_needed"] == undecided["effects"][1]["seeds_needed"] > 6
 
 
 def test_a_bad_effect_is_one_clear_error():

@@ -188,33 +188,36 @@ def _spec(name: str) -> tuple[str, str, bool]:
 def judge(records: list[dict], geometry: dict, study, num_seeds: int,
           gate: dict | None = None) -> list[dict]:
     """The six claims' verdicts on each reward: the list `claims.json` holds. Within a
-    reward, the primary effects of all claims are one family for Holm's correction, the
-    secondary ones (reported, not in a verdict) another. A `gate` that did not pass (the
-    proxy too poor to tell anything about gold) makes every gold verdict `untestable`."""
+    reward the claims are one family for Holm's correction, each supported when all its
+    primary effects are (`verdicts.judge_claims`); the secondary effects (reported, not in a
+    verdict) are their own family. A `gate` that did not pass (the proxy too poor to tell
+    anything about gold) makes every gold verdict `untestable`."""
     out = []
     for reward, key in REWARDS.items():
         per_seed = [seed_effects(records, geometry, study, s, reward)
                     for s in range(num_seeds)]
+        numbers = sorted(per_seed[0])
 
         def effect(claim: int, name: str, per_seed=per_seed, key=key) -> Effect:
             kind, unit, _ = _spec(name)
             sesoi = study.sesoi[key if unit == "reward" else unit]
             return Effect(name, [seed[claim][name] for seed in per_seed], sesoi, kind)
 
-        judged: dict[tuple[int, str], dict] = {}
-        for primary in (True, False):
-            family = [(claim, name) for claim, names in per_seed[0].items() for name in names
-                      if _spec(name)[2] == primary]
-            results = verdicts.judge([effect(c, n) for c, n in family], study.alpha)
-            judged.update(zip(family, results, strict=True))
-        for claim, names in per_seed[0].items():
-            effects = [judged[claim, n] for n in names]
-            verdict, needed = verdicts.combine([e for e in effects
-                                                if _spec(e["effect"])[2]])
+        def names(claim: int, primary: bool, per_seed=per_seed) -> list[str]:
+            return [n for n in per_seed[0][claim] if _spec(n)[2] == primary]
+
+        judged = verdicts.judge_claims(
+            [[effect(k, n) for n in names(k, True)] for k in numbers], study.alpha)
+        secondary = [(k, n) for k in numbers for n in names(k, False)]
+        loose = dict(zip(secondary, verdicts.judge([effect(k, n) for k, n in secondary],
+                                                   study.alpha), strict=True))
+        for claim, result in zip(numbers, judged, strict=True):
+            effects = ([{**e, "primary": True} for e in result["effects"]]
+                       + [{**loose[claim, n], "primary": False} for n in names(claim, False)])
             entry = {"claim": claim, "title": CLAIMS[claim], "rule": RULES[claim],
-                     "reward": reward, "verdict": verdict, "seeds_needed": needed,
-                     "seeds": num_seeds, "effects": effects,
-                     "per_seed": [seed[claim] for seed in per_seed]}
+                     "reward": reward, "seeds": num_seeds,
+                     **{k: v for k, v in result.items() if k != "effects"},
+                     "effects": effects, "per_seed": [seed[claim] for seed in per_seed]}
             if reward == "gold" and gate is not None and not gate["passed"]:
                 entry.update(verdict="untestable", seeds_needed=None,
                              note="the proxy did not pass the gate: " + gate["reason"])

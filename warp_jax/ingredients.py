@@ -250,10 +250,15 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     tokens, mask = tokenizer.encode_batch(prompts, c.task.prompt_len)
     reps = -(-c.reward.pairs // len(prompts))
     tokens, mask = np.repeat(tokens, 2 * reps, axis=0), np.repeat(mask, 2 * reps, axis=0)
-    out = sampling.sample(sft_params, cfg, tokens, mask, streams.key(c.seed, "reward_pairs"),
-                          c.rl.max_new_tokens, temperature=c.reward.pair_temperature,
-                          eos_id=end_ids, backend=c.rl.sampler_backend)
-    completion, cmask = sharding.to_host((out.tokens, out.mask))
+    # in chunks of _SAMPLE_ROWS: tens of thousands of rows at once hold gigabytes of cache
+    chunks = []
+    for i in range(0, len(tokens), _SAMPLE_ROWS):
+        out = sampling.sample(sft_params, cfg, tokens[i:i + _SAMPLE_ROWS],
+                              mask[i:i + _SAMPLE_ROWS], streams.key(c.seed, "reward_pairs", i),
+                              c.rl.max_new_tokens, temperature=c.reward.pair_temperature,
+                              eos_id=end_ids, backend=c.rl.sampler_backend)
+        chunks.append(sharding.to_host((out.tokens, out.mask)))
+    completion, cmask = (np.concatenate(x) for x in zip(*chunks, strict=True))
     scores = np.asarray(oracle(tokens, mask, completion, cmask), np.float64).reshape(-1, 2)
     soft = c.reward.labels == "soft"
     label_scores = _logit(scores) if soft else scores
@@ -316,6 +321,9 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
                              f"below chance; {advice}, or rerun with "
                              "config.reward.allow_chance=True to go on with it")
     return state.params
+
+
+_SAMPLE_ROWS = 8192
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

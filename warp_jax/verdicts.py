@@ -12,9 +12,13 @@ claims is one of two kinds:
   significantly beyond either end (each side at alpha / 2).
 
 Neither is *inconclusive*, with `seeds_needed`: the seeds at which the observed mean and
-spread would reach a verdict at the Bonferroni level alpha / m (which bounds Holm's). Across
-the effects of a family (every claim's effects on one reward) both p-values are corrected by
-Holm's step-down method, so the family's chance of one false verdict stays at alpha.
+spread would reach a verdict at the Bonferroni level alpha / m (which bounds Holm's).
+
+A claim made of several effects (`judge_claims`) is supported when all are: its p-value is
+their largest (an intersection-union test, valid at alpha as it stands), and refuted when one
+is (the smallest refuting p-value times their number). Across the claims of a family (every
+claim on one reward) both are corrected by Holm's step-down method, so the family's chance of
+one false verdict stays at alpha. `judge` does the same for loose effects, one per claim.
 """
 
 from __future__ import annotations
@@ -121,38 +125,57 @@ def seeds_needed(effect: Effect, level: float) -> int | None:
     return None
 
 
-def judge(effects: Sequence[Effect], alpha: float) -> list[dict]:
-    """Each effect's verdict within its family `effects` (Holm-corrected at `alpha`): its
-    mean, standard error, one-sided (1 - alpha) bounds, raw and adjusted p-values, verdict
-    and, when inconclusive, `seeds_needed`."""
-    raw = [p_values(e) for e in effects]
-    support = holm([p for p, _ in raw])
-    refute = holm([p for _, p in raw])
-    level = alpha / max(1, sum(np.isfinite(p) for p, _ in raw))
+def _verdict(p_support: float, p_refute: float, alpha: float) -> str:
+    return ("supported" if p_support < alpha else "refuted" if p_refute < alpha
+            else "inconclusive")
+
+
+def judge_claims(claims: Sequence[Sequence[Effect]], alpha: float) -> list[dict]:
+    """Each claim's verdict within its family `claims` (each a list of effects that must
+    all hold), Holm-corrected across the claims at `alpha`: `verdict`, the claim's raw and
+    adjusted p-values, `seeds_needed` when inconclusive (the most any undecided effect
+    needs; None if one cannot say) and `effects`, each with its mean, standard error,
+    one-sided (1 - alpha) bounds, raw p-values and its own verdict at the Bonferroni level
+    alpha / (claims) (times its claim's effects, to refute)."""
+    raw = [[p_values(e) for e in effects] for effects in claims]
+    support = [max((1.0 if np.isnan(p) else p) for p, _ in ps) for ps in raw]
+    refute = [min(1.0, len(ps) * min((1.0 if np.isnan(r) else r) for _, r in ps))
+              for ps in raw]
+    adjusted = zip(holm(support), holm(refute), strict=True)
+    m = len(claims)
     out = []
-    for e, (ps, pr), adj_s, adj_r in zip(effects, raw, support, refute, strict=True):
-        n, mean, se = _summary(np.asarray(e.per_seed, np.float64))
-        half = float(_t().ppf(1 - alpha, n - 1) * se) if n > 1 else float("nan")
-        verdict = ("supported" if adj_s < alpha else "refuted" if adj_r < alpha
-                   else "inconclusive")
-        out.append({"effect": e.name, "kind": e.kind, "sesoi": e.sesoi,
-                    "per_seed": [float(v) for v in e.per_seed], "seeds": n, "mean": mean,
-                    "se": se, "lower": mean - half, "upper": mean + half,
-                    "p_support": ps, "p_refute": pr, "p_support_holm": adj_s,
-                    "p_refute_holm": adj_r, "verdict": verdict,
-                    "seeds_needed": (seeds_needed(e, level) if verdict == "inconclusive"
-                                     else None)})
+    for effects, ps, s, r, (adj_s, adj_r) in zip(claims, raw, support, refute, adjusted,
+                                                 strict=True):
+        level = alpha / m
+        entries = []
+        for e, (p_s, p_r) in zip(effects, ps, strict=True):
+            n, mean, se = _summary(np.asarray(e.per_seed, np.float64))
+            half = float(_t().ppf(1 - alpha, n - 1) * se) if n > 1 else float("nan")
+            verdict = _verdict(p_s, len(effects) * p_r, level)
+            entries.append({
+                "effect": e.name, "kind": e.kind, "sesoi": e.sesoi,
+                "per_seed": [float(v) for v in e.per_seed], "seeds": n, "mean": mean,
+                "se": se, "lower": mean - half, "upper": mean + half, "p_support": p_s,
+                "p_refute": p_r, "verdict": verdict,
+                "seeds_needed": (seeds_needed(e, level / len(effects))
+                                 if verdict == "inconclusive" else None)})
+        verdict = _verdict(adj_s, adj_r, alpha)
+        needed = [x["seeds_needed"] for x in entries if x["verdict"] == "inconclusive"]
+        out.append({"verdict": verdict, "p_support": s, "p_refute": r,
+                    "p_support_holm": adj_s, "p_refute_holm": adj_r,
+                    "seeds_needed": (None if verdict != "inconclusive" or None in needed
+                                     or not needed else max(needed)),
+                    "effects": entries})
     return out
 
 
-def combine(verdicts: Sequence[dict]) -> tuple[str, int | None]:
-    """A claim's verdict from its effects' (`judge`'s entries): supported if every one is,
-    refuted if any is, else inconclusive with the most seeds any undecided effect needs
-    (None if one of them cannot say)."""
-    kinds = [v["verdict"] for v in verdicts]
-    if all(k == "supported" for k in kinds):
-        return "supported", None
-    if "refuted" in kinds:
-        return "refuted", None
-    needed = [v["seeds_needed"] for v in verdicts if v["verdict"] == "inconclusive"]
-    return "inconclusive", (None if None in needed else max(needed))
+def judge(effects: Sequence[Effect], alpha: float) -> list[dict]:
+    """Loose effects judged as claims of one effect each (`judge_claims`): each effect's
+    entry, with its Holm-adjusted p-values and verdict."""
+    out = []
+    for claim in judge_claims([[e] for e in effects], alpha):
+        entry = claim["effects"][0]
+        entry.update({k: claim[k] for k in ("verdict", "seeds_needed", "p_support_holm",
+                                            "p_refute_holm")})
+        out.append(entry)
+    return out
