@@ -339,10 +339,15 @@ def _markdown(run, claims, config, figures, command) -> str:
         f"- **Gold reward**: P(fresh) from a TF-IDF logistic regression fitted on the real "
         f"fresh/rotten labels of the gold part; accuracy {meta['gold']['held_out_accuracy']:.3f} "
         "on a held-out tenth of it.",
-        f"- **Proxy reward**: a Gemma Bradley-Terry model (from the SFT policy) trained on "
-        f"{rm['pairs']} pairs of SFT completions of the same prompt at temperature "
-        f"{rm['pair_temperature']}, {rm['labels']} labels from gold, {rm['steps']} steps "
-        f"(early stopping); standardised on {rm['norm_samples']} SFT completions.",
+        f"- **Proxy reward**: a Gemma Bradley-Terry model (from the SFT policy, read out by "
+        f"{c['reward']['pooling']} pooling of its tokens' scores) trained on {rm['pairs']} "
+        f"pairs of SFT completions of the same prompt at temperature "
+        f"{rm['pair_temperature']}, {rm['labels']} labels from gold, Adam at "
+        f"{c['reward']['learning_rate']:g} with {c['reward']['warmup_steps']} warm-up steps "
+        f"and cosine decay over {c['reward']['steps']}, kept at its best held-out loss (step "
+        f"{rm['steps']}; held-out accuracy "
+        + ", ".join(f"{x['accuracy']:.3f} at step {x['step']}" for x in rm["curve"][::4])
+        + f"); standardised on {rm['norm_samples']} SFT completions.",
         f"- **RL**: REINFORCE with RLOO (K = {c['rl']['num_samples']}), "
         f"{c['rl']['batch_size']} prompts a step, Adam lr {c['rl']['learning_rate']:g} after "
         f"{c['rl']['warmup_steps']} warm-up steps, temperature {c['rl']['temperature']}, "
