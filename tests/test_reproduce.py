@@ -235,6 +235,20 @@ def test_the_claims_follow_the_effects_in_hand_made_records():
     assert noisy and all(x["seeds_needed"] is None or x["seeds_needed"] > 2 for x in noisy)
 
 
+def test_the_gate_reads_the_proxys_record_against_the_configs_bounds(tmp_path):
+    c = get_config("full")
+    record = {"held_out_accuracy": 0.80, "sft_spearman": 0.65}
+    (tmp_path / "reward_model.json").write_text(json.dumps(record))
+    gate = study.gate(tmp_path, c.study)
+    assert not gate["passed"]
+    assert gate["reason"] == "Spearman(proxy, gold) on SFT samples 0.650 < 0.7"
+    (tmp_path / "reward_model.json").write_text(json.dumps({**record, "sft_spearman": 0.71}))
+    assert study.gate(tmp_path, c.study)["passed"]
+    # a proxy without a gold correlation (no oracle scored its samples) does not pass
+    (tmp_path / "reward_model.json").write_text(json.dumps({"held_out_accuracy": 0.9}))
+    assert "Spearman" in study.gate(tmp_path, c.study)["reason"]
+
+
 def test_below_the_gate_every_gold_verdict_is_untestable():
     records, geometry = _records()
     c = get_config("full")
