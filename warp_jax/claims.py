@@ -53,6 +53,16 @@ RULES = {
 }
 
 
+def match(records: list[dict], **fields) -> list[dict]:
+    """The records whose fields equal `fields` (a missing field matches nothing)."""
+    return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+
+
+def points(records: list[dict], key: str, **fields) -> list[tuple[float, float]]:
+    """(KL, `key`) of the records that `match` `fields`: the points of one curve."""
+    return [(r["kl"], r[key]) for r in match(records, **fields)]
+
+
 def _origin(records, key) -> list[tuple[float, float]]:
     sft = next(r for r in records if r["method"] == "sft")
     return [(0.0, sft[key])]
@@ -65,10 +75,10 @@ class _Records:
         self.all = [r for r in records if r.get("seed") == seed]
 
     def match(self, **fields) -> list[dict]:
-        return [r for r in self.all if all(r.get(k) == v for k, v in fields.items())]
+        return match(self.all, **fields)
 
     def points(self, key: str, **fields) -> list[tuple[float, float]]:
-        return [(r["kl"], r[key]) for r in self.match(**fields)]
+        return points(self.all, key, **fields)
 
 
 def _mean(values) -> float:

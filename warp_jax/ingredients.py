@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import special
 
 from warp_jax import data, evaluation, rewards, sampling, sft, sharding, sources, streams
 from warp_jax.checkpoint import Checkpoints
@@ -261,7 +262,7 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
     completion, cmask = (np.concatenate(x) for x in zip(*chunks, strict=True))
     scores = np.asarray(oracle(tokens, mask, completion, cmask), np.float64).reshape(-1, 2)
     soft = c.reward.labels == "soft"
-    label_scores = _logit(scores) if soft else scores
+    label_scores = special.logit(np.clip(scores, 1e-6, 1 - 1e-6)) if soft else scores
     margin = label_scores[:, 0] - label_scores[:, 1]
     seq = np.concatenate([tokens, completion], 1).reshape(-1, 2, tokens.shape[1] +
                                                           completion.shape[1])
@@ -324,11 +325,6 @@ def _train_reward_model(c, cfg, tokenizer, end_ids, sft_params, rm_params, promp
 
 
 _SAMPLE_ROWS = 8192
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
 
 
 # Bin edges of the oracle's margin between a pair's completions, for the proxy's accuracy by

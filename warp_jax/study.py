@@ -195,14 +195,15 @@ class Study:
         """REINFORCE with each anchor for the M x T run-steps of one WARP iteration, and the
         LITI front of the EMA-anchored run's final policy (the compute-matched control)."""
         c = self.config.warp
-        records = []
+        records, policies = [], {}
         for anchor in ("sft", "ema"):
-            policies, found = self._stacked(f"baseline_reinforce_{anchor}", anchor, "baseline",
-                                            c.runs * c.steps, f"reinforce_{anchor}")
+            policies[anchor], found = self._stacked(f"baseline_reinforce_{anchor}", anchor,
+                                                    "baseline", c.runs * c.steps,
+                                                    f"reinforce_{anchor}")
             records += found
         for s in self.seeds:
             records += [{**r, "seed": s, "runs": None} for r in self.exp.front(
-                f"seed{s}_control_front", policies[s], "control", 0, c.eta_grid)]
+                f"seed{s}_control_front", policies["ema"][s], "control", 0, c.eta_grid)]
         return records
 
     def _iteration_runs(self, i: int, inits: list) -> tuple[list, list[dict]]:
@@ -224,11 +225,11 @@ class Study:
         """Seed `s`'s iteration-1 merge of all runs and its records: the fronts of every
         merge `claims.subsets` names, SLERP against LERP of two runs, and the geometry of
         every pair of runs."""
-        exp, records = self.exp, []
+        exp, records, merged = self.exp, [], {}
         for subset in claims.subsets(len(policies)):
-            merged = exp.slerp(exp.sft, [policies[m] for m in subset])
+            merged[subset] = exp.slerp(exp.sft, [policies[m] for m in subset])
             name = "+".join(map(str, subset))
-            records += self._front(f"seed{s}_runs{name}_front", merged, s, 1, subset)
+            records += self._front(f"seed{s}_runs{name}_front", merged[subset], s, 1, subset)
         merges = {"slerp": lambda w: merging.slerp_tree(exp.sft, policies[:2], w,
                                                         groups=exp.groups),
                   "lerp": lambda w: merging.lerp_tree(exp.sft, policies[:2], w)}
@@ -248,7 +249,7 @@ class Study:
                 for a, b in itertools.combinations(range(len(policies)), 2)]
             exp.save_records(stage, pairs)
         self.geometry[str(s)] = pairs
-        return merged, records
+        return merged[tuple(range(len(policies)))], records
 
     def _front(self, stage: str, merged, seed: int, iteration: int,
                subset: tuple[int, ...]) -> list[dict]:

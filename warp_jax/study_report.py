@@ -66,15 +66,12 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     runs = list(range(w["runs"]))
     names = {}
 
-    def points(key, **fields):
-        return [(r["kl"], r[key]) for r in records
-                if all(r.get(k) == v for k, v in fields.items())]
-
     def curves(key, per_run=False, **fields):
         origin = [(0.0, sft[key])]
         if per_run:
-            return [origin + points(key, seed=s, run=m, **fields) for s in seeds for m in runs]
-        return [origin + points(key, seed=s, **fields) for s in seeds]
+            return [origin + claims_lib.points(records, key, seed=s, run=m, **fields)
+                    for s in seeds for m in runs]
+        return [origin + claims_lib.points(records, key, seed=s, **fields) for s in seeds]
 
     def save(fig, name: str, title: str | None = None) -> str:
         if title:
