@@ -10,7 +10,9 @@ from warp_jax import hlo
 # the compiler), a loop whose trips nothing tells; XLA's three spellings of device groups; an
 # asynchronous all-gather; a reduce-scatter over all devices, and one as the TPU compiler
 # writes it (an all-reduce in an `all-reduce-scatter` fusion, over groups of 4); channel 1 on
-# several collectives, which count apart, as the TPU compiler writes them.
+# several collectives, which count apart, as the TPU compiler writes them; an all-gather the
+# TPU compiler overlaps with a matmul, as a chain of three fusions each holding a copy of it
+# (its start, a continuation, its done), which counts once.
 PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[4]{0}}, num_partitions=8
 
 %add (x: f32[], y: f32[]) -> f32[] {
@@ -66,8 +68,31 @@ PROGRAM = """HloModule jit_step, entry_computation_layout={()->f32[4]{0}}, num_p
   ROOT %c = pred[] constant(true)
 }
 
+%chain_start (a: bf16[2,8]) -> (bf16[2,8], bf16[16,8], s32[2]) {
+  %a = bf16[2,8]{1,0} parameter(0)
+  %ag.1 = bf16[16,8]{1,0} all-gather(%a), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %cc = (bf16[2,8]{1,0}, bf16[16,8]{1,0}, s32[2]{0}) custom-call(%ag.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%chain_overlap (a: bf16[2,8], x: f32[4,4]) -> (f32[4,4], bf16[2,8], bf16[16,8]) {
+  %a = bf16[2,8]{1,0} parameter(0)
+  %x = f32[4,4]{1,0} parameter(1)
+  %mm = f32[4,4]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ag.2 = bf16[16,8]{1,0} all-gather(%a), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %t = (f32[4,4]{1,0}, bf16[2,8]{1,0}, bf16[16,8]{1,0}) tuple(%mm, %a, %ag.2)
+}
+
+%chain_done (a: bf16[2,8]) -> bf16[16,8] {
+  %a = bf16[2,8]{1,0} parameter(0)
+  %ag.3 = bf16[16,8]{1,0} all-gather(%a), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %cd = bf16[16,8]{1,0} custom-call(%ag.3), custom_call_target="AsyncCollectiveDone"
+}
+
 ENTRY %main.1 () -> f32[4] {
   %rs = f32[4]{0} reduce-scatter(%big), channel_id=1, replica_groups={}, dimensions={0}, to_apply=%add
+  %async-collective-start.5 = (bf16[2,8]{1,0}, bf16[16,8]{1,0}, s32[2]{0}) fusion(%shard), kind=kCustom, calls=%chain_start
+  %fusion.7 = (f32[4,4]{1,0}, bf16[2,8]{1,0}, bf16[16,8]{1,0}) fusion(%shard, %x), kind=kOutput, calls=%chain_overlap
+  %async-collective-done.5 = bf16[16,8]{1,0} fusion(%shard), kind=kCustom, calls=%chain_done
   %grads = f32[16]{0} fusion(%g), kind=kOutput, calls=%all-reduce-scatter.3
   %loop = (s32[], bf16[4,8]{1,0}) while(%init), condition=%decode_cond, body=%decode_body
   %other = (s32[], bf16[4,8]{1,0}) while(%init), condition=%other_cond, body=%other_body
@@ -83,13 +108,14 @@ def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
     layer = {"all-gather": 256 * 3 / 4, "all-reduce": 2 * 128 / 2}
     step = {"all-gather": 3 * layer["all-gather"] + 128 * 3 / 4,
             "all-reduce": 3 * layer["all-reduce"], "collective-permute": 40}
-    assert got.bytes == {"all-gather": 6 * step["all-gather"],
+    chain = 256 * 7 / 8  # the overlapped all-gather: 256 B over 8 devices, once
+    assert got.bytes == {"all-gather": 6 * step["all-gather"] + chain,
                          "all-reduce": 6 * step["all-reduce"],
                          # its input is 8 x 16 B, all devices; the fused one 256 B over 4
                          "reduce-scatter": 16 * 7 + 256 * 3 / 4,
                          "all-to-all": 0.0,
                          "collective-permute": 6 * step["collective-permute"] + 7 * 8}
-    assert got.counts == {"all-gather": 24, "all-reduce": 18, "reduce-scatter": 2,
+    assert got.counts == {"all-gather": 24 + 1, "all-reduce": 18, "reduce-scatter": 2,
                           "all-to-all": 0, "collective-permute": 6 + 7}
     assert got.total_bytes == sum(got.bytes.values())
     loops = {loop["name"]: loop for loop in got.loops}
@@ -105,9 +131,10 @@ def test_collectives_are_counted_per_trip_and_sized_by_their_groups():
 
 
 def test_each_collective_instruction_is_listed_once():
-    # An asynchronous pair once, the fused all-reduce as the reduce-scatter it is.
+    # An asynchronous pair once, a chain once, the fused all-reduce as the reduce-scatter
+    # it is.
     assert collections.Counter(hlo.instructions(PROGRAM)) == {
-        "all-gather": 2, "all-reduce": 1, "reduce-scatter": 2, "collective-permute": 2}
+        "all-gather": 3, "all-reduce": 1, "reduce-scatter": 2, "collective-permute": 2}
 
 
 def test_shapes_and_groups():

@@ -11,6 +11,10 @@ loop's `max_new_tokens`, which it may stop before), else the caller's count.
 
 Each collective instruction counts on its own (an asynchronous pair once, on its `-done`):
 their channel ids do not tell them apart, as the TPU compiler gives many collectives channel 1.
+One collective that the TPU compiler overlaps with computation is a chain of fusions (an
+`async-collective-start`, continuation fusions, an `async-collective-done`), each holding a
+copy of the collective tagged with the chain's `chain_id` frontend attribute: a chain counts
+once.
 Bytes are those one chip receives per call (a ring algorithm sends as many):
 all-gather `R (n-1)/n` of its result R, reduce-scatter `R (n-1)` (its input is n R),
 all-reduce `2 R (n-1)/n` (a reduce-scatter then an all-gather), all-to-all `R (n-1)/n`,
@@ -39,6 +43,7 @@ _CALLS = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computatio
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _FUSED_REDUCE_SCATTER = re.compile(r"all-reduce-scatter\b")
+_CHAIN = re.compile(r'chain_id="(\d+)"')
 
 
 @dataclasses.dataclass
@@ -160,11 +165,18 @@ def _kind(inst: _Instruction, computation: str) -> str | None:
     return kind
 
 
+def _key(inst: _Instruction, computation: str, attributes: str) -> str:
+    """What identifies one collective: its asynchronous chain, else its instruction."""
+    chain = _CHAIN.search(attributes)
+    return f"chain {chain[1]}" if chain else f"{computation}/{inst.name}"
+
+
 def instructions(hlo: str) -> list[str]:
-    """The kind of every collective instruction of HLO text, each once (not by trips)."""
+    """The kind of every collective of HLO text, each once (not by trips; a chain once)."""
     computations, _ = parse(hlo)
-    return [kind for name, insts in computations.items() for inst in insts
-            if (kind := _kind(inst, name))]
+    kinds = {_key(inst, name, inst.rest): kind for name, insts in computations.items()
+             for inst in insts if (kind := _kind(inst, name))}
+    return list(kinds.values())
 
 
 def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) -> Traffic:
@@ -195,7 +207,7 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
                 n, result = group_size(attributes, num_devices), shape_bytes(inst.shape)
                 if kind != inst.opcode.removesuffix("-done"):  # a fused reduce-scatter
                     result /= n  # each device keeps 1/n
-                found[f"{name}/{inst.name}"] = (kind, _received(kind, result, n), 1)
+                found[_key(inst, name, attributes)] = (kind, _received(kind, result, n), 1)
             callees = _CALLS.findall(inst.rest)
             for branches in _BRANCHES.findall(inst.rest):
                 callees += [b.strip().lstrip("%") for b in branches.split(",") if b.strip()]
@@ -209,6 +221,8 @@ def traffic(hlo: str, unknown_trips: int = 1, num_devices: int | None = None) ->
                 body = inst.opcode == "while" and f"body={callee}" in inst.rest.replace("%", "")
                 times = trips if body else 1
                 for key, (kind, size, n) in one_pass(callee, (*stack, name)).items():
+                    if key.startswith("chain ") and key in found:
+                        continue  # another fusion of a chain already counted
                     found[key] = (kind, size, n * times + found.get(key, (kind, 0, 0))[2])
         memo[name] = found
         return found
