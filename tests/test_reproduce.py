@@ -129,6 +129,23 @@ def test_bad_study_fields_are_one_line_naming_them():
         settings.validate_config(c)
 
 
+@pytest.mark.parametrize("fields, want", [
+    ({"pooling": "max"}, "config.reward.pooling = 'max': use 'last' or 'mean'"),
+    ({"pair_temperature": 0.0}, "config.reward.pair_temperature = 0.0: must be > 0"),
+    ({"patience": -1}, "config.reward.patience = -1: must be an int >= 0"),
+    ({"warmup_steps": 2000}, "config.reward.warmup_steps = 2000: must be below reward.steps "
+     "(2000)"),
+    ({"eval_every": 0}, "config.reward.patience = 4: early stopping needs held-out "
+     "evaluations: set reward.eval_every"),
+])
+def test_bad_reward_model_options_are_one_line(fields, want):
+    c = get_config("full")
+    c.reward.update(fields)
+    with pytest.raises(ValueError) as info:
+        settings.validate_config(c, files=False)
+    assert str(info.value) == want
+
+
 def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "experiments.reproduce",

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from warp_jax import data, reinforce, sharding, streams
+from warp_jax import data, reinforce, rewards, sharding, streams
 from warp_jax.gemma import GemmaConfig, abstract_params, hf
 from warp_jax.workdir import flatten
 
@@ -91,8 +91,8 @@ def validate_config(c, files: bool = True, num_devices: int | None = None) -> No
     if c.reward.oracle == "gold" and c.task.name != "rotten_tomatoes":
         _fail("reward.oracle", c.reward.oracle, "the gold classifier is fitted on real labelled "
               "reviews: use it with task 'rotten_tomatoes'")
-    if c.reward.pooling not in ("last", "mean"):
-        _fail("reward.pooling", c.reward.pooling, "use 'last' or 'mean'")
+    if c.reward.pooling not in rewards.POOLINGS:
+        _fail("reward.pooling", c.reward.pooling, f"use {' or '.join(map(repr, rewards.POOLINGS))}")
     if c.reward.pooling != "last" and c.reward.hf_dir:
         _fail("reward.pooling", c.reward.pooling, "a reward model read from reward.hf_dir "
               "scores its last token: use 'last'")

@@ -111,9 +111,8 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
     lams = config["study"]["lambdas"]
     for ax, key in zip(axes, ("proxy_reward", "oracle_reward", "kl"), strict=True):
         for method, color in (("slerp", _COLORS[2]), ("lerp", _COLORS[5])):
-            values = np.array([[next(r[key] for r in records if r["method"] == method and
-                                     r["seed"] == s and r["lam"] == lam) for lam in lams]
-                               for s in seeds])
+            values = np.array([[claims_lib.match(records, method=method, seed=s, lam=lam)[0][key]
+                                for lam in lams] for s in seeds])
             ax.errorbar(lams, values.mean(0), yerr=values.std(0) if len(seeds) > 1 else None,
                         fmt="o-", color=color, capsize=3, label=method.upper())
         ends = np.array([[_last(records, s, run)[key] for run in (0, 1)] for s in seeds])
@@ -192,8 +191,8 @@ def _figures(records, geometry, config, out: pathlib.Path) -> dict[int, str]:
 
 def _last(records, seed, run):
     """Seed `seed`'s iteration-1 run `run` at its last evaluation."""
-    return max((r for r in records if r["method"] == "warp_run" and r["iteration"] == 1
-                and r["seed"] == seed and r["run"] == run), key=lambda r: r["step"])
+    return max(claims_lib.match(records, method="warp_run", iteration=1, seed=seed, run=run),
+               key=lambda r: r["step"])
 
 
 def _commit() -> str:

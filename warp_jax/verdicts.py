@@ -142,11 +142,10 @@ def judge_claims(claims: Sequence[Sequence[Effect]], alpha: float) -> list[dict]
     refute = [min(1.0, len(ps) * min((1.0 if np.isnan(r) else r) for _, r in ps))
               for ps in raw]
     adjusted = zip(holm(support), holm(refute), strict=True)
-    m = len(claims)
+    level = alpha / len(claims)
     out = []
     for effects, ps, s, r, (adj_s, adj_r) in zip(claims, raw, support, refute, adjusted,
                                                  strict=True):
-        level = alpha / m
         entries = []
         for e, (p_s, p_r) in zip(effects, ps, strict=True):
             n, mean, se = _summary(np.asarray(e.per_seed, np.float64))
